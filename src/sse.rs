@@ -1,0 +1,757 @@
+//! Incremental Server-Sent Events splitter and classifier.
+//!
+//! Pure: no I/O, no clock. [`SseParser::feed`] takes the bytes of one body frame as they arrive
+//! (half an event, or many) and reports each event at the blank line that completes it, with
+//! its byte offset in that frame, classified as `../shared/METRICS.md` §1 says: token, usage,
+//! error, `[DONE]` or other. JSON is looked at only as far as classification needs and is never
+//! re-serialized; in the steady state nothing is allocated per event.
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use std::fmt;
+
+/// What an SSE event is, for telemetry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A JSON object whose `choices` array is non-empty.
+    Token,
+    /// `choices` empty or absent, `usage` present.
+    Usage,
+    /// A top-level `error` object (an in-band error after HTTP 200).
+    Error,
+    /// The literal `[DONE]`.
+    Done,
+    /// Data that is none of the above, including JSON that does not parse.
+    Other,
+    /// A block with no `data:` line (comments, `event:`/`id:`/`retry:` only).
+    NoData,
+}
+
+/// What one choice of a token event carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ChoiceInfo {
+    /// The choice's `index` (0 when absent).
+    pub index: u32,
+    /// `delta.content`, `delta.reasoning_content`, `delta.reasoning`, `delta.tool_calls` or
+    /// `text` was non-empty.
+    pub has_content: bool,
+    /// `finish_reason` was set.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// Why a choice ended, as the upstream reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `stop`: an end-of-sequence or stop string.
+    Stop,
+    /// `length`: `max_tokens` or the context length was reached.
+    Length,
+    /// `tool_calls`.
+    ToolCalls,
+    /// Any other value.
+    Other,
+}
+
+impl FinishReason {
+    /// The wire name (`other` for values not listed).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::Other => "other",
+        }
+    }
+}
+
+/// Token counts an event carried in its `usage` object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
+pub struct Usage {
+    /// `usage.prompt_tokens`.
+    #[serde(default)]
+    pub prompt_tokens: Option<u64>,
+    /// `usage.completion_tokens`.
+    #[serde(default)]
+    pub completion_tokens: Option<u64>,
+}
+
+/// One complete event, reported by [`SseParser::feed`] at the blank line that ends it.
+#[derive(Debug)]
+pub struct Event<'a> {
+    /// The classification.
+    pub kind: EventKind,
+    /// The choices of a token event (empty for other kinds).
+    pub choices: &'a [ChoiceInfo],
+    /// The `usage` object, when the event had one (usage events, and every chunk under
+    /// vLLM's `continuous_usage_stats`).
+    pub usage: Option<Usage>,
+    /// Offset in the current frame just past the blank line that ends this event.
+    pub end: usize,
+}
+
+/// Where the current event's data is while its lines arrive.
+#[derive(Debug, Clone, Copy)]
+enum Data {
+    /// No `data:` line yet.
+    Empty,
+    /// One `data:` line, still inside the frame being fed (no copy made).
+    InFrame(usize, usize),
+    /// Copied into `SseParser::data` (several lines, or it spans frames).
+    Buffered,
+}
+
+/// Splits an SSE byte stream into events, one frame at a time.
+#[derive(Debug)]
+pub struct SseParser {
+    /// An incomplete line carried over from earlier frames.
+    line: Vec<u8>,
+    /// Copied event data, when it could not be read in place.
+    data: Vec<u8>,
+    state: Data,
+    /// The current block had a line of any kind (so a blank line ends an event).
+    in_block: bool,
+    /// The previous frame ended in `\r`: a leading `\n` in the next one belongs to it.
+    skip_lf: bool,
+    choices: Vec<ChoiceInfo>,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SseParser {
+    /// A parser at the start of a stream.
+    pub fn new() -> Self {
+        SseParser {
+            line: Vec::new(),
+            data: Vec::new(),
+            state: Data::Empty,
+            in_block: false,
+            skip_lf: false,
+            choices: Vec::new(),
+        }
+    }
+
+    /// Feeds the next frame; `on_event` is called for each event the frame completes, in order.
+    pub fn feed(&mut self, frame: &[u8], mut on_event: impl FnMut(&Event<'_>)) {
+        let mut pos = 0;
+        if self.skip_lf && !frame.is_empty() {
+            self.skip_lf = false;
+            if frame[0] == b'\n' {
+                pos = 1;
+            }
+        }
+        while pos < frame.len() {
+            let Some(i) = memchr::memchr2(b'\n', b'\r', &frame[pos..]) else {
+                self.line.extend_from_slice(&frame[pos..]);
+                break;
+            };
+            let eol = pos + i;
+            let next = if frame[eol] == b'\r' {
+                match frame.get(eol + 1) {
+                    Some(b'\n') => eol + 2,
+                    Some(_) => eol + 1,
+                    None => {
+                        self.skip_lf = true;
+                        eol + 1
+                    }
+                }
+            } else {
+                eol + 1
+            };
+            if self.line.is_empty() {
+                self.line_in_frame(frame, pos, eol, next, &mut on_event);
+            } else {
+                self.line.extend_from_slice(&frame[pos..eol]);
+                let line = std::mem::take(&mut self.line);
+                self.line_buffered(&line, next, &mut on_event);
+                self.line = line;
+                self.line.clear();
+            }
+            pos = next;
+        }
+        // Data still waiting for its blank line cannot point into this frame any longer.
+        if let Data::InFrame(start, end) = self.state {
+            self.data.clear();
+            self.data.extend_from_slice(&frame[start..end]);
+            self.state = Data::Buffered;
+        }
+    }
+
+    /// True when bytes of an event that never got its blank line are pending: at end of stream
+    /// that event is incomplete and, as the SSE standard says, is not dispatched.
+    pub fn has_partial_event(&self) -> bool {
+        self.in_block || !self.line.is_empty()
+    }
+
+    fn line_in_frame(
+        &mut self,
+        frame: &[u8],
+        start: usize,
+        eol: usize,
+        next: usize,
+        on_event: &mut impl FnMut(&Event<'_>),
+    ) {
+        let line = &frame[start..eol];
+        if line.is_empty() {
+            self.dispatch(Some(frame), next, on_event);
+            return;
+        }
+        self.in_block = true;
+        if let Some(value) = data_value(line) {
+            let value_start = eol - value.len();
+            match self.state {
+                Data::Empty => self.state = Data::InFrame(value_start, eol),
+                Data::InFrame(s, e) => {
+                    self.data.clear();
+                    self.data.extend_from_slice(&frame[s..e]);
+                    self.data.push(b'\n');
+                    self.data.extend_from_slice(value);
+                    self.state = Data::Buffered;
+                }
+                Data::Buffered => {
+                    self.data.push(b'\n');
+                    self.data.extend_from_slice(value);
+                }
+            }
+        }
+    }
+
+    fn line_buffered(&mut self, line: &[u8], next: usize, on_event: &mut impl FnMut(&Event<'_>)) {
+        if line.is_empty() {
+            self.dispatch(None, next, on_event);
+            return;
+        }
+        self.in_block = true;
+        if let Some(value) = data_value(line) {
+            match self.state {
+                Data::Empty => {
+                    self.data.clear();
+                    self.data.extend_from_slice(value);
+                }
+                // A buffered line always follows the end of the previous frame, which moved
+                // in-frame data into the buffer already.
+                Data::InFrame(..) | Data::Buffered => {
+                    self.data.push(b'\n');
+                    self.data.extend_from_slice(value);
+                }
+            }
+            self.state = Data::Buffered;
+        }
+    }
+
+    fn dispatch(&mut self, frame: Option<&[u8]>, end: usize, on_event: &mut impl FnMut(&Event<'_>)) {
+        if !self.in_block {
+            return;
+        }
+        self.in_block = false;
+        let state = std::mem::replace(&mut self.state, Data::Empty);
+        let data = std::mem::take(&mut self.data);
+        let payload: Option<&[u8]> = match (state, frame) {
+            (Data::Empty, _) => None,
+            (Data::InFrame(s, e), Some(frame)) => Some(&frame[s..e]),
+            (Data::InFrame(..), None) => unreachable_in_frame(),
+            (Data::Buffered, _) => Some(&data),
+        };
+        self.choices.clear();
+        let (kind, usage) = match payload {
+            None => (EventKind::NoData, None),
+            Some(payload) => classify(payload, &mut self.choices),
+        };
+        on_event(&Event {
+            kind,
+            choices: if kind == EventKind::Token {
+                &self.choices
+            } else {
+                &[]
+            },
+            usage,
+            end,
+        });
+        self.data = data;
+        self.data.clear();
+    }
+}
+
+/// In-frame data is moved to the buffer at the end of every frame, so a line assembled from
+/// several frames never meets it; classify nothing rather than panic if that ever changes.
+#[cold]
+fn unreachable_in_frame() -> Option<&'static [u8]> {
+    None
+}
+
+/// The value of a `data` field line (`data:x`, `data: x`, or a bare `data`), else `None`.
+fn data_value(line: &[u8]) -> Option<&[u8]> {
+    let rest = line.strip_prefix(b"data")?;
+    match rest.first() {
+        None => Some(rest),
+        Some(b':') => {
+            let v = &rest[1..];
+            Some(v.strip_prefix(b" ").unwrap_or(v))
+        }
+        Some(_) => None,
+    }
+}
+
+/// Classifies one event's data. `choices` receives the choices of a token event.
+pub fn classify(payload: &[u8], choices: &mut Vec<ChoiceInfo>) -> (EventKind, Option<Usage>) {
+    let trimmed = payload.trim_ascii();
+    if trimmed == b"[DONE]" {
+        return (EventKind::Done, None);
+    }
+    if trimmed.first() != Some(&b'{') {
+        return (EventKind::Other, None);
+    }
+    let mut de = serde_json::Deserializer::from_slice(trimmed);
+    let top = match (TopSeed { choices }).deserialize(&mut de) {
+        Ok(top) => top,
+        Err(_) => {
+            choices.clear();
+            return (EventKind::Other, None);
+        }
+    };
+    if top.error {
+        choices.clear();
+        (EventKind::Error, top.usage)
+    } else if !choices.is_empty() {
+        (EventKind::Token, top.usage)
+    } else if top.usage.is_some() {
+        (EventKind::Usage, top.usage)
+    } else {
+        (EventKind::Other, None)
+    }
+}
+
+struct Top {
+    usage: Option<Usage>,
+    error: bool,
+}
+
+struct TopSeed<'s> {
+    choices: &'s mut Vec<ChoiceInfo>,
+}
+
+impl<'de> DeserializeSeed<'de> for TopSeed<'_> {
+    type Value = Top;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Top, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+/// Top-level keys that classification reads.
+enum TopKey {
+    Choices,
+    Usage,
+    Error,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for TopKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TopKey;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TopKey, E> {
+                Ok(match v {
+                    "choices" => TopKey::Choices,
+                    "usage" => TopKey::Usage,
+                    "error" => TopKey::Error,
+                    _ => TopKey::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+impl<'de> Visitor<'de> for TopSeed<'_> {
+    type Value = Top;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+        let mut top = Top {
+            usage: None,
+            error: false,
+        };
+        while let Some(key) = map.next_key::<TopKey>()? {
+            match key {
+                TopKey::Choices => map.next_value_seed(ChoicesSeed {
+                    choices: &mut *self.choices,
+                })?,
+                TopKey::Usage => top.usage = map.next_value::<Option<Usage>>()?,
+                TopKey::Error => top.error = map.next_value::<Option<IgnoredAny>>()?.is_some(),
+                TopKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(top)
+    }
+}
+
+struct ChoicesSeed<'s> {
+    choices: &'s mut Vec<ChoiceInfo>,
+}
+
+impl<'de> DeserializeSeed<'de> for ChoicesSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ChoicesSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of choices")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(choice) = seq.next_element::<Choice<'de>>()? {
+            self.choices.push(choice.info());
+        }
+        Ok(())
+    }
+}
+
+/// The parts of a choice classification reads; everything else is skipped unparsed.
+#[derive(serde::Deserialize)]
+struct Choice<'a> {
+    #[serde(default)]
+    index: Option<u32>,
+    #[serde(borrow, default)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    finish_reason: Option<&'a RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reasoning: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tool_calls: Option<&'a RawValue>,
+}
+
+impl Choice<'_> {
+    fn info(&self) -> ChoiceInfo {
+        let delta_content = self.delta.as_ref().is_some_and(|d| {
+            non_empty(d.content)
+                || non_empty(d.reasoning_content)
+                || non_empty(d.reasoning)
+                || non_empty(d.tool_calls)
+        });
+        ChoiceInfo {
+            index: self.index.unwrap_or(0),
+            has_content: delta_content || non_empty(self.text),
+            finish_reason: self
+                .finish_reason
+                .and_then(|raw| match raw.get() {
+                    "null" => None,
+                    "\"stop\"" => Some(FinishReason::Stop),
+                    "\"length\"" => Some(FinishReason::Length),
+                    "\"tool_calls\"" => Some(FinishReason::ToolCalls),
+                    _ => Some(FinishReason::Other),
+                }),
+        }
+    }
+}
+
+/// A raw JSON value that carries something: not `null`, `""`, `[]` or `{}`.
+fn non_empty(raw: Option<&RawValue>) -> bool {
+    raw.is_some_and(|raw| !matches!(raw.get(), "null" | "\"\"" | "[]" | "{}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Seen {
+        kind: EventKind,
+        choices: Vec<ChoiceInfo>,
+        usage: Option<Usage>,
+        /// Offset of the event's end in the whole stream.
+        end: usize,
+    }
+
+    /// Feeds `frames` in order and returns every event with its end offset in the whole stream.
+    fn run(frames: &[&[u8]]) -> (Vec<Seen>, bool) {
+        let mut p = SseParser::new();
+        let mut seen = Vec::new();
+        let mut base = 0;
+        for f in frames {
+            p.feed(f, |e| {
+                seen.push(Seen {
+                    kind: e.kind,
+                    choices: e.choices.to_vec(),
+                    usage: e.usage,
+                    end: base + e.end,
+                })
+            });
+            base += f.len();
+        }
+        (seen, p.has_partial_event())
+    }
+
+    const ROLE: &str = r#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#;
+    const TOKEN: &str = r#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":" hello\n\"x\""},"logprobs":null,"finish_reason":null}]}"#;
+    const FINISH: &str = r#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":"length"}]}"#;
+    const USAGE: &str = r#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":12,"total_tokens":112,"completion_tokens":100}}"#;
+
+    fn stream() -> String {
+        format!("{ROLE}\n\n{TOKEN}\n\n{FINISH}\n\n{USAGE}\n\ndata: [DONE]\n\n")
+    }
+
+    fn expected(s: &str) -> Vec<Seen> {
+        let mut ends = s.match_indices("\n\n").map(|(i, _)| i + 2);
+        let tok = |has_content, finish_reason| ChoiceInfo {
+            index: 0,
+            has_content,
+            finish_reason,
+        };
+        vec![
+            Seen {
+                kind: EventKind::Token,
+                choices: vec![tok(false, None)],
+                usage: None,
+                end: ends.next().unwrap(),
+            },
+            Seen {
+                kind: EventKind::Token,
+                choices: vec![tok(true, None)],
+                usage: None,
+                end: ends.next().unwrap(),
+            },
+            Seen {
+                kind: EventKind::Token,
+                choices: vec![tok(false, Some(FinishReason::Length))],
+                usage: None,
+                end: ends.next().unwrap(),
+            },
+            Seen {
+                kind: EventKind::Usage,
+                choices: vec![],
+                usage: Some(Usage {
+                    prompt_tokens: Some(12),
+                    completion_tokens: Some(100),
+                }),
+                end: ends.next().unwrap(),
+            },
+            Seen {
+                kind: EventKind::Done,
+                choices: vec![],
+                usage: None,
+                end: ends.next().unwrap(),
+            },
+        ]
+    }
+
+    #[test]
+    fn many_events_in_one_frame() {
+        let s = stream();
+        let (seen, partial) = run(&[s.as_bytes()]);
+        assert_eq!(seen, expected(&s));
+        assert!(!partial);
+    }
+
+    #[test]
+    fn split_at_every_byte_offset() {
+        let s = stream();
+        let want = expected(&s);
+        for cut in 0..=s.len() {
+            let (a, b) = s.as_bytes().split_at(cut);
+            let (seen, partial) = run(&[a, b]);
+            assert_eq!(seen, want, "split at {cut}");
+            assert!(!partial);
+        }
+    }
+
+    #[test]
+    fn one_byte_frames() {
+        let s = stream();
+        let frames: Vec<&[u8]> = s.as_bytes().chunks(1).collect();
+        assert_eq!(run(&frames).0, expected(&s));
+    }
+
+    #[test]
+    fn crlf_and_cr_line_endings_at_every_split() {
+        for eol in ["\r\n", "\r"] {
+            let s = stream().replace('\n', eol);
+            let want: Vec<EventKind> = expected(&stream()).iter().map(|e| e.kind).collect();
+            for cut in 0..=s.len() {
+                let (a, b) = s.as_bytes().split_at(cut);
+                let (seen, partial) = run(&[a, b]);
+                let kinds: Vec<EventKind> = seen.iter().map(|e| e.kind).collect();
+                assert_eq!(kinds, want, "eol {eol:?} split at {cut}");
+                // A "\r\n" split between its two bytes: the event ends at the '\r' and the
+                // '\n' is skipped at the start of the next frame.
+                let end = if eol == "\r\n" && cut == s.len() - 1 {
+                    s.len() - 1
+                } else {
+                    s.len()
+                };
+                assert_eq!(seen.last().unwrap().end, end);
+                assert!(!partial);
+            }
+        }
+    }
+
+    #[test]
+    fn comments_and_other_fields_are_not_data() {
+        let s = format!(": keep-alive\n\nevent: message\nid: 7\n{TOKEN}\nretry: 10\n\n");
+        let (seen, _) = run(&[s.as_bytes()]);
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].kind, EventKind::NoData);
+        assert_eq!(seen[1].kind, EventKind::Token);
+        assert!(seen[1].choices[0].has_content);
+    }
+
+    #[test]
+    fn multi_line_data_is_joined_with_newlines() {
+        let s = "data: {\"choices\":\ndata: [{\"index\":0,\"text\":\"a\"}]}\n\n";
+        for cut in 0..=s.len() {
+            let (a, b) = s.as_bytes().split_at(cut);
+            let (seen, _) = run(&[a, b]);
+            assert_eq!(seen.len(), 1, "split at {cut}");
+            assert_eq!(seen[0].kind, EventKind::Token, "split at {cut}");
+            assert!(seen[0].choices[0].has_content);
+        }
+    }
+
+    #[test]
+    fn data_without_space_and_bare_data_field() {
+        let (seen, _) = run(&[b"data:[DONE]\n\ndata\n\n"]);
+        assert_eq!(seen[0].kind, EventKind::Done);
+        assert_eq!(seen[1].kind, EventKind::Other);
+    }
+
+    #[test]
+    fn n_greater_than_one_reports_each_index() {
+        let s = r#"data: {"choices":[{"index":1,"text":"x","finish_reason":null}]}
+
+data: {"choices":[{"index":0,"text":"","finish_reason":"stop"},{"index":1,"text":"y"}]}
+
+"#;
+        let (seen, _) = run(&[s.as_bytes()]);
+        assert_eq!(
+            seen[0].choices,
+            vec![ChoiceInfo {
+                index: 1,
+                has_content: true,
+                finish_reason: None
+            }]
+        );
+        assert_eq!(
+            seen[1].choices,
+            vec![
+                ChoiceInfo {
+                    index: 0,
+                    has_content: false,
+                    finish_reason: Some(FinishReason::Stop)
+                },
+                ChoiceInfo {
+                    index: 1,
+                    has_content: true,
+                    finish_reason: None
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn continuous_usage_rides_on_token_events() {
+        let s = r#"data: {"choices":[{"index":0,"delta":{"content":"hi"}}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}
+
+"#;
+        let (seen, _) = run(&[s.as_bytes()]);
+        assert_eq!(seen[0].kind, EventKind::Token);
+        assert_eq!(
+            seen[0].usage,
+            Some(Usage {
+                prompt_tokens: Some(3),
+                completion_tokens: Some(2)
+            })
+        );
+    }
+
+    #[test]
+    fn null_usage_and_null_choices_are_absent() {
+        let (seen, _) = run(&[b"data: {\"choices\":null,\"usage\":null}\n\n"]);
+        assert_eq!(seen[0].kind, EventKind::Other);
+        let (seen, _) =
+            run(&[b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\n"]);
+        assert_eq!(seen[0].kind, EventKind::Token);
+        assert_eq!(seen[0].usage, None);
+    }
+
+    #[test]
+    fn reasoning_and_tool_call_deltas_are_content() {
+        for delta in [
+            r#"{"reasoning_content":"think"}"#,
+            r#"{"reasoning":"think"}"#,
+            r#"{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}"#,
+        ] {
+            let s = format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{delta}}}]}}\n\n");
+            let (seen, _) = run(&[s.as_bytes()]);
+            assert!(seen[0].choices[0].has_content, "{delta}");
+        }
+        let (seen, _) = run(&[
+            b"data: {\"choices\":[{\"delta\":{\"content\":null,\"tool_calls\":[]}}]}\n\n",
+        ]);
+        assert!(!seen[0].choices[0].has_content);
+    }
+
+    #[test]
+    fn error_event_after_200() {
+        let s = r#"data: {"error":{"message":"boom","type":"BadRequestError","code":400}}
+
+"#;
+        let (seen, _) = run(&[s.as_bytes()]);
+        assert_eq!(seen[0].kind, EventKind::Error);
+        assert!(seen[0].choices.is_empty());
+    }
+
+    #[test]
+    fn non_json_and_broken_json_are_other() {
+        let s = "data: hello\n\ndata: {\"choices\":[{\"delta\":\n\ndata: 42\n\ndata: {\"choices\":[]}\n\n";
+        let (seen, _) = run(&[s.as_bytes()]);
+        let kinds: Vec<_> = seen.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec![EventKind::Other; 4]);
+    }
+
+    #[test]
+    fn stream_ending_without_done_or_blank_line() {
+        let s = format!("{TOKEN}\n\n{TOKEN}\n");
+        let (seen, partial) = run(&[s.as_bytes()]);
+        assert_eq!(seen.len(), 1);
+        assert!(partial, "an event without its blank line is pending");
+        let (_, partial) = run(&[format!("{TOKEN}\n\n").as_bytes()]);
+        assert!(!partial);
+    }
+
+    #[test]
+    fn empty_frames_change_nothing() {
+        let s = stream();
+        let (a, b) = s.as_bytes().split_at(10);
+        assert_eq!(run(&[b"", a, b"", b, b""]).0, expected(&s));
+        // A frame ending in '\r' followed by an empty frame and then '\n'.
+        let (seen, _) = run(&[b"data: [DONE]\r", b"", b"\n\r\n"]);
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].kind, EventKind::Done);
+    }
+}
