@@ -1,0 +1,532 @@
+//! Routing and handlers, and the response body: a full buffer, or a stream driven by the
+//! request's [`Generation`] timers inside `poll_frame` (no task, no channel per stream).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Limited};
+use rand::Rng;
+use tokio::time::Instant;
+
+use super::fault::{FAULT_HEADER, Faults};
+use super::generate::{Event, Generation};
+use super::metrics::{Shared, Tracker, render as render_metrics};
+use super::render::{self, ChunkWriter, DONE, FullResponse, Usage};
+use super::request::{
+    self, ApiError, Endpoint, SALT_FAULTS, SALT_IDS, fnv1a, mix, request_rng, text_tokens,
+};
+
+/// Largest request body read (larger ones get 413).
+const MAX_BODY: usize = 32 << 20;
+
+/// A response aborted on purpose (`disconnect_after`): hyper closes the connection without
+/// finishing the response.
+#[derive(Debug, thiserror::Error)]
+#[error("simulated connection abort")]
+pub struct SimAbort;
+
+/// The body of every simulator response.
+pub struct SimBody {
+    inner: Inner,
+}
+
+enum Inner {
+    Full(Option<Bytes>),
+    Stream(Box<StreamBody>),
+}
+
+impl SimBody {
+    fn full(bytes: impl Into<Bytes>) -> SimBody {
+        let bytes = bytes.into();
+        SimBody {
+            inner: Inner::Full((!bytes.is_empty()).then_some(bytes)),
+        }
+    }
+}
+
+struct StreamBody {
+    generation: Generation,
+    writer: ChunkWriter,
+    tracker: Tracker,
+    scratch: Vec<u8>,
+    ended: bool,
+}
+
+impl StreamBody {
+    fn tokens(&mut self, steps: std::ops::RangeInclusive<u32>) -> Vec<u8> {
+        let (from, to) = (*steps.start(), *steps.end());
+        let plan = &self.generation.plan;
+        let n = plan.n();
+        let chat = plan.endpoint == Endpoint::Chat;
+        let continuous = plan.continuous_usage;
+        let mut out = Vec::with_capacity(n * (self.scratch.capacity().max(64) + 256));
+        if from == 0 {
+            let ttft = Instant::now() - self.generation.origin();
+            self.tracker.shared().counters.observe_ttft(ttft);
+            if chat {
+                for i in 0..n {
+                    self.writer.role(&mut out, i, continuous);
+                }
+            }
+        }
+        for i in 0..n {
+            let len = self.generation.plan.lengths[i];
+            if from >= len {
+                continue;
+            }
+            let last = to.min(len - 1);
+            self.scratch.clear();
+            for step in from..=last {
+                self.generation.push_token_text(i, step, &mut self.scratch);
+            }
+            let finish = (last + 1 == len).then(|| self.generation.plan.finish[i]);
+            let usage = continuous.then(|| u64::from(self.generation.produced(i, last)));
+            self.writer
+                .tokens(&mut out, i, &self.scratch, finish, usage);
+        }
+        out
+    }
+}
+
+impl Body for SimBody {
+    type Data = Bytes;
+    type Error = SimAbort;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, SimAbort>>> {
+        match &mut self.get_mut().inner {
+            Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Stream(s) => {
+                if s.ended {
+                    return Poll::Ready(None);
+                }
+                let out = match ready!(s.generation.poll_event(cx)) {
+                    Event::Tokens(steps) => s.tokens(steps),
+                    Event::Error => {
+                        s.ended = true;
+                        s.tracker.complete();
+                        let mut out = Vec::with_capacity(160);
+                        render::inband_error(&mut out);
+                        out
+                    }
+                    Event::Disconnect => {
+                        s.ended = true;
+                        s.tracker.complete();
+                        return Poll::Ready(Some(Err(SimAbort)));
+                    }
+                    Event::End => {
+                        s.ended = true;
+                        s.tracker.complete();
+                        let mut out = Vec::with_capacity(256);
+                        if s.generation.plan.include_usage {
+                            let total = s.generation.plan.lengths.iter().map(|&l| u64::from(l));
+                            s.writer.usage_chunk(&mut out, total.sum());
+                        }
+                        out.extend_from_slice(DONE);
+                        out
+                    }
+                };
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(bytes) => bytes.is_none(),
+            Inner::Stream(s) => s.ended,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            Inner::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: SimBody) -> Response<SimBody> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response<SimBody> {
+    response(status, "application/json", SimBody::full(body))
+}
+
+fn api_error(e: &ApiError) -> Response<SimBody> {
+    json(e.status, render::error_body(e))
+}
+
+fn detail(status: StatusCode, detail: &'static str) -> Response<SimBody> {
+    json(status, format!("{{\"detail\":\"{detail}\"}}").into_bytes())
+}
+
+fn hex_id(prefix: &str, rng: &mut impl Rng) -> String {
+    format!(
+        "{prefix}{:016x}{:016x}",
+        rng.random::<u64>(),
+        rng.random::<u64>()
+    )
+}
+
+fn created(shared: &Shared) -> u64 {
+    match shared.config.seed {
+        Some(_) => super::SEEDED_CREATED,
+        None => super::unix_now(),
+    }
+}
+
+/// Serves one request. `Err` aborts the connection (an injected disconnect).
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<SimBody>, SimAbort> {
+    let arrival = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let allowed: &'static str = match path.as_str() {
+        "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" => "POST",
+        "/v1/models" | "/health" | "/metrics" => "GET",
+        "/ping" => "GET, POST",
+        _ => return Ok(detail(StatusCode::NOT_FOUND, "Not Found")),
+    };
+    let method_ok = allowed.split(", ").any(|m| m == method.as_str())
+        || (method == Method::HEAD && allowed.contains("GET"));
+    if !method_ok {
+        let mut resp = detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(allowed));
+        return Ok(resp);
+    }
+    match path.as_str() {
+        "/v1/chat/completions" => generate(shared, Endpoint::Chat, req, arrival).await,
+        "/v1/completions" => generate(shared, Endpoint::Completions, req, arrival).await,
+        "/v1/embeddings" => Ok(embeddings(shared, req).await),
+        "/v1/models" => Ok(models(&shared)),
+        "/metrics" => Ok(response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            SimBody::full(render_metrics(&shared)),
+        )),
+        // /health and /ping: 200 with an empty body, like vLLM.
+        _ => Ok(response(
+            StatusCode::OK,
+            "application/json",
+            SimBody::full(Bytes::new()),
+        )),
+    }
+}
+
+async fn read_json(
+    req: Request<hyper::body::Incoming>,
+) -> Result<
+    (
+        http::request::Parts,
+        serde_json::Map<String, serde_json::Value>,
+    ),
+    ApiError,
+> {
+    let (parts, body) = req.into_parts();
+    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {MAX_BODY} bytes"),
+            ));
+        }
+        Err(e) => {
+            return Err(ApiError::validation(None, format!("cannot read body: {e}")));
+        }
+    };
+    Ok((parts, request::parse_json(&bytes)?))
+}
+
+async fn generate(
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    req: Request<hyper::body::Incoming>,
+    arrival: Instant,
+) -> Result<Response<SimBody>, SimAbort> {
+    shared.counters.requests.fetch_add(1, Relaxed);
+    let (parts, obj) = match read_json(req).await {
+        Ok(v) => v,
+        Err(e) => return Ok(api_error(&e)),
+    };
+    let plan = match request::plan(endpoint, obj, &shared.config) {
+        Ok(p) => p,
+        Err(e) => return Ok(api_error(&e)),
+    };
+    let faults = match parts.headers.get(FAULT_HEADER) {
+        Some(v) => match v
+            .to_str()
+            .map_err(|_| ())
+            .and_then(|s| Faults::parse(s).map_err(|_| ()))
+        {
+            Ok(f) => f,
+            Err(()) => {
+                let msg = match v.to_str() {
+                    Ok(s) => Faults::parse(s).err().map(|e| e.to_string()),
+                    Err(_) => None,
+                }
+                .unwrap_or_else(|| format!("invalid {FAULT_HEADER} header"));
+                return Ok(api_error(&ApiError::validation(None, msg)));
+            }
+        },
+        None => {
+            let mut rng = request_rng(shared.config.seed, plan.content_hash, SALT_FAULTS);
+            Faults::draw(&shared.config.faults, plan.max_len(), &mut rng)
+        }
+    };
+    shared
+        .counters
+        .prompt_tokens
+        .fetch_add(u64::from(plan.prompt_tokens), Relaxed);
+    let mut ids = request_rng(shared.config.seed, plan.content_hash, SALT_IDS);
+    let id = hex_id(
+        match endpoint {
+            Endpoint::Chat => "chatcmpl-",
+            Endpoint::Completions => "cmpl-",
+        },
+        &mut ids,
+    );
+    let created = created(&shared);
+    let mut tracker = Tracker::new(
+        shared.clone(),
+        if plan.stream { "stream" } else { "response" },
+    );
+    if !faults.header_delay.is_zero() {
+        tokio::time::sleep_until(arrival + faults.header_delay).await;
+    }
+    if let Some(code) = faults.status {
+        tracker.complete();
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let message = match code {
+            429 => "Too many requests: simulated rate limit",
+            503 => "Service unavailable: simulated overload",
+            _ => "Simulated server error",
+        };
+        return Ok(api_error(&ApiError::status(status, message)));
+    }
+    let origin = arrival + faults.header_delay;
+    let stream = plan.stream;
+    let writer = ChunkWriter::new(endpoint, &id, created, &plan.model, plan.prompt_tokens);
+    let mut generation = Generation::new(shared.clone(), plan, faults, origin);
+    if stream {
+        shared.counters.streams_started.fetch_add(1, Relaxed);
+        let body = StreamBody {
+            generation,
+            writer,
+            tracker,
+            scratch: Vec::with_capacity(64),
+            ended: false,
+        };
+        let mut resp = response(
+            StatusCode::OK,
+            "text/event-stream; charset=utf-8",
+            SimBody {
+                inner: Inner::Stream(Box::new(body)),
+            },
+        );
+        resp.headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(resp);
+    }
+
+    let n = generation.plan.n();
+    let mut texts: Vec<Vec<u8>> = vec![Vec::new(); n];
+    loop {
+        match std::future::poll_fn(|cx| generation.poll_event(cx)).await {
+            Event::Tokens(steps) => {
+                if *steps.start() == 0 {
+                    shared.counters.observe_ttft(Instant::now() - origin);
+                }
+                for (i, text) in texts.iter_mut().enumerate() {
+                    let len = generation.plan.lengths[i];
+                    for step in steps.clone().filter(|s| *s < len) {
+                        generation.push_token_text(i, step, text);
+                    }
+                }
+            }
+            Event::Error => {
+                tracker.complete();
+                return Ok(api_error(&ApiError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    message: "Internal server error".to_owned(),
+                    kind: "InternalServerError".to_owned(),
+                    param: None,
+                }));
+            }
+            Event::Disconnect => {
+                tracker.complete();
+                return Err(SimAbort);
+            }
+            Event::End => break,
+        }
+    }
+    tracker.complete();
+    let plan = &generation.plan;
+    let texts: Vec<String> = texts
+        .into_iter()
+        .map(|t| String::from_utf8(t).unwrap_or_default())
+        .collect();
+    let completion: u64 = plan.lengths.iter().map(|&l| u64::from(l)).sum();
+    let body = FullResponse {
+        endpoint,
+        id: &id,
+        created,
+        model: &plan.model,
+        texts: &texts,
+        finish: &plan.finish,
+        usage: Usage::new(u64::from(plan.prompt_tokens), completion),
+    }
+    .to_json();
+    Ok(json(StatusCode::OK, body))
+}
+
+fn models(shared: &Shared) -> Response<SimBody> {
+    let config = &shared.config;
+    let perm_ids: Vec<String> = (0..config.models.len())
+        .map(|i| {
+            let mut rng = request_rng(config.seed, i as u64, SALT_IDS);
+            hex_id("modelperm-", &mut rng)
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        render::model_list(
+            &config.models,
+            shared.started_unix,
+            config.max_model_len,
+            &perm_ids,
+        ),
+    )
+}
+
+async fn embeddings(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response<SimBody> {
+    let arrival = Instant::now();
+    shared.counters.requests.fetch_add(1, Relaxed);
+    let (_, obj) = match read_json(req).await {
+        Ok(v) => v,
+        Err(e) => return api_error(&e),
+    };
+    let model = match request::resolve_model(&obj, &shared.config) {
+        Ok(m) => m,
+        Err(e) => return api_error(&e),
+    };
+    let bad_input = || {
+        api_error(&ApiError::validation(
+            Some("input"),
+            "1 validation error: `input` must be a string, a list of strings or a list of token ids",
+        ))
+    };
+    // Each input: (hash of its content, prompt tokens).
+    let mut inputs: Vec<(u64, u64)> = Vec::new();
+    match obj.get("input") {
+        Some(serde_json::Value::String(s)) => inputs.push((fnv1a(s.as_bytes()), text_tokens(s))),
+        Some(serde_json::Value::Array(items)) if !items.is_empty() => {
+            if items.iter().all(serde_json::Value::is_number) {
+                let bytes = serde_json::to_vec(items).unwrap_or_default();
+                inputs.push((fnv1a(&bytes), items.len() as u64));
+            } else {
+                for item in items {
+                    match item {
+                        serde_json::Value::String(s) => {
+                            inputs.push((fnv1a(s.as_bytes()), text_tokens(s)))
+                        }
+                        serde_json::Value::Array(ids) => {
+                            let bytes = serde_json::to_vec(ids).unwrap_or_default();
+                            inputs.push((fnv1a(&bytes), ids.len() as u64));
+                        }
+                        _ => return bad_input(),
+                    }
+                }
+            }
+        }
+        _ => return bad_input(),
+    }
+    let base64 = match obj.get("encoding_format") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::String(f)) if f == "float" => false,
+        Some(serde_json::Value::String(f)) if f == "base64" => true,
+        Some(_) => {
+            return api_error(&ApiError::validation(
+                Some("encoding_format"),
+                "1 validation error: `encoding_format` must be \"float\" or \"base64\"",
+            ));
+        }
+    };
+    let prompt_tokens: u64 = inputs.iter().map(|(_, t)| (*t).max(1)).sum();
+    shared
+        .counters
+        .prompt_tokens
+        .fetch_add(prompt_tokens, Relaxed);
+    let mut tracker = Tracker::new(shared.clone(), "embedding");
+    let timing = &shared.config.timing;
+    let ms = timing.ttft_base_ms + timing.prefill_ms_per_1k_tokens * prompt_tokens as f64 / 1000.0;
+    tokio::time::sleep_until(arrival + std::time::Duration::from_nanos((ms * 1e6) as u64)).await;
+    tracker.complete();
+
+    let dim = shared.config.embedding_dim as usize;
+    let seed = shared.config.seed.unwrap_or(0);
+    let data = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, (hash, _))| {
+            // The same input always gets the same vector (for a given seed).
+            let mut state = mix(seed ^ mix(*hash));
+            let mut v: Vec<f32> = (0..dim)
+                .map(|_| {
+                    state = mix(state);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                })
+                .collect();
+            let norm = v
+                .iter()
+                .map(|x| x * x)
+                .sum::<f32>()
+                .sqrt()
+                .max(f32::EPSILON);
+            v.iter_mut().for_each(|x| *x /= norm);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                render::Embedding::Base64(render::base64(&bytes))
+            } else {
+                render::Embedding::Floats(v)
+            };
+            render::EmbeddingData {
+                index,
+                object: "embedding",
+                embedding,
+            }
+        })
+        .collect();
+    let hash = fnv1a(&serde_json::to_vec(&obj).unwrap_or_default());
+    let mut ids = request_rng(shared.config.seed, hash, SALT_IDS);
+    let id = hex_id("embd-", &mut ids);
+    let body = serde_json::to_vec(&render::EmbeddingResponse {
+        id: &id,
+        object: "list",
+        created: created(&shared),
+        model: &model,
+        data,
+        usage: Usage::new(prompt_tokens, 0),
+    })
+    .unwrap_or_default();
+    json(StatusCode::OK, body)
+}
