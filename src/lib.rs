@@ -1,9 +1,270 @@
 //! tokentap: a transparent streaming reverse proxy that measures what users of an
 //! OpenAI-compatible LLM server feel (TTFT, TPOT, ITL, E2EL) on live traffic.
+//!
+//! [`start`] runs the proxy and its admin listener in the background (what tests and benches
+//! use); [`run`] runs them until a shutdown future resolves (what `tokentap serve` uses).
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Either};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub mod admin;
+pub mod config;
+pub mod inspect;
 pub mod latency;
+pub mod observe;
+pub mod proxy;
+pub mod server;
 pub mod simulate;
 pub mod sse;
+pub mod telemetry;
+
+use config::{Config, secs};
+use proxy::Proxy;
+use telemetry::Telemetry;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is not usable.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The upstream client could not be built.
+    #[error(transparent)]
+    Build(#[from] proxy::BuildError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A proxy running in the background, started by [`start`].
+#[derive(Debug)]
+pub struct Running {
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    telemetry: Arc<Telemetry>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where the admin listener is, if it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The metrics registry (tests read it directly).
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    /// Stops accepting, drains within the grace period, and returns when everything has stopped.
+    /// A panic inside the server is raised again here.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Err(error) = (&mut self.task).await
+            && error.is_panic()
+        {
+            std::panic::resume_unwind(error.into_panic());
+        }
+    }
+}
+
+/// Binds the listeners of a validated configuration and serves in the background.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    config.validate()?;
+    let listener = bind(config.listen).await?;
+    let admin = match config.admin_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let telemetry = Arc::new(Telemetry::new(&config));
+    let proxy = Arc::new(Proxy::new(&config, telemetry.clone())?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(
+        config,
+        proxy,
+        telemetry.clone(),
+        listener,
+        admin,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(Running {
+        addr,
+        admin_addr,
+        telemetry,
+        stop: Some(stop),
+        task,
+    })
+}
+
+/// Runs `tokentap serve` until `shutdown` resolves, then drains and returns.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    config.validate()?;
+    let listener = bind(config.listen).await?;
+    let admin = match config.admin_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let telemetry = Arc::new(Telemetry::new(&config));
+    let proxy = Arc::new(Proxy::new(&config, telemetry.clone())?);
+    tracing::info!(
+        listen = %config.listen,
+        admin = ?config.admin_listen,
+        upstream = %config.upstream.url,
+        "tokentap serving"
+    );
+    serve(config, proxy, telemetry, listener, admin, shutdown).await;
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+async fn serve(
+    config: Config,
+    proxy: Arc<Proxy>,
+    telemetry: Arc<Telemetry>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let grace = secs(config.proxy.shutdown_grace_secs);
+    let (admin_stop, admin_stopped) = oneshot::channel::<()>();
+    let admin_task = admin.map(|listener| {
+        let telemetry = telemetry.clone();
+        let handler = move |req: Request<hyper::body::Incoming>, _remote| {
+            let response = admin::handle(&telemetry, &req);
+            async move { response.map(|b| b.map_err(|never| match never {}).boxed()) }
+        };
+        tokio::spawn(server::serve(
+            listener,
+            handler,
+            async {
+                let _ = admin_stopped.await;
+            },
+            Duration::from_secs(1),
+            "admin",
+        ))
+    });
+    let upkeep = tokio::spawn({
+        let telemetry = telemetry.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                telemetry.run_upkeep();
+            }
+        }
+    });
+    let poller = tokio::spawn(poll_upstream(
+        proxy.clone(),
+        telemetry.clone(),
+        config.telemetry.discover_models,
+        secs(config.telemetry.model_refresh_secs),
+    ));
+    let handler = move |req, remote| {
+        let proxy = proxy.clone();
+        async move { proxy.handle(req, remote).await }
+    };
+    server::serve(listener, handler, shutdown, grace, "proxy").await;
+    poller.abort();
+    upkeep.abort();
+    let _ = admin_stop.send(());
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+}
+
+/// Polls the upstream's `GET /v1/models`: the answer keeps `/readyz` current and, when
+/// `discover` is on, adds the listed model names to the allowed `model` label values.
+async fn poll_upstream(
+    proxy: Arc<Proxy>,
+    telemetry: Arc<Telemetry>,
+    discover: bool,
+    every: Duration,
+) {
+    #[derive(serde::Deserialize)]
+    struct Models {
+        data: Vec<Model>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Model {
+        id: String,
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let uri = proxy.upstream_uri(http::uri::PathAndQuery::from_static("/v1/models"));
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .body(Either::Left(http_body_util::Full::new(Bytes::new())))
+            .expect("static request parts are valid");
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            let response = proxy.client().request(req).await.ok()?;
+            let status = response.status();
+            let body = http_body_util::Limited::new(response.into_body(), 4 * 1024 * 1024)
+                .collect()
+                .await
+                .ok()?
+                .to_bytes();
+            Some((status, body))
+        })
+        .await;
+        match answer {
+            Ok(Some((status, body))) if status.as_u16() < 500 => {
+                telemetry.upstream.mark();
+                if discover && status.is_success() {
+                    match serde_json::from_slice::<Models>(&body) {
+                        Ok(models) => telemetry
+                            .models
+                            .extend(models.data.iter().map(|m| m.id.as_str())),
+                        Err(error) => {
+                            tracing::debug!(%error, "upstream /v1/models is not a model list")
+                        }
+                    }
+                }
+            }
+            Ok(Some((status, _))) => tracing::warn!(%status, "upstream /v1/models failed"),
+            _ => tracing::debug!("upstream /v1/models did not answer"),
+        }
+    }
+}
 
 /// Resolves when the process receives SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {

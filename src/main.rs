@@ -1,10 +1,13 @@
 //! The `tokentap` command line: `serve`, `simulate` and `check-config`.
+//!
+//! Exit codes: 0 after a clean shutdown, 1 on a runtime failure, 2 on a bad configuration.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tokentap::config::{Config, LogFormat};
 
 /// Transparent streaming proxy for vLLM / OpenAI-compatible servers with TTFT/TPOT/ITL/E2EL telemetry.
 #[derive(Debug, Parser)]
@@ -16,6 +19,26 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the proxy: forward to the upstream and export latency telemetry.
+    Serve {
+        /// TOML configuration file (see config/tokentap.toml).
+        #[arg(long, env = "TOKENTAP_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address clients connect to [default: 0.0.0.0:8080].
+        #[arg(long, env = "TOKENTAP_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Upstream base URL [default: http://127.0.0.1:8000].
+        #[arg(long, env = "TOKENTAP_UPSTREAM")]
+        upstream: Option<String>,
+        /// Admin listener address (/metrics, /healthz, /readyz) [default: 127.0.0.1:9464].
+        #[arg(long, env = "TOKENTAP_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
+    },
+    /// Validate a configuration file; on error, name the field and exit 2.
+    CheckConfig {
+        /// The file.
+        file: PathBuf,
+    },
     /// Run a vLLM-like OpenAI-compatible server (no GPU, no model) for demos, tests and load tests.
     Simulate {
         /// Address to listen on.
@@ -32,8 +55,59 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut log_format = LogFormat::Text;
+    let serve_config = match &cli.command {
+        Command::CheckConfig { file } => {
+            return match Config::load(file) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("tokentap: {error}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Serve {
+            config,
+            listen,
+            upstream,
+            admin_listen,
+        } => {
+            let mut c = match config {
+                Some(path) => match Config::load(path) {
+                    Ok(c) => c,
+                    Err(error) => {
+                        eprintln!("tokentap: {error}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => Config::default(),
+            };
+            if let Some(listen) = listen {
+                c.listen = *listen;
+            }
+            if let Some(upstream) = upstream {
+                c.upstream.url = upstream.clone();
+            }
+            if let Some(admin) = admin_listen {
+                c.admin_listen = Some(*admin);
+            }
+            if let Err(error) = c.validate() {
+                eprintln!("tokentap: {error}");
+                return ExitCode::from(2);
+            }
+            log_format = c.telemetry.log_format;
+            Some(c)
+        }
+        _ => None,
+    };
+    init_logging(log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("tokentap: cannot start the async runtime: {error}");
@@ -42,6 +116,12 @@ fn main() -> ExitCode {
     };
     let result: Result<(), Box<dyn std::error::Error>> = runtime.block_on(async move {
         match cli.command {
+            Command::Serve { .. } => {
+                let config = serve_config.expect("serve config was loaded above");
+                tokentap::run(config, tokentap::shutdown_signal()).await?;
+                Ok(())
+            }
+            Command::CheckConfig { .. } => Ok(()),
             Command::Simulate {
                 listen,
                 seed,
@@ -68,8 +148,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs go to stderr; `TOKENTAP_LOG` takes a tracing filter (default `info`).
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENTAP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }

@@ -1,0 +1,444 @@
+//! Configuration: one serde tree with documented defaults, loaded from TOML and then validated.
+//!
+//! Every field has a default, so an empty file is a valid configuration. Unknown fields are
+//! rejected, so a typo is an error that names the field rather than a setting silently ignored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::latency::Slo;
+
+/// The whole configuration of `tokentap serve`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the proxy listens on for clients.
+    pub listen: SocketAddr,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`); `None` turns it off.
+    pub admin_listen: Option<SocketAddr>,
+    /// The upstream server and how to reach it.
+    pub upstream: UpstreamConfig,
+    /// Request handling.
+    pub proxy: ProxyConfig,
+    /// Metrics and logs.
+    pub telemetry: TelemetryConfig,
+    /// Objectives that decide which requests count as goodput.
+    pub slo: SloConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            upstream: UpstreamConfig::default(),
+            proxy: ProxyConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            slo: SloConfig::default(),
+        }
+    }
+}
+
+/// Where requests go.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the OpenAI-compatible server, `http://` or `https://`, without a path.
+    pub url: String,
+    /// PEM file of extra CA certificates trusted for an `https://` upstream (besides the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// Limit on establishing a TCP (and TLS) connection, seconds.
+    pub connect_timeout_secs: f64,
+    /// Limit on waiting for the upstream's response head after the request was sent, seconds.
+    /// vLLM answers a stream's head at once, but a non-streaming request's head only when
+    /// generation ends, so this is long.
+    pub response_header_timeout_secs: f64,
+    /// Limit on the silence between two body frames of a response, seconds. A queued vLLM
+    /// request can be silent before its first token for as long as the queue is.
+    pub idle_timeout_secs: f64,
+    /// Idle pooled connections are closed after this many seconds.
+    pub pool_idle_timeout_secs: f64,
+    /// Idle connections kept per upstream.
+    pub pool_max_idle: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: "http://127.0.0.1:8000".to_owned(),
+            ca_file: None,
+            connect_timeout_secs: 5.0,
+            response_header_timeout_secs: 600.0,
+            idle_timeout_secs: 300.0,
+            pool_idle_timeout_secs: 90.0,
+            pool_max_idle: 1024,
+        }
+    }
+}
+
+/// How requests are handled on the way through.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Largest chat/completions request body read to learn model and stream options; a larger
+    /// one gets 413 with an OpenAI-style error body.
+    pub max_request_body_bytes: usize,
+    /// Ask a streaming upstream for usage (`stream_options.include_usage`) when the client did
+    /// not, and remove the usage-only event from what the client receives.
+    pub inject_usage: bool,
+    /// Add `X-Forwarded-For` and `X-Forwarded-Proto` to upstream requests.
+    pub x_forwarded: bool,
+    /// On SIGINT/SIGTERM, how long in-flight requests may run on before the process exits, seconds.
+    pub shutdown_grace_secs: f64,
+    /// Forward bytes without parsing SSE or recording latency (to measure telemetry's own cost).
+    pub telemetry_enabled: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            max_request_body_bytes: 32 * 1024 * 1024,
+            inject_usage: true,
+            x_forwarded: true,
+            shutdown_grace_secs: 30.0,
+            telemetry_enabled: true,
+        }
+    }
+}
+
+/// Access log format.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable `key=value` lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Metrics and logs.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Model names always used as `model` label values.
+    pub models: Vec<String>,
+    /// Also use the names the upstream lists at `GET /v1/models` (polled every
+    /// `model_refresh_secs`). Any other model a request names is labelled `other`.
+    pub discover_models: bool,
+    /// How often `/v1/models` is polled, seconds. The poll also feeds `/readyz`.
+    pub model_refresh_secs: f64,
+    /// At most this many distinct `model` label values; names beyond it are labelled `other`.
+    pub max_models: usize,
+    /// `/readyz` is ready while the upstream answered (any HTTP response) within this many seconds.
+    pub ready_window_secs: f64,
+    /// Write one access-log line per request (target `tokentap::access`).
+    pub access_log: bool,
+    /// Format of all log lines.
+    pub log_format: LogFormat,
+    /// Histogram bucket overrides; an absent list keeps the default of METRICS.md.
+    pub buckets: BucketConfig,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            models: Vec::new(),
+            discover_models: true,
+            model_refresh_secs: 30.0,
+            max_models: 256,
+            ready_window_secs: 60.0,
+            access_log: true,
+            log_format: LogFormat::Text,
+            buckets: BucketConfig::default(),
+        }
+    }
+}
+
+/// Histogram buckets (upper bounds), per metric family. `None` keeps the default.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BucketConfig {
+    /// `tokentap_time_to_first_token_seconds` and `tokentap_time_to_first_content_seconds`.
+    pub ttft: Option<Vec<f64>>,
+    /// `tokentap_inter_token_latency_seconds`.
+    pub itl: Option<Vec<f64>>,
+    /// `tokentap_time_per_output_token_seconds`.
+    pub tpot: Option<Vec<f64>>,
+    /// `tokentap_e2e_request_latency_seconds` and `tokentap_upstream_response_header_seconds`.
+    pub e2el: Option<Vec<f64>>,
+    /// `tokentap_request_prompt_tokens`, `tokentap_request_generation_tokens`, `tokentap_tokens_per_chunk`.
+    pub tokens: Option<Vec<f64>>,
+}
+
+/// Goodput objectives, as `vllm bench serve --goodput ttft:MS tpot:MS e2el:MS`; unset bounds
+/// are not checked.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SloConfig {
+    /// Bound on TTFT, milliseconds.
+    pub ttft_ms: Option<f64>,
+    /// Bound on TPOT, milliseconds.
+    pub tpot_ms: Option<f64>,
+    /// Bound on E2EL, milliseconds.
+    pub e2el_ms: Option<f64>,
+}
+
+impl SloConfig {
+    /// The bounds as durations (after [`Config::validate`] they are finite and positive).
+    pub fn slo(&self) -> Slo {
+        let ms = |v: Option<f64>| v.map(|ms| Duration::from_secs_f64(ms / 1000.0));
+        Slo {
+            ttft: ms(self.ttft_ms),
+            tpot: ms(self.tpot_ms),
+            e2el: ms(self.e2el_ms),
+        }
+    }
+}
+
+/// A configuration that cannot be used; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown field, wrong type, ...).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message, which names the field and line.
+        message: String,
+    },
+    /// A field has a value that parses but cannot work.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid {
+        /// Dotted path of the field, as written in the file.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work; the error names the first bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let uri: http::Uri = self
+            .upstream
+            .url
+            .parse()
+            .map_err(|e| ConfigError::Invalid {
+                field: "upstream.url",
+                reason: format!("{e}"),
+            })?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => {
+                return Err(ConfigError::Invalid {
+                    field: "upstream.url",
+                    reason: "must start with http:// or https://".to_owned(),
+                });
+            }
+        }
+        if uri.host().is_none() {
+            return Err(ConfigError::Invalid {
+                field: "upstream.url",
+                reason: "has no host".to_owned(),
+            });
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(ConfigError::Invalid {
+                field: "upstream.url",
+                reason: "must not have a path or query: request paths are forwarded as they are"
+                    .to_owned(),
+            });
+        }
+        let seconds = [
+            (
+                "upstream.connect_timeout_secs",
+                self.upstream.connect_timeout_secs,
+            ),
+            (
+                "upstream.response_header_timeout_secs",
+                self.upstream.response_header_timeout_secs,
+            ),
+            (
+                "upstream.idle_timeout_secs",
+                self.upstream.idle_timeout_secs,
+            ),
+            (
+                "upstream.pool_idle_timeout_secs",
+                self.upstream.pool_idle_timeout_secs,
+            ),
+            ("proxy.shutdown_grace_secs", self.proxy.shutdown_grace_secs),
+            (
+                "telemetry.model_refresh_secs",
+                self.telemetry.model_refresh_secs,
+            ),
+            (
+                "telemetry.ready_window_secs",
+                self.telemetry.ready_window_secs,
+            ),
+        ];
+        for (field, value) in seconds {
+            if !(value.is_finite() && value > 0.0 && value < 1e9) {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: format!("must be a positive number of seconds, got {value}"),
+                });
+            }
+        }
+        let slo = [
+            ("slo.ttft_ms", self.slo.ttft_ms),
+            ("slo.tpot_ms", self.slo.tpot_ms),
+            ("slo.e2el_ms", self.slo.e2el_ms),
+        ];
+        for (field, value) in slo {
+            if let Some(v) = value
+                && !(v.is_finite() && v > 0.0 && v < 1e12)
+            {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: format!("must be a positive number of milliseconds, got {v}"),
+                });
+            }
+        }
+        if self.proxy.max_request_body_bytes == 0 {
+            return Err(ConfigError::Invalid {
+                field: "proxy.max_request_body_bytes",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        let buckets = [
+            ("telemetry.buckets.ttft", &self.telemetry.buckets.ttft),
+            ("telemetry.buckets.itl", &self.telemetry.buckets.itl),
+            ("telemetry.buckets.tpot", &self.telemetry.buckets.tpot),
+            ("telemetry.buckets.e2el", &self.telemetry.buckets.e2el),
+            ("telemetry.buckets.tokens", &self.telemetry.buckets.tokens),
+        ];
+        for (field, list) in buckets {
+            if let Some(list) = list {
+                let increasing = list.windows(2).all(|w| w[0] < w[1]);
+                if list.is_empty() || !increasing || list.iter().any(|b| !b.is_finite()) {
+                    return Err(ConfigError::Invalid {
+                        field,
+                        reason: "must be a non-empty list of finite, strictly increasing numbers"
+                            .to_owned(),
+                    });
+                }
+            }
+        }
+        if let Some(ca) = &self.upstream.ca_file
+            && !ca.is_file()
+        {
+            return Err(ConfigError::Invalid {
+                field: "upstream.ca_file",
+                reason: format!("{} is not a readable file", ca.display()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Seconds from a validated config field.
+pub(crate) fn secs(value: f64) -> Duration {
+    Duration::from_secs_f64(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_documented_default() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.admin_listen.unwrap().to_string(), "127.0.0.1:9464");
+        assert_eq!(c.upstream.url, "http://127.0.0.1:8000");
+    }
+
+    #[test]
+    fn shipped_example_file_parses_to_the_defaults() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tokentap.toml"))
+                .unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = Config::parse("[upstream]\nurll = \"http://x\"\n").unwrap_err();
+        assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        for (text, field) in [
+            ("[upstream]\nurl = \"ftp://x\"", "upstream.url"),
+            ("[upstream]\nurl = \"http://x/v1\"", "upstream.url"),
+            (
+                "[upstream]\nidle_timeout_secs = 0",
+                "upstream.idle_timeout_secs",
+            ),
+            ("[slo]\nttft_ms = -1", "slo.ttft_ms"),
+            (
+                "[telemetry.buckets]\nitl = [0.2, 0.1]",
+                "telemetry.buckets.itl",
+            ),
+            (
+                "[proxy]\nmax_request_body_bytes = 0",
+                "proxy.max_request_body_bytes",
+            ),
+            (
+                "[upstream]\nca_file = \"/nonexistent.pem\"",
+                "upstream.ca_file",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err();
+            assert!(err.to_string().contains(field), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn slo_in_milliseconds() {
+        let c = Config::parse("[slo]\nttft_ms = 250\ntpot_ms = 12.5\n").unwrap();
+        let slo = c.slo.slo();
+        assert_eq!(slo.ttft, Some(Duration::from_millis(250)));
+        assert_eq!(slo.tpot, Some(Duration::from_micros(12_500)));
+        assert_eq!(slo.e2el, None);
+    }
+}

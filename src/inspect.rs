@@ -1,0 +1,265 @@
+//! What a request is: its endpoint, and for chat/completions the body fields telemetry needs.
+//!
+//! Inspection never makes the proxy stricter than the upstream: a body that is not JSON, or
+//! whose fields have unexpected types, is forwarded unchanged and only labelled `none`.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::Method;
+use serde::Deserialize;
+
+/// The API a request is for, the `endpoint` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/embeddings`.
+    Embeddings,
+    /// `/v1/models`.
+    Models,
+    /// Anything else.
+    Other,
+}
+
+impl Endpoint {
+    /// Classifies a request path (the query is not part of it).
+    pub fn from_path(path: &str) -> Endpoint {
+        match path.trim_end_matches('/') {
+            "/v1/chat/completions" => Endpoint::Chat,
+            "/v1/completions" => Endpoint::Completions,
+            "/v1/embeddings" => Endpoint::Embeddings,
+            "/v1/models" => Endpoint::Models,
+            _ => Endpoint::Other,
+        }
+    }
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Models => "models",
+            Endpoint::Other => "other",
+        }
+    }
+
+    /// Chat or completions: the endpoints that generate tokens.
+    pub fn is_generation(self) -> bool {
+        matches!(self, Endpoint::Chat | Endpoint::Completions)
+    }
+
+    /// Whether a request to this endpoint with this method has its body read and inspected.
+    pub fn inspects_body(self, method: &Method) -> bool {
+        self.is_generation() && method == Method::POST
+    }
+}
+
+/// What the body of a chat/completions request says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// The body was a JSON object with fields of the expected types.
+    pub parsed: bool,
+    /// `model`.
+    pub model: Option<String>,
+    /// `stream`.
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// `stream_options.continuous_usage_stats` (vLLM).
+    pub continuous_usage: bool,
+    /// The body has a `stream_options` key (of any value).
+    pub has_stream_options: bool,
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub max_tokens: Option<u64>,
+    /// `n` (1 when absent).
+    pub n: u32,
+}
+
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(borrow, default)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    /// Absent: `None`; `null`: `Some(None)`.
+    #[serde(default, deserialize_with = "present")]
+    stream_options: Option<Option<StreamOptions>>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+    #[serde(default)]
+    continuous_usage_stats: Option<bool>,
+}
+
+/// Reads the fields telemetry needs from a request body.
+pub fn inspect(body: &[u8]) -> RequestInfo {
+    let Ok(b) = serde_json::from_slice::<Body<'_>>(body) else {
+        return RequestInfo {
+            n: 1,
+            ..RequestInfo::default()
+        };
+    };
+    let has_stream_options = b.stream_options.is_some();
+    let so = b.stream_options.as_ref().and_then(Option::as_ref);
+    RequestInfo {
+        parsed: true,
+        model: b.model.map(|m| m.into_owned()),
+        stream: b.stream.unwrap_or(false),
+        include_usage: so.and_then(|s| s.include_usage).unwrap_or(false),
+        continuous_usage: so.and_then(|s| s.continuous_usage_stats).unwrap_or(false),
+        has_stream_options,
+        max_tokens: b.max_completion_tokens.or(b.max_tokens),
+        n: b.n.unwrap_or(1),
+    }
+}
+
+/// Deserializes a field that is present (even as `null`) into `Some`.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+impl RequestInfo {
+    /// Whether the proxy should ask the upstream for usage on the client's behalf: a stream
+    /// that did not ask for usage itself. A client that asked for continuous usage without
+    /// `include_usage` is left alone (adding it would change every chunk it receives).
+    pub fn wants_usage_injection(&self) -> bool {
+        self.parsed && self.stream && !self.include_usage && !self.continuous_usage
+    }
+}
+
+/// Returns the body with `"stream_options": {"include_usage": true}` added, or `None` when it
+/// cannot be done without changing anything else. A body without `stream_options` gets the key
+/// spliced in after its opening brace, every other byte unchanged.
+pub fn inject_usage(body: &[u8], info: &RequestInfo) -> Option<Bytes> {
+    if !info.wants_usage_injection() {
+        return None;
+    }
+    if info.has_stream_options {
+        // stream_options is there but without include_usage: set it inside the object.
+        let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let obj = value.as_object_mut()?;
+        let so = obj
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        if so.is_null() {
+            *so = serde_json::Value::Object(Default::default());
+        }
+        so.as_object_mut()?
+            .insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+        return serde_json::to_vec(&value).ok().map(Bytes::from);
+    }
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    let empty = body[open + 1..]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'}');
+    const KEY: &[u8] = br#""stream_options":{"include_usage":true}"#;
+    let mut out = BytesMut::with_capacity(body.len() + KEY.len() + 1);
+    out.put_slice(&body[..=open]);
+    out.put_slice(KEY);
+    if !empty {
+        out.put_u8(b',');
+    }
+    out.put_slice(&body[open + 1..]);
+    Some(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(Endpoint::from_path("/v1/chat/completions"), Endpoint::Chat);
+        assert_eq!(
+            Endpoint::from_path("/v1/completions/"),
+            Endpoint::Completions
+        );
+        assert_eq!(Endpoint::from_path("/v1/embeddings"), Endpoint::Embeddings);
+        assert_eq!(Endpoint::from_path("/v1/models"), Endpoint::Models);
+        assert_eq!(Endpoint::from_path("/health"), Endpoint::Other);
+        assert!(Endpoint::Chat.inspects_body(&Method::POST));
+        assert!(!Endpoint::Chat.inspects_body(&Method::GET));
+        assert!(!Endpoint::Embeddings.inspects_body(&Method::POST));
+    }
+
+    #[test]
+    fn reads_the_fields() {
+        let i = inspect(
+            br#"{"model":"m\u00e9","messages":[],"stream":true,"max_tokens":5,"max_completion_tokens":7,"n":2,"stream_options":{"continuous_usage_stats":true}}"#,
+        );
+        assert!(i.parsed);
+        assert_eq!(i.model.as_deref(), Some("m\u{e9}"));
+        assert!(i.stream);
+        assert!(!i.include_usage);
+        assert!(i.continuous_usage);
+        assert!(i.has_stream_options);
+        assert_eq!(i.max_tokens, Some(7));
+        assert_eq!(i.n, 2);
+        assert!(!i.wants_usage_injection());
+    }
+
+    #[test]
+    fn malformed_bodies_are_not_parsed() {
+        for body in [&b"{not json"[..], b"[1,2]", b"{\"stream\":\"yes\"}", b""] {
+            let i = inspect(body);
+            assert!(!i.parsed);
+            assert!(inject_usage(body, &i).is_none());
+        }
+    }
+
+    #[test]
+    fn splices_stream_options_without_touching_other_bytes() {
+        let body = b" {\n  \"model\": \"m\", \"stream\": true }";
+        let out = inject_usage(body, &inspect(body)).unwrap();
+        assert_eq!(
+            &out[..],
+            &b" {\"stream_options\":{\"include_usage\":true},\n  \"model\": \"m\", \"stream\": true }"[..]
+        );
+        let i = inspect(&out);
+        assert!(i.include_usage && i.stream);
+    }
+
+    #[test]
+    fn sets_include_usage_inside_existing_options() {
+        for body in [
+            &br#"{"stream":true,"stream_options":{"include_usage":false}}"#[..],
+            br#"{"stream":true,"stream_options":null}"#,
+            br#"{"stream":true,"stream_options":{}}"#,
+        ] {
+            let out = inject_usage(body, &inspect(body)).unwrap();
+            assert!(
+                inspect(&out).include_usage,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn no_injection_when_not_needed() {
+        for body in [
+            &br#"{"stream":false}"#[..],
+            br#"{"model":"m"}"#,
+            br#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+        ] {
+            assert!(inject_usage(body, &inspect(body)).is_none());
+        }
+    }
+}

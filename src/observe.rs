@@ -1,0 +1,483 @@
+//! The response body wrapper: it times each frame as it is handed to the client, feeds SSE
+//! events to the latency state machine, and reports the request exactly once when it ends —
+//! at the end of the body, on an upstream error or idle timeout, or when the client goes away
+//! and the body is dropped.
+//!
+//! Frames are passed on as they are. The one exception is the usage-only event the proxy asked
+//! for on the client's behalf: it is cut out, and so that it can be, bytes of an event that is
+//! not yet complete are held until its blank line arrives (a client cannot act on half an event,
+//! so this delays nothing it can see).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use crate::latency::{Latency, Observation};
+use crate::sse::{EventKind, SseParser, Usage};
+use crate::telemetry::{Finished, Outcome, RouteMetrics, Telemetry};
+
+/// Boxed error of proxied bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Largest non-streaming body kept (by reference, not copied) to read `usage` from at the end.
+const MAX_JSON_USAGE_BODY: usize = 4 * 1024 * 1024;
+
+/// How the response body is looked at.
+#[derive(Debug)]
+enum Mode {
+    /// `text/event-stream`: parse events; `strip` removes usage-only events.
+    Sse {
+        parser: SseParser,
+        strip: bool,
+        /// Bytes of an incomplete event held back (strip mode only).
+        pending: BytesMut,
+        /// (end offset, cut out) of the events of the current frame; reused.
+        ends: Vec<(usize, bool)>,
+    },
+    /// A JSON body of a generation request: kept to read `usage` from when it ends.
+    Json { frames: Vec<Bytes>, len: usize },
+    /// Anything else: only the time of the last byte matters.
+    Opaque,
+}
+
+/// How a body ended, before it is turned into an [`Outcome`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The upstream body ended normally.
+    Complete,
+    /// The upstream body failed mid-way.
+    UpstreamError,
+    /// No frame arrived within the idle timeout.
+    IdleTimeout,
+    /// The client went away (the body was dropped before its end).
+    Dropped,
+}
+
+/// Per-request telemetry state, created when the request arrives and consumed by
+/// [`Recorder::finish`] exactly once.
+#[derive(Debug)]
+pub struct Recorder {
+    telemetry: Arc<Telemetry>,
+    route: Arc<RouteMetrics>,
+    request_id: Box<str>,
+    latency: Latency,
+    status: u16,
+    mode: Mode,
+}
+
+impl Recorder {
+    /// Starts recording a request that arrived at `t0`; counts it in flight until `finish`.
+    pub fn new(
+        telemetry: Arc<Telemetry>,
+        route: Arc<RouteMetrics>,
+        request_id: Box<str>,
+        t0: Instant,
+    ) -> Self {
+        route.in_flight.increment(1.0);
+        Recorder {
+            telemetry,
+            route,
+            request_id,
+            latency: Latency::new(t0),
+            status: 0,
+            mode: Mode::Opaque,
+        }
+    }
+
+    /// The (model, endpoint) metrics of this request.
+    pub fn route(&self) -> &RouteMetrics {
+        &self.route
+    }
+
+    /// Called when the upstream's response head arrives: records the header time and decides
+    /// how the body will be read.
+    pub fn on_head(&mut self, status: u16, sse: bool, json: bool, strip_usage: bool, now: Instant) {
+        self.status = status;
+        self.route
+            .header_time
+            .record((now - self.latency.t0()).as_secs_f64());
+        let ok = (200..300).contains(&status);
+        self.mode = if ok && sse {
+            Mode::Sse {
+                parser: SseParser::new(),
+                strip: strip_usage,
+                pending: BytesMut::new(),
+                ends: Vec::new(),
+            }
+        } else if ok && json && self.route.endpoint.is_generation() {
+            Mode::Json {
+                frames: Vec::new(),
+                len: 0,
+            }
+        } else {
+            Mode::Opaque
+        };
+    }
+
+    /// True when bytes may be held back (usage stripping), so the body length is not known.
+    fn strips(&self) -> bool {
+        matches!(self.mode, Mode::Sse { strip: true, .. })
+    }
+
+    /// Takes a data frame that arrives at `now` and returns the bytes to hand to the client now
+    /// (the frame itself, except when usage stripping holds or cuts bytes).
+    pub fn on_data(&mut self, data: Bytes, now: Instant) -> Bytes {
+        self.latency.on_bytes(now);
+        let route = &*self.route;
+        let latency = &mut self.latency;
+        match &mut self.mode {
+            Mode::Opaque => data,
+            Mode::Json { frames, len } => {
+                if *len + data.len() <= MAX_JSON_USAGE_BODY {
+                    *len += data.len();
+                    frames.push(data.clone());
+                } else {
+                    frames.clear();
+                    *len = usize::MAX / 2;
+                }
+                data
+            }
+            Mode::Sse {
+                parser,
+                strip,
+                pending,
+                ends,
+            } => {
+                let strip = *strip;
+                ends.clear();
+                parser.feed(&data, |event| {
+                    latency.on_event(event, now, |o| observe(route, o));
+                    if strip {
+                        ends.push((event.end, event.kind == EventKind::Usage));
+                    }
+                });
+                if strip {
+                    cut_usage(data, ends, pending)
+                } else {
+                    data
+                }
+            }
+        }
+    }
+
+    /// Bytes held back at the end of the stream (an incomplete last event), to be forwarded.
+    pub fn take_pending(&mut self) -> Bytes {
+        match &mut self.mode {
+            Mode::Sse { pending, .. } => pending.split().freeze(),
+            _ => Bytes::new(),
+        }
+    }
+
+    /// Reports a request that ended without a response body from the upstream (the proxy
+    /// answered it itself with `status`).
+    pub fn finish_without_body(mut self, outcome: Outcome, status: u16, now: Instant) {
+        self.status = status;
+        self.report(outcome, now);
+    }
+
+    /// Reports the request: called once, when the body ends, fails or is dropped.
+    pub fn finish(mut self, ending: Ending, now: Instant) {
+        let outcome = match ending {
+            Ending::Complete if self.status >= 400 => Outcome::UpstreamStatus,
+            Ending::Complete if self.latency.inband_error() => Outcome::InbandError,
+            Ending::Complete => Outcome::Ok,
+            Ending::UpstreamError => Outcome::UpstreamDisconnect,
+            Ending::IdleTimeout => Outcome::UpstreamTimeout,
+            Ending::Dropped => Outcome::ClientDisconnect,
+        };
+        match std::mem::replace(&mut self.mode, Mode::Opaque) {
+            Mode::Json { frames, len } if len <= MAX_JSON_USAGE_BODY => {
+                if let Some(usage) = json_usage(&frames, len) {
+                    self.latency.on_usage(usage);
+                }
+            }
+            Mode::Sse { parser, .. } if parser.has_partial_event() => {
+                // A stream that ended inside an event: noted as malformed.
+                self.route.unrecognized.increment(1);
+            }
+            _ => {}
+        }
+        self.report(outcome, now);
+    }
+
+    fn report(self, outcome: Outcome, now: Instant) {
+        self.route.in_flight.decrement(1.0);
+        if self.status != 0 && self.status < 500 {
+            self.telemetry.upstream.mark();
+        }
+        let figures = self.latency.figures(now);
+        self.telemetry.record(&Finished {
+            request_id: &self.request_id,
+            route: &self.route,
+            status: self.status,
+            outcome,
+            figures: &figures,
+            stream: figures.chunks > 0,
+        });
+    }
+}
+
+/// Records a figure the moment it is known.
+fn observe(route: &RouteMetrics, o: Observation) {
+    match o {
+        Observation::FirstToken(d) => route.ttft.record(d.as_secs_f64()),
+        Observation::FirstContent(d) => route.ttfc.record(d.as_secs_f64()),
+        Observation::Itl(d) => route.itl.record(d.as_secs_f64()),
+        Observation::TokensPerChunk(n) => route.tokens_per_chunk.record(n as f64),
+    }
+}
+
+/// Returns the bytes of `frame` that complete events, without the events marked in `ends`,
+/// preceded by the held-back `pending` bytes; what is left of `frame` becomes `pending`.
+fn cut_usage(frame: Bytes, ends: &[(usize, bool)], pending: &mut BytesMut) -> Bytes {
+    let Some(&(last_end, _)) = ends.last() else {
+        pending.extend_from_slice(&frame);
+        return Bytes::new();
+    };
+    let mut out: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut push = |b: Bytes| {
+        if b.is_empty() {
+            return;
+        }
+        match (&mut out, &mut joined) {
+            (None, None) => out = Some(b),
+            (Some(first), None) => {
+                let mut j = BytesMut::with_capacity(first.len() + b.len());
+                j.extend_from_slice(first);
+                j.extend_from_slice(&b);
+                joined = Some(j);
+            }
+            (_, Some(j)) => j.extend_from_slice(&b),
+        }
+    };
+    let mut start = 0;
+    let mut run_start = 0;
+    for (i, &(end, cut)) in ends.iter().enumerate() {
+        if cut {
+            if i == 0 {
+                pending.clear();
+            } else if start > run_start {
+                push(frame.slice(run_start..start));
+            }
+            run_start = end;
+        } else if i == 0 && !pending.is_empty() {
+            push(pending.split().freeze());
+        }
+        start = end;
+    }
+    if last_end > run_start {
+        push(frame.slice(run_start..last_end));
+    }
+    pending.extend_from_slice(&frame[last_end..]);
+    match (joined, out) {
+        (Some(j), _) => j.freeze(),
+        (None, Some(b)) => b,
+        (None, None) => Bytes::new(),
+    }
+}
+
+/// `usage` of a complete non-streaming JSON body.
+fn json_usage(frames: &[Bytes], len: usize) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct WithUsage {
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    let parsed: WithUsage = match frames {
+        [one] => serde_json::from_slice(one).ok()?,
+        _ => {
+            let mut all = Vec::with_capacity(len);
+            frames.iter().for_each(|f| all.extend_from_slice(f));
+            serde_json::from_slice(&all).ok()?
+        }
+    };
+    parsed.usage
+}
+
+/// Error returned to the server when the upstream went silent for too long mid-body.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream sent nothing for {0:?}; stream cut")]
+pub struct IdleTimeout(pub Duration);
+
+pin_project! {
+    /// Wraps the upstream response body; see the module documentation.
+    pub struct TimedBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        idle: Sleep,
+        idle_timeout: Duration,
+        deadline: Instant,
+        recorder: Option<Box<Recorder>>,
+        strips: bool,
+        upstream_done: bool,
+    }
+
+    impl<B> PinnedDrop for TimedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(recorder) = this.project().recorder.take() {
+                recorder.finish(Ending::Dropped, Instant::now());
+            }
+        }
+    }
+}
+
+impl<B> TimedBody<B> {
+    /// Wraps `inner`, whose response head was handed to `recorder` at `now`.
+    pub fn new(inner: B, recorder: Recorder, idle_timeout: Duration, now: Instant) -> Self {
+        let deadline = now + idle_timeout;
+        TimedBody {
+            inner,
+            idle: tokio::time::sleep_until(deadline),
+            idle_timeout,
+            deadline,
+            strips: recorder.strips(),
+            recorder: Some(Box::new(recorder)),
+            upstream_done: false,
+        }
+    }
+}
+
+impl<B> Body for TimedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        loop {
+            if *this.upstream_done {
+                if let Some(recorder) = this.recorder.take() {
+                    recorder.finish(Ending::Complete, Instant::now());
+                }
+                return Poll::Ready(None);
+            }
+            let polled = this.inner.as_mut().poll_frame(cx);
+            let frame = match polled {
+                Poll::Pending => {
+                    if this.idle.deadline() != *this.deadline {
+                        this.idle.as_mut().reset(*this.deadline);
+                    }
+                    ready!(this.idle.as_mut().poll(cx));
+                    if let Some(recorder) = this.recorder.take() {
+                        recorder.finish(Ending::IdleTimeout, Instant::now());
+                    }
+                    return Poll::Ready(Some(Err(IdleTimeout(*this.idle_timeout).into())));
+                }
+                Poll::Ready(None) => {
+                    *this.upstream_done = true;
+                    let rest = this
+                        .recorder
+                        .as_mut()
+                        .map(|r| r.take_pending())
+                        .unwrap_or_default();
+                    if rest.is_empty() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    if let Some(recorder) = this.recorder.take() {
+                        recorder.finish(Ending::UpstreamError, Instant::now());
+                    }
+                    return Poll::Ready(Some(Err(error.into())));
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            let now = Instant::now();
+            *this.deadline = now + *this.idle_timeout;
+            let frame = match (frame.into_data(), this.recorder.as_mut()) {
+                (Ok(data), Some(recorder)) => {
+                    let out = recorder.on_data(data, now);
+                    if out.is_empty() && *this.strips {
+                        // Everything was held back or cut: nothing to hand on yet.
+                        continue;
+                    }
+                    Frame::data(out)
+                }
+                (Ok(data), None) => Frame::data(data),
+                (Err(trailers), _) => trailers,
+            };
+            if this.inner.is_end_stream() && !*this.strips {
+                // The consumer may not poll again after the last frame: report now.
+                *this.upstream_done = true;
+                if let Some(recorder) = this.recorder.take() {
+                    recorder.finish(Ending::Complete, now);
+                }
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.upstream_done && self.recorder.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.strips {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut(frames: &[&str]) -> String {
+        let mut parser = SseParser::new();
+        let mut pending = BytesMut::new();
+        let mut out = Vec::new();
+        for f in frames {
+            let mut ends = Vec::new();
+            parser.feed(f.as_bytes(), |e| {
+                ends.push((e.end, e.kind == EventKind::Usage))
+            });
+            out.extend_from_slice(&cut_usage(
+                Bytes::copy_from_slice(f.as_bytes()),
+                &ends,
+                &mut pending,
+            ));
+        }
+        out.extend_from_slice(&pending);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn usage_event_is_cut_at_every_split() {
+        let tok = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n";
+        let usage =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n";
+        let done = "data: [DONE]\n\n";
+        let stream = format!("{tok}{tok}{usage}{done}");
+        let want = format!("{tok}{tok}{done}");
+        assert_eq!(cut(&[&stream]), want);
+        for a in 0..=stream.len() {
+            for b in a..=stream.len() {
+                let got = cut(&[&stream[..a], &stream[a..b], &stream[b..]]);
+                assert_eq!(got, want, "splits at {a} and {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_without_blank_line_are_kept() {
+        let s = "data: [DONE]\n\ndata: partial";
+        assert_eq!(cut(&[s]), s);
+    }
+}

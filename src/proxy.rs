@@ -1,0 +1,533 @@
+//! Forwarding: rewrite the request to the upstream, keep headers clean, send it on a pooled
+//! connection, and turn upstream failures into OpenAI-style error responses.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+use crate::config::{Config, secs};
+use crate::inspect::{self, Endpoint, RequestInfo};
+use crate::observe::{BoxError, Recorder, TimedBody};
+use crate::telemetry::{Outcome, Telemetry};
+
+/// Body sent upstream: the inspected (maybe rewritten) body, or the client's, streamed.
+pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
+
+/// The pooled client used for the upstream.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+pin_project! {
+    /// The body of a response the proxy sends to a client.
+    #[project = ProxyBodyProj]
+    // pin-project-lite cannot carry doc comments on enum fields; each `body` is the variant's body.
+    #[allow(missing_docs)]
+    pub enum ProxyBody {
+        /// An upstream body, timed and reported.
+        Timed { #[pin] body: TimedBody<Incoming> },
+        /// An upstream body passed through untouched (telemetry off).
+        Plain { #[pin] body: Incoming },
+        /// A body the proxy wrote itself (errors).
+        Full { #[pin] body: Full<Bytes> },
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            ProxyBodyProj::Timed { body } => body.poll_frame(cx),
+            ProxyBodyProj::Plain { body } => body.poll_frame(cx).map_err(Into::into),
+            ProxyBodyProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Timed { body } => body.is_end_stream(),
+            ProxyBody::Plain { body } => body.is_end_stream(),
+            ProxyBody::Full { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Timed { body } => body.size_hint(),
+            ProxyBody::Plain { body } => body.size_hint(),
+            ProxyBody::Full { body } => body.size_hint(),
+        }
+    }
+}
+
+/// A proxy that cannot be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// `upstream.ca_file` could not be read as PEM certificates.
+    #[error("upstream.ca_file {path}: {reason}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// `upstream.url` is not usable.
+    #[error("upstream.url: {0}")]
+    Url(String),
+}
+
+/// The forwarding half of `tokentap serve`, shared by all connections.
+#[derive(Debug)]
+pub struct Proxy {
+    client: UpstreamClient,
+    scheme: Scheme,
+    authority: Authority,
+    telemetry: Arc<Telemetry>,
+    max_body: usize,
+    inject_usage: bool,
+    x_forwarded: bool,
+    telemetry_enabled: bool,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    next_id: AtomicU64,
+}
+
+/// Builds the pooled HTTP/1.1 client for `http://` and `https://` upstreams (rustls with the
+/// system roots plus `upstream.ca_file`).
+pub fn build_client(config: &Config) -> Result<UpstreamClient, BuildError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = &config.upstream.ca_file {
+        use rustls_pki_types::pem::PemObject;
+        let ca_err = |reason: String| BuildError::CaFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| ca_err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ca_err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ca_err("no certificate in the file".to_owned()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| BuildError::Url(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(secs(config.upstream.connect_timeout_secs)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(secs(config.upstream.pool_idle_timeout_secs))
+        .pool_max_idle_per_host(config.upstream.pool_max_idle)
+        .build(https))
+}
+
+impl Proxy {
+    /// Builds the proxy for a validated configuration.
+    pub fn new(config: &Config, telemetry: Arc<Telemetry>) -> Result<Proxy, BuildError> {
+        let uri: Uri = config
+            .upstream
+            .url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| BuildError::Url(e.to_string()))?;
+        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
+        else {
+            return Err(BuildError::Url("needs a scheme and a host".to_owned()));
+        };
+        Ok(Proxy {
+            client: build_client(config)?,
+            scheme,
+            authority,
+            telemetry,
+            max_body: config.proxy.max_request_body_bytes,
+            inject_usage: config.proxy.inject_usage,
+            x_forwarded: config.proxy.x_forwarded,
+            telemetry_enabled: config.proxy.telemetry_enabled,
+            header_timeout: secs(config.upstream.response_header_timeout_secs),
+            idle_timeout: secs(config.upstream.idle_timeout_secs),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// The pooled upstream client (also used to poll `/v1/models`).
+    pub fn client(&self) -> &UpstreamClient {
+        &self.client
+    }
+
+    /// The upstream URI for a path.
+    pub fn upstream_uri(&self, path_and_query: PathAndQuery) -> Uri {
+        Uri::from_parts({
+            let mut p = http::uri::Parts::default();
+            p.scheme = Some(self.scheme.clone());
+            p.authority = Some(self.authority.clone());
+            p.path_and_query = Some(path_and_query);
+            p
+        })
+        .expect("scheme, authority and path are all set")
+    }
+
+    /// Proxies one request from the client at `remote`.
+    pub async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<ProxyBody> {
+        let t0 = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let endpoint = Endpoint::from_path(parts.uri.path());
+        let request_id: Box<str> = match parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(id) if id.len() <= 128 => id.into(),
+            _ => format!("tt-{:x}", self.next_id.fetch_add(1, Ordering::Relaxed)).into(),
+        };
+
+        let mut info = RequestInfo {
+            n: 1,
+            ..RequestInfo::default()
+        };
+        let mut injected = false;
+        let body: UpstreamBody = if self.telemetry_enabled && endpoint.inspects_body(&parts.method)
+        {
+            match Limited::new(body, self.max_body).collect().await {
+                Ok(collected) => {
+                    let mut bytes = collected.to_bytes();
+                    info = inspect::inspect(&bytes);
+                    if self.inject_usage
+                        && let Some(rewritten) = inspect::inject_usage(&bytes, &info)
+                    {
+                        bytes = rewritten;
+                        injected = true;
+                        parts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                    }
+                    Either::Left(Full::new(bytes))
+                }
+                Err(error) => {
+                    let recorder = self.recorder(&info, endpoint, request_id, t0);
+                    let too_large = error
+                        .downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some();
+                    let (status, outcome, message) = if too_large {
+                        (
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            Outcome::Rejected,
+                            format!(
+                                "request body exceeds proxy.max_request_body_bytes ({} bytes)",
+                                self.max_body
+                            ),
+                        )
+                    } else {
+                        (
+                            StatusCode::BAD_REQUEST,
+                            Outcome::ClientDisconnect,
+                            format!("could not read the request body: {error}"),
+                        )
+                    };
+                    recorder.finish_without_body(outcome, status.as_u16(), Instant::now());
+                    return error_response(status, "invalid_request_error", &message);
+                }
+            }
+        } else {
+            Either::Right(body)
+        };
+
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        if self.x_forwarded {
+            add_forwarded(&mut parts.headers, remote);
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = self.upstream_uri(pq);
+        parts.version = http::Version::HTTP_11;
+        let upstream_req = Request::from_parts(parts, body);
+
+        let recorder = self
+            .telemetry_enabled
+            .then(|| self.recorder(&info, endpoint, request_id, t0));
+        let sent =
+            tokio::time::timeout(self.header_timeout, self.client.request(upstream_req)).await;
+        let now = Instant::now();
+        let response = match sent {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                let (status, outcome, kind) = classify_client_error(&error);
+                tracing::warn!(error = %error_chain(&error), outcome = outcome.as_str(), "upstream request failed");
+                if let Some(recorder) = recorder {
+                    recorder.finish_without_body(outcome, status.as_u16(), now);
+                }
+                let message = format!(
+                    "upstream {}://{}: {}",
+                    self.scheme,
+                    self.authority,
+                    error_chain(&error)
+                );
+                return error_response(status, kind, &message);
+            }
+            Err(_elapsed) => {
+                if let Some(recorder) = recorder {
+                    recorder.finish_without_body(Outcome::UpstreamTimeout, 504, now);
+                }
+                let message = format!(
+                    "upstream sent no response head within {:?} (upstream.response_header_timeout_secs)",
+                    self.header_timeout
+                );
+                return error_response(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", &message);
+            }
+        };
+
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let Some(mut recorder) = recorder else {
+            return Response::from_parts(parts, ProxyBody::Plain { body });
+        };
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let sse = content_type.starts_with("text/event-stream");
+        let json = content_type.starts_with("application/json");
+        let strip = injected && sse;
+        if strip {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        recorder.on_head(parts.status.as_u16(), sse, json, strip, now);
+        let body = TimedBody::new(body, recorder, self.idle_timeout, now);
+        Response::from_parts(parts, ProxyBody::Timed { body })
+    }
+
+    fn recorder(
+        &self,
+        info: &RequestInfo,
+        endpoint: Endpoint,
+        request_id: Box<str>,
+        t0: Instant,
+    ) -> Recorder {
+        let model = self.telemetry.models.label(info.model.as_deref());
+        let route = self.telemetry.route(model, endpoint);
+        Recorder::new(self.telemetry.clone(), route, request_id, t0)
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and the nonstandard ones proxies also drop.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers and every header the `Connection` header names. `Upgrade` is
+/// removed too: the proxy does not tunnel protocol upgrades.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+fn add_forwarded(headers: &mut HeaderMap, remote: SocketAddr) {
+    let ip = remote.ip().to_string();
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(xff, value);
+    }
+    headers
+        .entry(HeaderName::from_static("x-forwarded-proto"))
+        .or_insert(HeaderValue::from_static("http"));
+}
+
+fn classify_client_error(
+    error: &hyper_util::client::legacy::Error,
+) -> (StatusCode, Outcome, &'static str) {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    let mut timed_out = false;
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            timed_out = true;
+        }
+        if e.to_string().contains("timed out") || e.to_string().contains("timeout") {
+            timed_out = true;
+        }
+        source = e.source();
+    }
+    if timed_out {
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            Outcome::UpstreamTimeout,
+            "upstream_timeout",
+        )
+    } else if error.is_connect() {
+        (
+            StatusCode::BAD_GATEWAY,
+            Outcome::ConnectError,
+            "upstream_connect_error",
+        )
+    } else {
+        (
+            StatusCode::BAD_GATEWAY,
+            Outcome::UpstreamDisconnect,
+            "upstream_disconnect",
+        )
+    }
+}
+
+/// An error and its sources, joined with ": ".
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        source = e.source();
+    }
+    out
+}
+
+/// An OpenAI-style error response: `{"error": {"message", "type", "param", "code"}}`.
+pub fn error_response(status: StatusCode, kind: &str, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": {
+            "message": format!("tokentap: {message}"),
+            "type": kind,
+            "param": null,
+            "code": status.as_u16(),
+        }
+    });
+    let mut response = Response::new(ProxyBody::Full {
+        body: Full::new(Bytes::from(body.to_string())),
+    });
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_named_ones_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["traceparent", "authorization"]);
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        add_forwarded(&mut h, "127.0.0.2:5000".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn error_body_is_openai_shaped() {
+        let r = error_response(StatusCode::BAD_GATEWAY, "upstream_connect_error", "refused");
+        assert_eq!(r.status(), 502);
+        let ProxyBody::Full { body } = r.into_body() else {
+            panic!("a proxy-written body")
+        };
+        let bytes = futures_lite_collect(body);
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["error"]["code"], 502);
+        assert_eq!(v["error"]["type"], "upstream_connect_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("refused"));
+    }
+
+    fn futures_lite_collect(body: Full<Bytes>) -> Bytes {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            body.collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default()
+        })
+    }
+}
