@@ -252,7 +252,7 @@ pub(crate) struct FullResponse<'a> {
 }
 
 impl FullResponse<'_> {
-    pub fn to_json(self) -> Vec<u8> {
+    pub fn into_json(self) -> Vec<u8> {
         let result = match self.endpoint {
             Endpoint::Chat => serde_json::to_vec(&ChatResponse {
                 id: self.id,

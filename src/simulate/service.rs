@@ -395,7 +395,7 @@ async fn generate(
         finish: &plan.finish,
         usage: Usage::new(u64::from(plan.prompt_tokens), completion),
     }
-    .to_json();
+    .into_json();
     Ok(json(StatusCode::OK, body))
 }
 
