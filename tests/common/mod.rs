@@ -1,0 +1,167 @@
+//! Helpers shared by the integration tests: an in-process simulator and proxy on
+//! `127.0.0.1:0`, a plain HTTP client, and a small Prometheus text parser.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokentap::config::Config;
+use tokentap::simulate::{SimConfig, Simulator};
+
+pub const MODEL: &str = "Qwen/Qwen2.5-7B-Instruct";
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A simulator with exact timings: TTFT `ttft_ms`, one token every `itl_ms`, no jitter, no
+/// slowdown with concurrency, and a fixed seed.
+pub fn exact_sim(ttft_ms: f64, itl_ms: f64) -> SimConfig {
+    let mut c = SimConfig::default();
+    c.seed = Some(7);
+    c.timing.ttft_base_ms = ttft_ms;
+    c.timing.prefill_ms_per_1k_tokens = 0.0;
+    c.timing.itl_ms = itl_ms;
+    c.timing.jitter = 0.0;
+    c.timing.slowdown_per_seq = 0.0;
+    c
+}
+
+pub async fn sim(config: SimConfig) -> Simulator {
+    Simulator::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("simulator starts")
+}
+
+/// A proxy config in front of `upstream`, on free loopback ports, with `MODEL` as a label.
+pub fn proxy_config(upstream: &str) -> Config {
+    let mut c = Config::default();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    c.upstream.url = upstream.to_owned();
+    c.telemetry.models = vec![MODEL.to_owned()];
+    c.telemetry.access_log = false;
+    c.proxy.shutdown_grace_secs = 1.0;
+    c
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub async fn send(
+    client: &TestClient,
+    method: Method,
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    if !body.is_empty() {
+        req = req.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+    let resp = client.request(req).await.expect("request is answered");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body arrives whole").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn post(client: &TestClient, url: &str, body: &str) -> Reply {
+    send(client, Method::POST, url, body, &[]).await
+}
+
+pub async fn scrape(admin: SocketAddr) -> String {
+    let r = send(
+        &client(),
+        Method::GET,
+        &format!("http://{admin}/metrics"),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    String::from_utf8(r.body.to_vec()).unwrap()
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+pub fn samples(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let labels = labels
+            .split("\",")
+            .filter(|s| !s.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once("=\"").unwrap();
+                (k.to_owned(), v.trim_end_matches('"').to_owned())
+            })
+            .collect();
+        out.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value: value.parse().unwrap(),
+        });
+    }
+    out
+}
+
+/// The sum of every sample of `name` whose labels include all of `want`.
+pub fn value(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    samples(text)
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            want.iter()
+                .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+pub fn chat_body(max_tokens: u32, stream: bool, extra: &str) -> String {
+    format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"Tell me about proxies"}}],"max_tokens":{max_tokens},"stream":{stream}{extra}}}"#
+    )
+}
+
+pub fn completions_body(max_tokens: u32, stream: bool, extra: &str) -> String {
+    format!(
+        r#"{{"model":"{MODEL}","prompt":"Once upon a time","max_tokens":{max_tokens},"stream":{stream}{extra}}}"#
+    )
+}
+
+/// True when a test that needs an external tool must fail rather than skip.
+pub fn require_external() -> bool {
+    std::env::var("TOKENTAP_REQUIRE_EXTERNAL").is_ok_and(|v| v == "1")
+}
