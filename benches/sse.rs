@@ -3,6 +3,9 @@
 //!
 //! Run: `cargo bench --bench sse` (reports bytes/s; events/s is in the `events` group).
 
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use tokentap::latency::Latency;
@@ -16,7 +19,15 @@ fn vllm_stream(tokens: usize) -> Vec<u8> {
         "data: {head}{{\"role\":\"assistant\",\"content\":\"\"}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
     ));
     for i in 0..tokens {
-        let word = ["the", " proxy", " measures", " latency", ",", " token\\n", " by"][i % 7];
+        let word = [
+            "the",
+            " proxy",
+            " measures",
+            " latency",
+            ",",
+            " token\\n",
+            " by",
+        ][i % 7];
         s.push_str(&format!(
             "data: {head}{{\"content\":\"{word}\"}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
         ));
@@ -74,9 +85,11 @@ fn bench(c: &mut Criterion) {
             let mut p = SseParser::new();
             let mut lat = Latency::new(now);
             for f in &frames {
-                p.feed(black_box(f), |e| lat.on_event(e, now, |o| {
-                    black_box(o);
-                }));
+                p.feed(black_box(f), |e| {
+                    lat.on_event(e, now, |o| {
+                        black_box(o);
+                    })
+                });
             }
             lat.figures(now)
         })

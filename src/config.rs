@@ -27,6 +27,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Objectives that decide which requests count as goodput.
     pub slo: SloConfig,
+    /// OpenTelemetry tracing (off unless enabled).
+    pub tracing: crate::otel::TracingConfig,
 }
 
 impl Default for Config {
@@ -38,6 +40,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             telemetry: TelemetryConfig::default(),
             slo: SloConfig::default(),
+            tracing: crate::otel::TracingConfig::default(),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod config;
 pub mod inspect;
 pub mod latency;
 pub mod observe;
+pub mod otel;
 pub mod proxy;
 pub mod server;
 pub mod simulate;
@@ -40,6 +41,9 @@ pub enum StartError {
     /// The upstream client could not be built.
     #[error(transparent)]
     Build(#[from] proxy::BuildError),
+    /// The span exporter could not be set up.
+    #[error(transparent)]
+    Tracing(#[from] otel::TracingError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -58,6 +62,18 @@ pub struct Running {
     telemetry: Arc<Telemetry>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+}
+
+fn build_tracer(
+    config: &Config,
+    telemetry: &Telemetry,
+) -> Result<Option<Arc<otel::Tracer>>, StartError> {
+    let upstream: http::Uri = config
+        .upstream
+        .url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| proxy::BuildError::Url(e.to_string()))?;
+    Ok(otel::Tracer::new(&config.tracing, telemetry, &upstream)?.map(Arc::new))
 }
 
 impl Running {
@@ -104,12 +120,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })?;
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let telemetry = Arc::new(Telemetry::new(&config));
-    let proxy = Arc::new(Proxy::new(&config, telemetry.clone())?);
+    let tracer = build_tracer(&config, &telemetry)?;
+    let proxy = Arc::new(Proxy::new(&config, telemetry.clone(), tracer.clone())?);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(
         config,
         proxy,
         telemetry.clone(),
+        tracer,
         listener,
         admin,
         async {
@@ -137,14 +155,15 @@ pub async fn run(
         None => None,
     };
     let telemetry = Arc::new(Telemetry::new(&config));
-    let proxy = Arc::new(Proxy::new(&config, telemetry.clone())?);
+    let tracer = build_tracer(&config, &telemetry)?;
+    let proxy = Arc::new(Proxy::new(&config, telemetry.clone(), tracer.clone())?);
     tracing::info!(
         listen = %config.listen,
         admin = ?config.admin_listen,
         upstream = %config.upstream.url,
         "tokentap serving"
     );
-    serve(config, proxy, telemetry, listener, admin, shutdown).await;
+    serve(config, proxy, telemetry, tracer, listener, admin, shutdown).await;
     Ok(())
 }
 
@@ -158,6 +177,7 @@ async fn serve(
     config: Config,
     proxy: Arc<Proxy>,
     telemetry: Arc<Telemetry>,
+    tracer: Option<Arc<otel::Tracer>>,
     listener: TcpListener,
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -203,6 +223,9 @@ async fn serve(
     server::serve(listener, handler, shutdown, grace, "proxy").await;
     poller.abort();
     upkeep.abort();
+    if let Some(tracer) = tracer {
+        tracer.shutdown().await;
+    }
     let _ = admin_stop.send(());
     if let Some(task) = admin_task {
         let _ = task.await;

@@ -19,6 +19,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::latency::{Latency, Observation};
+use crate::otel::RequestSpan;
 use crate::sse::{EventKind, SseParser, Usage};
 use crate::telemetry::{Finished, Outcome, RouteMetrics, Telemetry};
 
@@ -69,6 +70,9 @@ pub struct Recorder {
     latency: Latency,
     status: u16,
     mode: Mode,
+    span: Option<RequestSpan>,
+    /// The response's id and model have been handed to the span.
+    meta_seen: bool,
 }
 
 impl Recorder {
@@ -78,6 +82,7 @@ impl Recorder {
         route: Arc<RouteMetrics>,
         request_id: Box<str>,
         t0: Instant,
+        span: Option<RequestSpan>,
     ) -> Self {
         route.in_flight.increment(1.0);
         Recorder {
@@ -87,6 +92,8 @@ impl Recorder {
             latency: Latency::new(t0),
             status: 0,
             mode: Mode::Opaque,
+            meta_seen: span.is_none(),
+            span,
         }
     }
 
@@ -99,6 +106,9 @@ impl Recorder {
     /// how the body will be read.
     pub fn on_head(&mut self, status: u16, sse: bool, json: bool, strip_usage: bool, now: Instant) {
         self.status = status;
+        if let Some(span) = &mut self.span {
+            span.on_response_head(status);
+        }
         self.route
             .header_time
             .record((now - self.latency.t0()).as_secs_f64());
@@ -131,6 +141,8 @@ impl Recorder {
         self.latency.on_bytes(now);
         let route = &*self.route;
         let latency = &mut self.latency;
+        let span = &mut self.span;
+        let meta_seen = &mut self.meta_seen;
         match &mut self.mode {
             Mode::Opaque => data,
             Mode::Json { frames, len } => {
@@ -152,7 +164,14 @@ impl Recorder {
                 let strip = *strip;
                 ends.clear();
                 parser.feed(&data, |event| {
-                    latency.on_event(event, now, |o| observe(route, o));
+                    latency.on_event(event, now, |o| observe(route, span, o));
+                    if !*meta_seen
+                        && let (Some(span), Some(id), Some(model)) =
+                            (span.as_mut(), event.id, event.model)
+                    {
+                        span.on_response_meta(id, model);
+                        *meta_seen = true;
+                    }
                     if strip {
                         ends.push((event.end, event.kind == EventKind::Usage));
                     }
@@ -193,8 +212,15 @@ impl Recorder {
         };
         match std::mem::replace(&mut self.mode, Mode::Opaque) {
             Mode::Json { frames, len } if len <= MAX_JSON_USAGE_BODY => {
-                if let Some(usage) = json_usage(&frames, len) {
-                    self.latency.on_usage(usage);
+                if let Some(body) = json_body(&frames, len) {
+                    if let Some(usage) = body.usage {
+                        self.latency.on_usage(usage);
+                    }
+                    if let (Some(span), Some(id), Some(model)) =
+                        (&mut self.span, &body.id, &body.model)
+                    {
+                        span.on_response_meta(id, model);
+                    }
                 }
             }
             Mode::Sse { parser, .. } if parser.has_partial_event() => {
@@ -212,6 +238,9 @@ impl Recorder {
             self.telemetry.upstream.mark();
         }
         let figures = self.latency.figures(now);
+        if let Some(span) = self.span {
+            span.finish(outcome, self.status, &figures);
+        }
         self.telemetry.record(&Finished {
             request_id: &self.request_id,
             route: &self.route,
@@ -224,10 +253,20 @@ impl Recorder {
 }
 
 /// Records a figure the moment it is known.
-fn observe(route: &RouteMetrics, o: Observation) {
+fn observe(route: &RouteMetrics, span: &mut Option<RequestSpan>, o: Observation) {
     match o {
-        Observation::FirstToken(d) => route.ttft.record(d.as_secs_f64()),
-        Observation::FirstContent(d) => route.ttfc.record(d.as_secs_f64()),
+        Observation::FirstToken(d) => {
+            route.ttft.record(d.as_secs_f64());
+            if let Some(span) = span {
+                span.on_first_token(d);
+            }
+        }
+        Observation::FirstContent(d) => {
+            route.ttfc.record(d.as_secs_f64());
+            if let Some(span) = span {
+                span.on_first_content(d);
+            }
+        }
         Observation::Itl(d) => route.itl.record(d.as_secs_f64()),
         Observation::TokensPerChunk(n) => route.tokens_per_chunk.record(n as f64),
     }
@@ -283,14 +322,20 @@ fn cut_usage(frame: Bytes, ends: &[(usize, bool)], pending: &mut BytesMut) -> By
     }
 }
 
-/// `usage` of a complete non-streaming JSON body.
-fn json_usage(frames: &[Bytes], len: usize) -> Option<Usage> {
-    #[derive(serde::Deserialize)]
-    struct WithUsage {
-        #[serde(default)]
-        usage: Option<Usage>,
-    }
-    let parsed: WithUsage = match frames {
+/// The parts of a complete non-streaming JSON body that telemetry reads.
+#[derive(serde::Deserialize)]
+struct JsonBody {
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+/// Reads a complete non-streaming JSON body.
+fn json_body(frames: &[Bytes], len: usize) -> Option<JsonBody> {
+    let parsed: JsonBody = match frames {
         [one] => serde_json::from_slice(one).ok()?,
         _ => {
             let mut all = Vec::with_capacity(len);
@@ -298,7 +343,7 @@ fn json_usage(frames: &[Bytes], len: usize) -> Option<Usage> {
             serde_json::from_slice(&all).ok()?
         }
     };
-    parsed.usage
+    Some(parsed)
 }
 
 /// Error returned to the server when the upstream went silent for too long mid-body.

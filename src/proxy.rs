@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use crate::config::{Config, secs};
 use crate::inspect::{self, Endpoint, RequestInfo};
 use crate::observe::{BoxError, Recorder, TimedBody};
+use crate::otel::{RequestSpan, RequestStart, Tracer};
 use crate::telemetry::{Outcome, Telemetry};
 
 /// Body sent upstream: the inspected (maybe rewritten) body, or the client's, streamed.
@@ -103,6 +104,7 @@ pub struct Proxy {
     scheme: Scheme,
     authority: Authority,
     telemetry: Arc<Telemetry>,
+    tracer: Option<Arc<Tracer>>,
     max_body: usize,
     inject_usage: bool,
     x_forwarded: bool,
@@ -159,7 +161,11 @@ pub fn build_client(config: &Config) -> Result<UpstreamClient, BuildError> {
 
 impl Proxy {
     /// Builds the proxy for a validated configuration.
-    pub fn new(config: &Config, telemetry: Arc<Telemetry>) -> Result<Proxy, BuildError> {
+    pub fn new(
+        config: &Config,
+        telemetry: Arc<Telemetry>,
+        tracer: Option<Arc<Tracer>>,
+    ) -> Result<Proxy, BuildError> {
         let uri: Uri = config
             .upstream
             .url
@@ -174,6 +180,7 @@ impl Proxy {
             scheme,
             authority,
             telemetry,
+            tracer,
             max_body: config.proxy.max_request_body_bytes,
             inject_usage: config.proxy.inject_usage,
             x_forwarded: config.proxy.x_forwarded,
@@ -238,7 +245,8 @@ impl Proxy {
                     Either::Left(Full::new(bytes))
                 }
                 Err(error) => {
-                    let recorder = self.recorder(&info, endpoint, request_id, t0);
+                    let span = self.span(&parts, endpoint, &info);
+                    let recorder = self.recorder(&info, endpoint, request_id, t0, span);
                     let too_large = error
                         .downcast_ref::<http_body_util::LengthLimitError>()
                         .is_some();
@@ -266,10 +274,14 @@ impl Proxy {
             Either::Right(body)
         };
 
+        let span = self.span(&parts, endpoint, &info);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
         if self.x_forwarded {
             add_forwarded(&mut parts.headers, remote);
+        }
+        if let Some(span) = &span {
+            span.inject(&mut parts.headers);
         }
         let pq = parts
             .uri
@@ -282,7 +294,7 @@ impl Proxy {
 
         let recorder = self
             .telemetry_enabled
-            .then(|| self.recorder(&info, endpoint, request_id, t0));
+            .then(|| self.recorder(&info, endpoint, request_id, t0, span));
         let sent =
             tokio::time::timeout(self.header_timeout, self.client.request(upstream_req)).await;
         let now = Instant::now();
@@ -341,10 +353,28 @@ impl Proxy {
         endpoint: Endpoint,
         request_id: Box<str>,
         t0: Instant,
+        span: Option<RequestSpan>,
     ) -> Recorder {
         let model = self.telemetry.models.label(info.model.as_deref());
         let route = self.telemetry.route(model, endpoint);
-        Recorder::new(self.telemetry.clone(), route, request_id, t0)
+        Recorder::new(self.telemetry.clone(), route, request_id, t0, span)
+    }
+
+    /// Opens the request's span when tracing is on (and telemetry is).
+    fn span(
+        &self,
+        parts: &http::request::Parts,
+        endpoint: Endpoint,
+        info: &RequestInfo,
+    ) -> Option<RequestSpan> {
+        let tracer = self.tracer.as_ref().filter(|_| self.telemetry_enabled)?;
+        Some(tracer.start(&RequestStart {
+            headers: &parts.headers,
+            method: &parts.method,
+            path: parts.uri.path(),
+            endpoint,
+            info,
+        }))
     }
 }
 

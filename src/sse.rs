@@ -87,6 +87,10 @@ pub struct Event<'a> {
     pub usage: Option<Usage>,
     /// Offset in the current frame just past the blank line that ends this event.
     pub end: usize,
+    /// The chunk's `id` (for example `chatcmpl-…`), when it is a plain JSON string.
+    pub id: Option<&'a str>,
+    /// The chunk's `model`, when it is a plain JSON string.
+    pub model: Option<&'a str>,
 }
 
 /// Where the current event's data is while its lines arrive.
@@ -242,7 +246,12 @@ impl SseParser {
         }
     }
 
-    fn dispatch(&mut self, frame: Option<&[u8]>, end: usize, on_event: &mut impl FnMut(&Event<'_>)) {
+    fn dispatch(
+        &mut self,
+        frame: Option<&[u8]>,
+        end: usize,
+        on_event: &mut impl FnMut(&Event<'_>),
+    ) {
         if !self.in_block {
             return;
         }
@@ -256,19 +265,21 @@ impl SseParser {
             (Data::Buffered, _) => Some(&data),
         };
         self.choices.clear();
-        let (kind, usage) = match payload {
-            None => (EventKind::NoData, None),
+        let c = match payload {
+            None => Classified::of(EventKind::NoData),
             Some(payload) => classify(payload, &mut self.choices),
         };
         on_event(&Event {
-            kind,
-            choices: if kind == EventKind::Token {
+            kind: c.kind,
+            choices: if c.kind == EventKind::Token {
                 &self.choices
             } else {
                 &[]
             },
-            usage,
+            usage: c.usage,
             end,
+            id: c.id,
+            model: c.model,
         });
         self.data = data;
         self.data.clear();
@@ -295,38 +306,80 @@ fn data_value(line: &[u8]) -> Option<&[u8]> {
     }
 }
 
+/// What [`classify`] found in one event's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classified<'a> {
+    /// The kind.
+    pub kind: EventKind,
+    /// The `usage` object, if any.
+    pub usage: Option<Usage>,
+    /// The chunk's `id`.
+    pub id: Option<&'a str>,
+    /// The chunk's `model`.
+    pub model: Option<&'a str>,
+}
+
+impl Classified<'_> {
+    fn of(kind: EventKind) -> Self {
+        Classified {
+            kind,
+            usage: None,
+            id: None,
+            model: None,
+        }
+    }
+}
+
 /// Classifies one event's data. `choices` receives the choices of a token event.
-pub fn classify(payload: &[u8], choices: &mut Vec<ChoiceInfo>) -> (EventKind, Option<Usage>) {
+pub fn classify<'a>(payload: &'a [u8], choices: &mut Vec<ChoiceInfo>) -> Classified<'a> {
     let trimmed = payload.trim_ascii();
     if trimmed == b"[DONE]" {
-        return (EventKind::Done, None);
+        return Classified::of(EventKind::Done);
     }
     if trimmed.first() != Some(&b'{') {
-        return (EventKind::Other, None);
+        return Classified::of(EventKind::Other);
     }
     let mut de = serde_json::Deserializer::from_slice(trimmed);
     let top = match (TopSeed { choices }).deserialize(&mut de) {
         Ok(top) => top,
         Err(_) => {
             choices.clear();
-            return (EventKind::Other, None);
+            return Classified::of(EventKind::Other);
         }
     };
-    if top.error {
+    let kind = if top.error {
         choices.clear();
-        (EventKind::Error, top.usage)
+        EventKind::Error
     } else if !choices.is_empty() {
-        (EventKind::Token, top.usage)
+        EventKind::Token
     } else if top.usage.is_some() {
-        (EventKind::Usage, top.usage)
+        EventKind::Usage
     } else {
-        (EventKind::Other, None)
+        EventKind::Other
+    };
+    Classified {
+        kind,
+        usage: if kind == EventKind::Other {
+            None
+        } else {
+            top.usage
+        },
+        id: top.id.and_then(plain_string),
+        model: top.model.and_then(plain_string),
     }
 }
 
-struct Top {
+/// The text of a raw JSON string without escapes (`"abc"` → `abc`), else `None`.
+fn plain_string(raw: &RawValue) -> Option<&str> {
+    let s = raw.get().strip_prefix('"')?.strip_suffix('"')?;
+    (!s.contains('\\')).then_some(s)
+}
+
+struct Top<'de> {
     usage: Option<Usage>,
     error: bool,
+    id: Option<&'de RawValue>,
+    model: Option<&'de RawValue>,
 }
 
 struct TopSeed<'s> {
@@ -334,8 +387,8 @@ struct TopSeed<'s> {
 }
 
 impl<'de> DeserializeSeed<'de> for TopSeed<'_> {
-    type Value = Top;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Top, D::Error> {
+    type Value = Top<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Top<'de>, D::Error> {
         d.deserialize_map(self)
     }
 }
@@ -345,6 +398,8 @@ enum TopKey {
     Choices,
     Usage,
     Error,
+    Id,
+    Model,
     Other,
 }
 
@@ -361,6 +416,8 @@ impl<'de> serde::Deserialize<'de> for TopKey {
                     "choices" => TopKey::Choices,
                     "usage" => TopKey::Usage,
                     "error" => TopKey::Error,
+                    "id" => TopKey::Id,
+                    "model" => TopKey::Model,
                     _ => TopKey::Other,
                 })
             }
@@ -370,14 +427,16 @@ impl<'de> serde::Deserialize<'de> for TopKey {
 }
 
 impl<'de> Visitor<'de> for TopSeed<'_> {
-    type Value = Top;
+    type Value = Top<'de>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
         let mut top = Top {
             usage: None,
             error: false,
+            id: None,
+            model: None,
         };
         while let Some(key) = map.next_key::<TopKey>()? {
             match key {
@@ -386,6 +445,8 @@ impl<'de> Visitor<'de> for TopSeed<'_> {
                 })?,
                 TopKey::Usage => top.usage = map.next_value::<Option<Usage>>()?,
                 TopKey::Error => top.error = map.next_value::<Option<IgnoredAny>>()?.is_some(),
+                TopKey::Id => top.id = Some(map.next_value::<&'de RawValue>()?),
+                TopKey::Model => top.model = Some(map.next_value::<&'de RawValue>()?),
                 TopKey::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -458,15 +519,13 @@ impl Choice<'_> {
         ChoiceInfo {
             index: self.index.unwrap_or(0),
             has_content: delta_content || non_empty(self.text),
-            finish_reason: self
-                .finish_reason
-                .and_then(|raw| match raw.get() {
-                    "null" => None,
-                    "\"stop\"" => Some(FinishReason::Stop),
-                    "\"length\"" => Some(FinishReason::Length),
-                    "\"tool_calls\"" => Some(FinishReason::ToolCalls),
-                    _ => Some(FinishReason::Other),
-                }),
+            finish_reason: self.finish_reason.and_then(|raw| match raw.get() {
+                "null" => None,
+                "\"stop\"" => Some(FinishReason::Stop),
+                "\"length\"" => Some(FinishReason::Length),
+                "\"tool_calls\"" => Some(FinishReason::ToolCalls),
+                _ => Some(FinishReason::Other),
+            }),
         }
     }
 }
@@ -612,6 +671,19 @@ mod tests {
     }
 
     #[test]
+    fn response_id_and_model_are_read_in_place() {
+        let mut p = SseParser::new();
+        let mut seen = Vec::new();
+        p.feed(format!("{ROLE}\n\n").as_bytes(), |e| {
+            seen.push((e.id.map(str::to_owned), e.model.map(str::to_owned)))
+        });
+        assert_eq!(
+            seen,
+            vec![(Some("chatcmpl-1".to_owned()), Some("m".to_owned()))]
+        );
+    }
+
+    #[test]
     fn comments_and_other_fields_are_not_data() {
         let s = format!(": keep-alive\n\nevent: message\nid: 7\n{TOKEN}\nretry: 10\n\n");
         let (seen, _) = run(&[s.as_bytes()]);
@@ -710,9 +782,8 @@ data: {"choices":[{"index":0,"text":"","finish_reason":"stop"},{"index":1,"text"
             let (seen, _) = run(&[s.as_bytes()]);
             assert!(seen[0].choices[0].has_content, "{delta}");
         }
-        let (seen, _) = run(&[
-            b"data: {\"choices\":[{\"delta\":{\"content\":null,\"tool_calls\":[]}}]}\n\n",
-        ]);
+        let (seen, _) =
+            run(&[b"data: {\"choices\":[{\"delta\":{\"content\":null,\"tool_calls\":[]}}]}\n\n"]);
         assert!(!seen[0].choices[0].has_content);
     }
 

@@ -265,11 +265,14 @@ pub struct Finished<'a> {
     pub stream: bool,
 }
 
+/// (model label, endpoint): what a set of route metrics is resolved for.
+type RouteKey = (Arc<str>, Endpoint);
+
 /// The proxy's metrics registry and its shared state.
 pub struct Telemetry {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    routes: Mutex<HashMap<(Arc<str>, Endpoint), Arc<RouteMetrics>>>,
+    routes: Mutex<HashMap<RouteKey, Arc<RouteMetrics>>>,
     /// Allowed model label values.
     pub models: ModelLabels,
     /// Upstream readiness.
@@ -445,6 +448,18 @@ impl Telemetry {
         if self.access_log {
             access_log(done);
         }
+    }
+
+    /// Registers an unlabelled counter with its HELP text (for parts such as the span exporter
+    /// that count their own events).
+    pub fn counter(&self, name: &'static str, help: &'static str) -> Counter {
+        self.recorder.describe_counter(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
+        self.recorder
+            .register_counter(&Key::from_name(name), &METADATA)
     }
 
     /// Renders `/metrics` in the Prometheus text format.

@@ -24,8 +24,10 @@ pub fn client() -> TestClient {
 /// A simulator with exact timings: TTFT `ttft_ms`, one token every `itl_ms`, no jitter, no
 /// slowdown with concurrency, and a fixed seed.
 pub fn exact_sim(ttft_ms: f64, itl_ms: f64) -> SimConfig {
-    let mut c = SimConfig::default();
-    c.seed = Some(7);
+    let mut c = SimConfig {
+        seed: Some(7),
+        ..SimConfig::default()
+    };
     c.timing.ttft_base_ms = ttft_ms;
     c.timing.prefill_ms_per_1k_tokens = 0.0;
     c.timing.itl_ms = itl_ms;
@@ -42,9 +44,11 @@ pub async fn sim(config: SimConfig) -> Simulator {
 
 /// A proxy config in front of `upstream`, on free loopback ports, with `MODEL` as a label.
 pub fn proxy_config(upstream: &str) -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Config::default()
+    };
     c.upstream.url = upstream.to_owned();
     c.telemetry.models = vec![MODEL.to_owned()];
     c.telemetry.access_log = false;
