@@ -149,7 +149,12 @@ impl Latency {
 
     /// Feeds one event that was handed to the client at `now`; `observe` receives the figures
     /// it completes, at once, so histograms can record them while the stream goes on.
-    pub fn on_event(&mut self, event: &Event<'_>, now: Instant, mut observe: impl FnMut(Observation)) {
+    pub fn on_event(
+        &mut self,
+        event: &Event<'_>,
+        now: Instant,
+        mut observe: impl FnMut(Observation),
+    ) {
         match event.kind {
             EventKind::Token => self.on_token(event, now, &mut observe),
             EventKind::Usage => {}
@@ -283,7 +288,7 @@ impl Slo {
 mod tests {
     use super::*;
     use crate::sse::SseParser;
-    use tokio::time::{advance, Instant};
+    use tokio::time::{Instant, advance};
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -308,15 +313,30 @@ mod tests {
         advance(150 * MS).await;
         // vLLM sends the role chunk and the first token in the same step.
         let role = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
-        feed(&mut p, &mut lat, &format!("{role}{}", chat("Hi")), &mut seen);
+        feed(
+            &mut p,
+            &mut lat,
+            &format!("{role}{}", chat("Hi")),
+            &mut seen,
+        );
         for _ in 0..3 {
             advance(20 * MS).await;
             feed(&mut p, &mut lat, &chat(" there"), &mut seen);
         }
         advance(25 * MS).await;
-        feed(&mut p, &mut lat, "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":\"stop\"}]}\n\n", &mut seen);
+        feed(
+            &mut p,
+            &mut lat,
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":\"stop\"}]}\n\n",
+            &mut seen,
+        );
         advance(5 * MS).await;
-        feed(&mut p, &mut lat, "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":5}}\n\n", &mut seen);
+        feed(
+            &mut p,
+            &mut lat,
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":5}}\n\n",
+            &mut seen,
+        );
         advance(MS).await;
         feed(&mut p, &mut lat, "data: [DONE]\n\n", &mut seen);
         advance(MS).await;
@@ -357,7 +377,12 @@ mod tests {
         let mut lat = Latency::new(Instant::now());
         let mut seen = Vec::new();
         advance(10 * MS).await;
-        feed(&mut p, &mut lat, "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n", &mut seen);
+        feed(
+            &mut p,
+            &mut lat,
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+            &mut seen,
+        );
         advance(90 * MS).await;
         feed(&mut p, &mut lat, &chat("a"), &mut seen);
         let f = lat.figures(Instant::now());
@@ -400,7 +425,9 @@ mod tests {
         let mut lat = Latency::new(Instant::now());
         let mut seen = Vec::new();
         let c = |n: u64| {
-            format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"x\"}}}}],\"usage\":{{\"prompt_tokens\":4,\"completion_tokens\":{n}}}}}\n\n")
+            format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"x\"}}}}],\"usage\":{{\"prompt_tokens\":4,\"completion_tokens\":{n}}}}}\n\n"
+            )
         };
         feed(&mut p, &mut lat, &c(1), &mut seen);
         advance(40 * MS).await;
@@ -429,7 +456,12 @@ mod tests {
         feed(&mut p, &mut lat, &chat("a"), &mut seen);
         feed(&mut p, &mut lat, "data: not json\n\n", &mut seen);
         advance(30 * MS).await;
-        feed(&mut p, &mut lat, "data: {\"error\":{\"message\":\"x\",\"code\":500}}\n\n", &mut seen);
+        feed(
+            &mut p,
+            &mut lat,
+            "data: {\"error\":{\"message\":\"x\",\"code\":500}}\n\n",
+            &mut seen,
+        );
         advance(30 * MS).await;
         let f = lat.figures(Instant::now());
         assert!(f.inband_error);
