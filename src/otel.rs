@@ -2,23 +2,133 @@
 //!
 //! The proxy calls [`Tracer::start`] when a request arrives, [`RequestSpan::inject`] on the
 //! upstream request's headers, the `on_*` methods as the response goes by, and
-//! [`RequestSpan::finish`] exactly once when the request ends. Tracing is off unless configured.
+//! [`RequestSpan::finish`] exactly once when the request ends. Tracing is off unless
+//! `[tracing] enabled = true`.
+//!
+//! Spans never slow the proxy down: an ended span is handed to a bounded queue with a
+//! non-blocking `try_send`, and a background task exports batches. When the queue is full (the
+//! collector is slow or down) or an export fails, the spans are dropped and counted in
+//! `tokentap_otel_spans_dropped_total`.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
-use http::HeaderMap;
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use metrics::Counter;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Array, Context, KeyValue, StringValue, Value};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpClient, HttpError};
+use opentelemetry_otlp::{Protocol as OtlpProtocol, WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    Sampler, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor,
+};
 use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::inspect::{Endpoint, RequestInfo};
 use crate::latency::Figures;
 use crate::telemetry::{Outcome, Telemetry};
 
+/// How spans travel to the collector.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP over gRPC (default port 4317).
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP over HTTP with a protobuf body, `POST {endpoint}/v1/traces` (default port 4318).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl Protocol {
+    /// The name used in config files and `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
 /// The `[tracing]` section of the configuration.
+///
+/// Every optional field falls back to the standard OpenTelemetry environment variable named in
+/// its description, then to the default given there: a value written in the file wins over the
+/// environment. Export headers are the exception: those from the file and from
+/// `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS` are all sent, the environment's value winning for a
+/// header named in both.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TracingConfig {
-    /// Export spans. Off by default.
+    /// Export one span per proxied request. Default `false`: nothing is traced, whatever the
+    /// `OTEL_*` environment says. `OTEL_SDK_DISABLED=true` turns tracing off even when this is on.
     pub enabled: bool,
+    /// `"grpc"` or `"http/protobuf"`. Default: `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, then
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`, then `"grpc"`.
+    pub protocol: Option<Protocol>,
+    /// The collector's base URL, as in `OTEL_EXPORTER_OTLP_ENDPOINT`: for `http/protobuf`,
+    /// `/v1/traces` is appended unless the URL already ends with it. Default:
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as is), then `OTEL_EXPORTER_OTLP_ENDPOINT`,
+    /// then `http://localhost:4317` (gRPC) or `http://localhost:4318/v1/traces` (HTTP).
+    /// `https://` works for both protocols (system roots).
+    pub endpoint: Option<String>,
+    /// Headers (gRPC metadata) sent with every export, e.g. an API key. Default: none, plus those
+    /// of `OTEL_EXPORTER_OTLP_TRACES_HEADERS` / `OTEL_EXPORTER_OTLP_HEADERS`.
+    pub headers: BTreeMap<String, String>,
+    /// Limit on one export, retries included, in seconds. Default:
+    /// `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`, then `OTEL_EXPORTER_OTLP_TIMEOUT` (both in
+    /// milliseconds), then 10.
+    pub timeout_secs: Option<f64>,
+    /// The `service.name` resource attribute. Default: `OTEL_SERVICE_NAME`, then a
+    /// `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, then `"tokentap"`.
+    pub service_name: Option<String>,
+    /// More resource attributes, e.g. `{ "deployment.environment.name" = "prod" }`. They are
+    /// added to those of `OTEL_RESOURCE_ATTRIBUTES`, winning on the same key. Default: none.
+    pub resource_attributes: BTreeMap<String, String>,
+    /// Fraction of new traces to record, between 0 and 1; a request that carries a
+    /// `traceparent` follows its parent's decision (parent-based ratio sampling). Default:
+    /// the sampler of `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`, then 1 (every request).
+    pub sample_ratio: Option<f64>,
+    /// Send the proxy span's `traceparent` / `tracestate` upstream so that the server's own
+    /// spans (vLLM reads `traceparent`) become its children. When `false`, the client's trace
+    /// headers are forwarded untouched. An incoming `traceparent` is continued either way.
+    /// Default `true`.
+    #[serde(default = "yes")]
+    pub propagate: bool,
+    /// The `gen_ai.provider.name` attribute. vLLM is not one of the semantic conventions'
+    /// well-known providers, which allow a custom value. Default `"vllm"`.
+    pub provider_name: Option<String>,
+    /// Ended spans waiting for export; more are dropped (and counted). Default:
+    /// `OTEL_BSP_MAX_QUEUE_SIZE`, then 2048.
+    pub max_queue_size: Option<usize>,
+    /// Most spans in one export request. Default: `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, then 512.
+    pub max_export_batch_size: Option<usize>,
+    /// Longest a span waits for its batch to fill before it is exported, in milliseconds.
+    /// Default: `OTEL_BSP_SCHEDULE_DELAY`, then 5000.
+    pub scheduled_delay_ms: Option<u64>,
+    /// On graceful shutdown, how long to wait for the queued spans to be exported, in seconds.
+    /// Default 5.
+    pub shutdown_timeout_secs: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A tracing configuration that cannot be used.
@@ -26,9 +136,28 @@ pub struct TracingConfig {
 #[error("tracing: {0}")]
 pub struct TracingError(String);
 
-/// The span factory and exporter, built once.
-#[derive(Debug)]
-pub struct Tracer {}
+/// The span factory and exporter, built once at startup.
+pub struct Tracer {
+    provider: SdkTracerProvider,
+    tracer: opentelemetry_sdk::trace::Tracer,
+    propagator: TraceContextPropagator,
+    propagate: bool,
+    provider_name: StringValue,
+    server_address: Option<StringValue>,
+    server_port: Option<i64>,
+    control: mpsc::Sender<oneshot::Sender<()>>,
+    shutdown_timeout: Duration,
+}
+
+impl fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tracer")
+            .field("propagate", &self.propagate)
+            .field("server_address", &self.server_address)
+            .field("server_port", &self.server_port)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What is known about a request when it arrives.
 #[derive(Debug)]
@@ -36,7 +165,7 @@ pub struct RequestStart<'a> {
     /// The client's request headers (`traceparent`, `tracestate`).
     pub headers: &'a HeaderMap,
     /// HTTP method.
-    pub method: &'a http::Method,
+    pub method: &'a Method,
     /// Request path.
     pub path: &'a str,
     /// Endpoint.
@@ -45,48 +174,689 @@ pub struct RequestStart<'a> {
     pub info: &'a RequestInfo,
 }
 
-/// The span of one request.
-#[derive(Debug)]
-pub struct RequestSpan {}
+/// The span of one request, from [`Tracer::start`] to [`RequestSpan::finish`].
+pub struct RequestSpan {
+    span: opentelemetry_sdk::trace::Span,
+    /// Wall clock and monotonic clock read together when the span started: every later
+    /// timestamp is `wall + (Instant::now() - start)`, so the span's times are consistent.
+    wall: SystemTime,
+    start: Instant,
+    propagate: bool,
+    stream: bool,
+    status: u16,
+}
+
+impl fmt::Debug for RequestSpan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestSpan")
+            .field("span_context", self.span.span_context())
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
 
 impl Tracer {
-    /// Builds the exporter, or `None` when tracing is off. Must be called inside a runtime.
+    /// Builds the exporter and starts its background task, or returns `None` when tracing is
+    /// off. Called once at startup, inside the tokio runtime; connects to nothing yet (the
+    /// collector may be down).
     pub fn new(
         config: &TracingConfig,
-        _telemetry: &Telemetry,
-        _upstream: &http::Uri,
+        telemetry: &Telemetry,
+        upstream: &http::Uri,
     ) -> Result<Option<Tracer>, TracingError> {
-        if config.enabled {
-            return Err(TracingError("not available in this build".to_owned()));
+        if !config.enabled
+            || env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        {
+            return Ok(None);
         }
-        Ok(None)
+        let settings = Settings::resolve(config)?;
+        let dropped = telemetry.counter(
+            "tokentap_otel_spans_dropped_total",
+            "Spans dropped because the export queue was full or the collector failed",
+        );
+        let exporter = build_exporter(config, &settings)?;
+        let resource = build_resource(config);
+
+        let (spans_tx, spans_rx) = mpsc::channel(settings.max_queue_size);
+        let (control_tx, control_rx) = mpsc::channel(4);
+        let mut exporter = exporter;
+        exporter.set_resource(&resource);
+        tokio::spawn(
+            Batcher {
+                exporter,
+                spans: spans_rx,
+                control: control_rx,
+                dropped: dropped.clone(),
+                batch_size: settings.max_export_batch_size,
+                delay: settings.scheduled_delay,
+                timeout: settings.timeout,
+                failing: false,
+            }
+            .run(),
+        );
+
+        let mut builder = SdkTracerProvider::builder()
+            .with_resource(resource)
+            .with_span_processor(QueueProcessor {
+                queue: spans_tx,
+                dropped,
+                closed: Arc::new(AtomicBool::new(false)),
+            });
+        if let Some(ratio) = settings.sample_ratio {
+            builder = builder.with_sampler(Sampler::ParentBased(Box::new(
+                Sampler::TraceIdRatioBased(ratio),
+            )));
+        }
+        let provider = builder.build();
+        let tracer = provider.tracer("tokentap");
+
+        let server_address = upstream
+            .host()
+            .map(|h| StringValue::from(h.trim_start_matches('[').trim_end_matches(']').to_owned()));
+        let server_port = upstream
+            .port_u16()
+            .or_else(|| match upstream.scheme_str() {
+                Some("https") => Some(443),
+                Some("http") => Some(80),
+                _ => None,
+            })
+            .map(i64::from);
+        tracing::info!(
+            protocol = settings.protocol.as_str(),
+            endpoint = settings.endpoint_for_log.as_deref().unwrap_or("(from env or default)"),
+            sample_ratio = ?settings.sample_ratio,
+            propagate = config.propagate,
+            "exporting spans over OTLP"
+        );
+        Ok(Some(Tracer {
+            provider,
+            tracer,
+            propagator: TraceContextPropagator::new(),
+            propagate: config.propagate,
+            provider_name: StringValue::from(
+                config
+                    .provider_name
+                    .clone()
+                    .unwrap_or_else(|| "vllm".to_owned()),
+            ),
+            server_address,
+            server_port,
+            control: control_tx,
+            shutdown_timeout: settings.shutdown_timeout,
+        }))
     }
 
-    /// Opens the span of a request that just arrived (continuing an incoming `traceparent`).
-    pub fn start(&self, _req: &RequestStart<'_>) -> RequestSpan {
-        RequestSpan {}
+    /// Opens the span of a request that just arrived, as a child of the client's
+    /// `traceparent` when it sent one. Called once per request, before it goes upstream.
+    pub fn start(&self, req: &RequestStart<'_>) -> RequestSpan {
+        let wall = SystemTime::now();
+        let start = Instant::now();
+        let parent = if req.headers.contains_key("traceparent") {
+            self.propagator
+                .extract_with_context(&Context::new(), &HeaderExtractor(req.headers))
+        } else {
+            Context::new()
+        };
+        let operation = match req.endpoint {
+            Endpoint::Chat => Some("chat"),
+            Endpoint::Completions => Some("text_completion"),
+            Endpoint::Embeddings => Some("embeddings"),
+            Endpoint::Models | Endpoint::Other => None,
+        };
+        let model = req.info.model.as_deref();
+        let name = match (operation, model) {
+            (Some(op), Some(model)) => format!("{op} {model}"),
+            (Some(op), None) => op.to_owned(),
+            (None, _) => format!("HTTP {}", req.method),
+        };
+        let mut attributes = Vec::with_capacity(12);
+        if let Some(op) = operation {
+            attributes.push(KeyValue::new("gen_ai.operation.name", op));
+            attributes.push(KeyValue::new(
+                "gen_ai.provider.name",
+                self.provider_name.clone(),
+            ));
+            if let Some(model) = model {
+                attributes.push(KeyValue::new("gen_ai.request.model", model.to_owned()));
+            }
+        }
+        if req.endpoint.is_generation() {
+            attributes.push(KeyValue::new("gen_ai.request.stream", req.info.stream));
+            if let Some(max) = req.info.max_tokens {
+                attributes.push(KeyValue::new("gen_ai.request.max_tokens", clamp(max)));
+            }
+            if req.info.n != 1 {
+                attributes.push(KeyValue::new(
+                    "gen_ai.request.choice.count",
+                    i64::from(req.info.n),
+                ));
+            }
+        }
+        if let Some(address) = &self.server_address {
+            attributes.push(KeyValue::new("server.address", address.clone()));
+        }
+        if let Some(port) = self.server_port {
+            attributes.push(KeyValue::new("server.port", port));
+        }
+        attributes.push(KeyValue::new(
+            "http.request.method",
+            req.method.as_str().to_owned(),
+        ));
+        attributes.push(KeyValue::new("url.path", req.path.to_owned()));
+        let builder = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .with_start_time(wall)
+            .with_attributes(attributes);
+        RequestSpan {
+            span: self.tracer.build_with_context(builder, &parent),
+            wall,
+            start,
+            propagate: self.propagate,
+            stream: req.info.stream,
+            status: 0,
+        }
     }
 
-    /// Flushes spans not yet exported; called on graceful shutdown.
-    pub async fn shutdown(&self) {}
+    /// Exports the spans still queued; called once on graceful shutdown, after the last
+    /// request ended. Waits at most `shutdown_timeout_secs`.
+    pub async fn shutdown(&self) {
+        let (done, finished) = oneshot::channel();
+        let flushed = async {
+            if self.control.send(done).await.is_ok() {
+                let _ = finished.await;
+            }
+        };
+        if tokio::time::timeout(self.shutdown_timeout, flushed)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                timeout = ?self.shutdown_timeout,
+                "spans not exported before the shutdown timeout"
+            );
+        }
+        let _ = self.provider.shutdown();
+    }
 }
 
 impl RequestSpan {
-    /// Writes the `traceparent` (and `tracestate`) of this span into the upstream request.
-    pub fn inject(&self, _headers: &mut HeaderMap) {}
+    /// Writes this span's `traceparent` (and `tracestate`) into the upstream request's
+    /// headers, replacing the client's, when `propagate` is on; leaves them as they are when
+    /// it is off. Called once, before the request is sent upstream.
+    pub fn inject(&self, headers: &mut HeaderMap) {
+        if !self.propagate {
+            return;
+        }
+        let cx = Context::new().with_remote_span_context(self.span.span_context().clone());
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+    }
 
     /// The upstream's response head arrived with `status`.
-    pub fn on_response_head(&mut self, _status: u16) {}
+    pub fn on_response_head(&mut self, status: u16) {
+        self.status = status;
+    }
 
-    /// The first token event was handed to the client, `ttft` after arrival.
-    pub fn on_first_token(&mut self, _ttft: Duration) {}
+    /// The first token event was handed to the client, `ttft` after arrival: adds the
+    /// `gen_ai.first_token` event at this instant.
+    pub fn on_first_token(&mut self, ttft: Duration) {
+        if self.span.is_recording() {
+            let at = self.now();
+            self.span.add_event_with_timestamp(
+                "gen_ai.first_token",
+                at,
+                vec![KeyValue::new("tokentap.ttft_s", ttft.as_secs_f64())],
+            );
+        }
+    }
 
-    /// The first token event with content was handed to the client, `ttfc` after arrival.
-    pub fn on_first_content(&mut self, _ttfc: Duration) {}
+    /// The first token event with content was handed to the client, `ttfc` after arrival:
+    /// adds the `gen_ai.first_content` event at this instant.
+    pub fn on_first_content(&mut self, ttfc: Duration) {
+        if self.span.is_recording() {
+            let at = self.now();
+            self.span.add_event_with_timestamp(
+                "gen_ai.first_content",
+                at,
+                vec![KeyValue::new("tokentap.ttfc_s", ttfc.as_secs_f64())],
+            );
+        }
+    }
 
-    /// The response's `id` and `model`, from the first event that carried them.
-    pub fn on_response_meta(&mut self, _id: &str, _model: &str) {}
+    /// The response's `id` and `model`, from the first event (or JSON body) that carried them;
+    /// called at most once.
+    pub fn on_response_meta(&mut self, id: &str, model: &str) {
+        if self.span.is_recording() {
+            self.span
+                .set_attribute(KeyValue::new("gen_ai.response.id", id.to_owned()));
+            self.span
+                .set_attribute(KeyValue::new("gen_ai.response.model", model.to_owned()));
+        }
+    }
 
-    /// Ends the span with the request's outcome and figures.
-    pub fn finish(self, _outcome: Outcome, _status: u16, _figures: &Figures) {}
+    /// Ends the span, now, with the request's outcome, final status (0 when no response was
+    /// sent) and figures. Called exactly once, when the request really ended. An outcome
+    /// other than `ok` sets `error.type` to its name and the span status to ERROR.
+    pub fn finish(mut self, outcome: Outcome, status: u16, figures: &Figures) {
+        let end = self.now();
+        if self.span.is_recording() {
+            let status = if status != 0 { status } else { self.status };
+            let mut attributes = Vec::with_capacity(16);
+            if status != 0 {
+                attributes.push(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status),
+                ));
+            }
+            if let Some(tokens) = figures.prompt_tokens {
+                attributes.push(KeyValue::new("gen_ai.usage.input_tokens", clamp(tokens)));
+            }
+            if let Some(tokens) = figures.output_tokens {
+                attributes.push(KeyValue::new("gen_ai.usage.output_tokens", clamp(tokens)));
+            }
+            if let Some(reason) = figures.finish_reason {
+                attributes.push(KeyValue::new(
+                    "gen_ai.response.finish_reasons",
+                    Value::Array(Array::String(vec![StringValue::from(reason.as_str())])),
+                ));
+            }
+            if let Some(ttft) = figures.ttft {
+                if self.stream {
+                    attributes.push(KeyValue::new(
+                        "gen_ai.response.time_to_first_chunk",
+                        ttft.as_secs_f64(),
+                    ));
+                }
+                attributes.push(KeyValue::new("tokentap.ttft_s", ttft.as_secs_f64()));
+            }
+            if let Some(ttfc) = figures.ttfc {
+                attributes.push(KeyValue::new("tokentap.ttfc_s", ttfc.as_secs_f64()));
+            }
+            if let Some(tpot) = figures.tpot {
+                attributes.push(KeyValue::new("tokentap.tpot_s", tpot.as_secs_f64()));
+            }
+            if let Some(itl) = figures.itl_mean {
+                attributes.push(KeyValue::new("tokentap.itl_mean_s", itl.as_secs_f64()));
+            }
+            if let Some(itl) = figures.itl_max {
+                attributes.push(KeyValue::new("tokentap.itl_max_s", itl.as_secs_f64()));
+            }
+            attributes.push(KeyValue::new("tokentap.e2el_s", figures.e2el.as_secs_f64()));
+            attributes.push(KeyValue::new("tokentap.chunks", clamp(figures.chunks)));
+            attributes.push(KeyValue::new(
+                "tokentap.token_source",
+                figures.token_source.as_str(),
+            ));
+            attributes.push(KeyValue::new("tokentap.outcome", outcome.as_str()));
+            if outcome != Outcome::Ok {
+                attributes.push(KeyValue::new("error.type", outcome.as_str()));
+            }
+            self.span.set_attributes(attributes);
+            if outcome != Outcome::Ok {
+                self.span.set_status(Status::error(outcome.as_str()));
+            }
+        }
+        self.span.end_with_timestamp(end);
+    }
+
+    /// The wall-clock time of this instant, on the span's monotonic clock.
+    fn now(&self) -> SystemTime {
+        self.wall + self.start.elapsed()
+    }
+}
+
+/// OTLP integers are signed.
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The first of these environment variables that is set and parses.
+fn env_parse<T: std::str::FromStr>(names: &[&str]) -> Option<T> {
+    names
+        .iter()
+        .find_map(|name| env(name).and_then(|v| v.trim().parse().ok()))
+}
+
+/// The configuration with the environment and defaults applied, checked.
+#[derive(Debug)]
+struct Settings {
+    protocol: Protocol,
+    endpoint_for_log: Option<String>,
+    timeout: Duration,
+    sample_ratio: Option<f64>,
+    max_queue_size: usize,
+    max_export_batch_size: usize,
+    scheduled_delay: Duration,
+    shutdown_timeout: Duration,
+}
+
+impl Settings {
+    fn resolve(config: &TracingConfig) -> Result<Settings, TracingError> {
+        let err = |m: String| Err(TracingError(m));
+        let protocol = match config.protocol {
+            Some(p) => p,
+            None => match env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
+                .as_deref()
+                .map(str::trim)
+            {
+                None | Some("grpc") => Protocol::Grpc,
+                Some("http/protobuf") => Protocol::HttpProtobuf,
+                Some(other) => {
+                    return err(format!(
+                        "OTLP protocol {other:?} is not supported (use \"grpc\" or \"http/protobuf\")"
+                    ));
+                }
+            },
+        };
+        let timeout = match config.timeout_secs {
+            Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+            Some(s) => return err(format!("timeout_secs must be > 0, got {s}")),
+            None => env_parse::<u64>(&[
+                "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+            ])
+            .filter(|ms| *ms > 0)
+            .map_or(Duration::from_secs(10), Duration::from_millis),
+        };
+        let sample_ratio = match config.sample_ratio {
+            Some(r) if (0.0..=1.0).contains(&r) => Some(r),
+            Some(r) => return err(format!("sample_ratio must be within 0..=1, got {r}")),
+            None => None,
+        };
+        let max_queue_size = config
+            .max_queue_size
+            .or_else(|| env_parse(&["OTEL_BSP_MAX_QUEUE_SIZE"]))
+            .unwrap_or(2048);
+        if max_queue_size == 0 {
+            return err("max_queue_size must be at least 1".to_owned());
+        }
+        let max_export_batch_size = config
+            .max_export_batch_size
+            .or_else(|| env_parse(&["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"]))
+            .unwrap_or(512);
+        if max_export_batch_size == 0 {
+            return err("max_export_batch_size must be at least 1".to_owned());
+        }
+        let scheduled_delay = Duration::from_millis(
+            config
+                .scheduled_delay_ms
+                .or_else(|| env_parse(&["OTEL_BSP_SCHEDULE_DELAY"]))
+                .unwrap_or(5000),
+        );
+        let shutdown_timeout = match config.shutdown_timeout_secs {
+            Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+            Some(s) => return err(format!("shutdown_timeout_secs must be >= 0, got {s}")),
+            None => Duration::from_secs(5),
+        };
+        let endpoint_for_log = config.endpoint.as_ref().map(|e| http_endpoint(e, protocol));
+        Ok(Settings {
+            protocol,
+            endpoint_for_log,
+            timeout,
+            sample_ratio,
+            max_queue_size,
+            max_export_batch_size: max_export_batch_size.min(max_queue_size),
+            scheduled_delay,
+            shutdown_timeout,
+        })
+    }
+}
+
+/// The URL spans are sent to, from the configured base URL.
+fn http_endpoint(base: &str, protocol: Protocol) -> String {
+    match protocol {
+        Protocol::Grpc => base.to_owned(),
+        Protocol::HttpProtobuf if base.trim_end_matches('/').ends_with("/v1/traces") => {
+            base.to_owned()
+        }
+        Protocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
+    }
+}
+
+fn build_exporter(
+    config: &TracingConfig,
+    settings: &Settings,
+) -> Result<opentelemetry_otlp::SpanExporter, TracingError> {
+    let built = match settings.protocol {
+        Protocol::Grpc => {
+            use opentelemetry_otlp::WithTonicConfig as _;
+            let metadata = opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(
+                header_map(&config.headers)?,
+            );
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_protocol(OtlpProtocol::Grpc)
+                .with_timeout(settings.timeout)
+                .with_metadata(metadata);
+            if let Some(endpoint) = &config.endpoint {
+                builder = builder.with_endpoint(endpoint.clone());
+            }
+            builder.build()
+        }
+        Protocol::HttpProtobuf => {
+            header_map(&config.headers)?;
+            let headers = config
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(OtlpProtocol::HttpBinary)
+                .with_timeout(settings.timeout)
+                .with_headers(headers)
+                .with_http_client(ExportClient::new(settings.timeout)?);
+            if let Some(endpoint) = &config.endpoint {
+                builder = builder.with_endpoint(http_endpoint(endpoint, Protocol::HttpProtobuf));
+            }
+            builder.build()
+        }
+    };
+    built.map_err(|e| TracingError(format!("OTLP exporter: {e}")))
+}
+
+/// The configured export headers, checked.
+fn header_map(headers: &BTreeMap<String, String>) -> Result<HeaderMap, TracingError> {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let name = http::HeaderName::try_from(name.as_str())
+            .map_err(|e| TracingError(format!("header name {name:?}: {e}")))?;
+        let value = http::HeaderValue::try_from(value.as_str())
+            .map_err(|e| TracingError(format!("header {name} value: {e}")))?;
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
+fn build_resource(config: &TracingConfig) -> Resource {
+    // `Resource::builder()` reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
+    let mut builder = Resource::builder();
+    let env_names_service = env("OTEL_SERVICE_NAME").is_some()
+        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|v| {
+            v.split(',').any(|kv| {
+                kv.split('=')
+                    .next()
+                    .is_some_and(|k| k.trim() == "service.name")
+            })
+        });
+    builder = builder.with_attributes(
+        config
+            .resource_attributes
+            .iter()
+            .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+    );
+    match &config.service_name {
+        Some(name) => builder = builder.with_service_name(name.clone()),
+        None if !env_names_service && !config.resource_attributes.contains_key("service.name") => {
+            builder = builder.with_service_name("tokentap")
+        }
+        None => {}
+    }
+    builder.build()
+}
+
+/// The HTTP client of the OTLP/HTTP exporter: hyper with rustls (system roots), so both
+/// `http://` and `https://` collectors work without another TLS stack.
+#[derive(Debug)]
+struct ExportClient {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl ExportClient {
+    fn new(timeout: Duration) -> Result<ExportClient, TracingError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TracingError(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(ExportClient {
+            client: Client::builder(TokioExecutor::new()).build(https),
+            timeout,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl HttpClient for ExportClient {
+    async fn send_bytes(
+        &self,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<Bytes>, HttpError> {
+        let exchange = async {
+            let response = self.client.request(request.map(Full::new)).await?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, 4 << 20).collect().await?.to_bytes();
+            Ok::<_, HttpError>(http::Response::from_parts(parts, body))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| HttpError::from("OTLP export timed out"))?
+    }
+}
+
+/// Hands ended spans to the export task without ever waiting: a full queue drops the span.
+#[derive(Debug)]
+struct QueueProcessor {
+    queue: mpsc::Sender<SpanData>,
+    dropped: Counter,
+    closed: Arc<AtomicBool>,
+}
+
+impl SpanProcessor for QueueProcessor {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if self.closed.load(Ordering::Relaxed) || self.queue.try_send(span).is_err() {
+            self.dropped.increment(1);
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        // Flushing is asynchronous: see `Tracer::shutdown`.
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        if self.closed.swap(true, Ordering::Relaxed) {
+            return Err(OTelSdkError::AlreadyShutdown);
+        }
+        Ok(())
+    }
+}
+
+/// The background task that batches queued spans and exports them, one export at a time.
+struct Batcher {
+    exporter: opentelemetry_otlp::SpanExporter,
+    spans: mpsc::Receiver<SpanData>,
+    control: mpsc::Receiver<oneshot::Sender<()>>,
+    dropped: Counter,
+    batch_size: usize,
+    delay: Duration,
+    timeout: Duration,
+    failing: bool,
+}
+
+impl Batcher {
+    async fn run(mut self) {
+        let mut batch: Vec<SpanData> = Vec::with_capacity(self.batch_size);
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let timed = deadline.is_some();
+            let timer = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now));
+            tokio::select! {
+                biased;
+                flush = self.control.recv() => {
+                    let Some(done) = flush else { break };
+                    while let Ok(span) = self.spans.try_recv() {
+                        batch.push(span);
+                        if batch.len() >= self.batch_size {
+                            self.export(&mut batch).await;
+                        }
+                    }
+                    self.export(&mut batch).await;
+                    deadline = None;
+                    let _ = done.send(());
+                }
+                received = self.spans.recv_many(&mut batch, self.batch_size) => {
+                    if received == 0 {
+                        self.export(&mut batch).await;
+                        break;
+                    }
+                    if batch.len() >= self.batch_size {
+                        self.export(&mut batch).await;
+                        deadline = None;
+                    } else if deadline.is_none() {
+                        deadline = Some(Instant::now() + self.delay);
+                    }
+                }
+                () = timer, if timed => {
+                    self.export(&mut batch).await;
+                    deadline = None;
+                }
+            }
+        }
+    }
+
+    async fn export(&mut self, batch: &mut Vec<SpanData>) {
+        if batch.is_empty() {
+            return;
+        }
+        let spans = std::mem::replace(batch, Vec::with_capacity(self.batch_size));
+        let count = spans.len() as u64;
+        let error = match tokio::time::timeout(self.timeout, self.exporter.export(spans)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some(format!("no answer within {:?}", self.timeout)),
+        };
+        match error {
+            None if self.failing => {
+                self.failing = false;
+                tracing::info!("span export recovered");
+            }
+            None => {}
+            Some(error) => {
+                self.dropped.increment(count);
+                if !self.failing {
+                    self.failing = true;
+                    tracing::warn!(%error, spans = count, "span export failed; dropping spans until the collector answers");
+                }
+            }
+        }
+    }
 }
