@@ -143,6 +143,8 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// Histogram bucket overrides; an absent list keeps the default of METRICS.md.
     pub buckets: BucketConfig,
+    /// Length of the sliding window `/stats` summarizes, seconds.
+    pub stats_window_secs: f64,
 }
 
 impl Default for TelemetryConfig {
@@ -156,6 +158,7 @@ impl Default for TelemetryConfig {
             access_log: true,
             log_format: LogFormat::Text,
             buckets: BucketConfig::default(),
+            stats_window_secs: 300.0,
         }
     }
 }
@@ -314,6 +317,10 @@ impl Config {
             (
                 "telemetry.ready_window_secs",
                 self.telemetry.ready_window_secs,
+            ),
+            (
+                "telemetry.stats_window_secs",
+                self.telemetry.stats_window_secs,
             ),
         ];
         for (field, value) in seconds {

@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod server;
 pub mod simulate;
 pub mod sse;
+pub mod stats;
 pub mod telemetry;
 
 use config::{Config, secs};

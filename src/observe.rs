@@ -164,7 +164,7 @@ impl Recorder {
                 let strip = *strip;
                 ends.clear();
                 parser.feed(&data, |event| {
-                    latency.on_event(event, now, |o| observe(route, span, o));
+                    latency.on_event(event, now, |o| observe(route, span, o, now));
                     if !*meta_seen
                         && let (Some(span), Some(id), Some(model)) =
                             (span.as_mut(), event.id, event.model)
@@ -241,19 +241,23 @@ impl Recorder {
         if let Some(span) = self.span {
             span.finish(outcome, self.status, &figures);
         }
-        self.telemetry.record(&Finished {
-            request_id: &self.request_id,
-            route: &self.route,
-            status: self.status,
-            outcome,
-            figures: &figures,
-            stream: figures.chunks > 0,
-        });
+        self.telemetry.record(
+            &Finished {
+                request_id: &self.request_id,
+                route: &self.route,
+                status: self.status,
+                outcome,
+                figures: &figures,
+                stream: figures.chunks > 0,
+            },
+            self.latency.t0(),
+            now,
+        );
     }
 }
 
 /// Records a figure the moment it is known.
-fn observe(route: &RouteMetrics, span: &mut Option<RequestSpan>, o: Observation) {
+fn observe(route: &RouteMetrics, span: &mut Option<RequestSpan>, o: Observation, now: Instant) {
     match o {
         Observation::FirstToken(d) => {
             route.ttft.record(d.as_secs_f64());
@@ -267,7 +271,12 @@ fn observe(route: &RouteMetrics, span: &mut Option<RequestSpan>, o: Observation)
                 span.on_first_content(d);
             }
         }
-        Observation::Itl(d) => route.itl.record(d.as_secs_f64()),
+        Observation::Itl(d) => {
+            route.itl.record(d.as_secs_f64());
+            if let Some(stats) = &route.stats {
+                stats.record_itl(d, now);
+            }
+        }
         Observation::TokensPerChunk(n) => route.tokens_per_chunk.record(n as f64),
     }
 }

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::config::{BucketConfig, Config};
 use crate::inspect::Endpoint;
 use crate::latency::{Figures, Slo};
+use crate::stats::{ModelStats, Stats};
 
 /// Default TTFT buckets (vLLM's `vllm:time_to_first_token_seconds`), seconds.
 pub const TTFT_BUCKETS: &[f64] = &[
@@ -245,6 +246,8 @@ pub struct RouteMetrics {
     pub unrecognized: Counter,
     /// In-flight gauge.
     pub in_flight: Gauge,
+    /// `/stats` summary of the model (chat and completions only).
+    pub stats: Option<Arc<ModelStats>>,
     requests: Mutex<Vec<(Outcome, u16, Counter)>>,
 }
 
@@ -277,6 +280,8 @@ pub struct Telemetry {
     pub models: ModelLabels,
     /// Upstream readiness.
     pub upstream: UpstreamHealth,
+    /// The `/stats` summaries.
+    pub stats: Stats,
     ready_gauge: Gauge,
     slo: Slo,
     access_log: bool,
@@ -346,6 +351,7 @@ impl Telemetry {
             routes: Mutex::new(HashMap::new()),
             models: ModelLabels::new(&config.telemetry.models, config.telemetry.max_models),
             upstream: UpstreamHealth::new(crate::config::secs(config.telemetry.ready_window_secs)),
+            stats: Stats::new(crate::config::secs(config.telemetry.stats_window_secs)),
             ready_gauge,
             slo: config.slo.slo(),
             access_log: config.telemetry.access_log,
@@ -386,8 +392,23 @@ impl Telemetry {
             generation_tokens_total: c(names::GENERATION_TOKENS_TOTAL),
             unrecognized: c(names::UNRECOGNIZED),
             in_flight: r.register_gauge(&Key::from_parts(names::IN_FLIGHT, labels()), &METADATA),
+            stats: endpoint.is_generation().then(|| self.stats.model(&model)),
             requests: Mutex::new(Vec::new()),
         });
+        // Common outcomes exist at 0 from the start, so that rate() sees their first increase.
+        if endpoint.is_generation() {
+            for (outcome, status) in [
+                (Outcome::Ok, 200),
+                (Outcome::InbandError, 200),
+                (Outcome::ClientDisconnect, 200),
+                (Outcome::UpstreamDisconnect, 200),
+                (Outcome::UpstreamTimeout, 200),
+                (Outcome::UpstreamTimeout, 504),
+                (Outcome::ConnectError, 502),
+            ] {
+                let _ = self.requests_counter(&route, outcome, status);
+            }
+        }
         routes.insert((model, endpoint), route.clone());
         route
     }
@@ -414,8 +435,8 @@ impl Telemetry {
     }
 
     /// Records a request that has ended: counters, the figures known only at the end, and the
-    /// access-log line. Called exactly once per request.
-    pub fn record(&self, done: &Finished<'_>) {
+    /// access-log line. Called exactly once per request, at `now`.
+    pub fn record(&self, done: &Finished<'_>, t0: Instant, now: Instant) {
         let route = done.route;
         let f = done.figures;
         self.requests_counter(route, done.outcome, done.status)
@@ -436,6 +457,9 @@ impl Telemetry {
             }
             if route.endpoint.is_generation() && self.slo.is_good(f) {
                 route.goodput.increment(1);
+            }
+            if let Some(stats) = &route.stats {
+                stats.record_request(f, t0, now);
             }
         }
         // Tokens the upstream generated count even when the request did not end well.
