@@ -88,7 +88,7 @@ impl Simulator {
         config
             .validate()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let listener = TcpListener::bind(addr).await?;
+        let listener = bind(addr)?;
         let addr = listener.local_addr()?;
         let shared = Shared::new(config);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -154,7 +154,7 @@ pub async fn run(
     config
         .validate()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let listener = TcpListener::bind(addr).await?;
+    let listener = bind(addr)?;
     tracing::info!(
         addr = %listener.local_addr()?,
         models = ?config.models,
@@ -162,6 +162,18 @@ pub async fn run(
         "simulator listening"
     );
     serve(listener, Shared::new(config), shutdown).await
+}
+
+/// Binds with a long accept backlog: a load test opening thousands of connections at once
+/// would otherwise overflow the default one and wait for SYN retries (a second each).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(8192)
 }
 
 async fn serve(
