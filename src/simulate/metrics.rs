@@ -89,15 +89,17 @@ impl Counters {
 pub(crate) struct Tracker {
     shared: Arc<Shared>,
     what: &'static str,
+    id: String,
     done: bool,
 }
 
 impl Tracker {
-    pub fn new(shared: Arc<Shared>, what: &'static str) -> Tracker {
+    pub fn new(shared: Arc<Shared>, what: &'static str, id: String) -> Tracker {
         shared.counters.active.fetch_add(1, Relaxed);
         Tracker {
             shared,
             what,
+            id,
             done: false,
         }
     }
@@ -121,6 +123,7 @@ impl Drop for Tracker {
         if !self.done {
             self.shared.counters.cancelled.fetch_add(1, Relaxed);
             tracing::info!(
+                id = %self.id,
                 response = self.what,
                 "simulated request cancelled: client went away"
             );

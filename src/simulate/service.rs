@@ -309,6 +309,7 @@ async fn generate(
     let mut tracker = Tracker::new(
         shared.clone(),
         if plan.stream { "stream" } else { "response" },
+        id.clone(),
     );
     if !faults.header_delay.is_zero() {
         tokio::time::sleep_until(arrival + faults.header_delay).await;
@@ -476,7 +477,7 @@ async fn embeddings(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) ->
         .counters
         .prompt_tokens
         .fetch_add(prompt_tokens, Relaxed);
-    let mut tracker = Tracker::new(shared.clone(), "embedding");
+    let mut tracker = Tracker::new(shared.clone(), "embedding", String::new());
     let timing = &shared.config.timing;
     let ms = timing.ttft_base_ms + timing.prefill_ms_per_1k_tokens * prompt_tokens as f64 / 1000.0;
     tokio::time::sleep_until(arrival + std::time::Duration::from_nanos((ms * 1e6) as u64)).await;
