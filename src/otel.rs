@@ -25,11 +25,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use metrics::Counter;
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
-};
+use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
 use opentelemetry::{Array, Context, KeyValue, StringValue, Value};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpClient, HttpError};
+use opentelemetry_http::{HeaderExtractor, HttpClient, HttpError};
 use opentelemetry_otlp::{Protocol as OtlpProtocol, WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
@@ -44,6 +42,9 @@ use tokio::time::Instant;
 use crate::inspect::{Endpoint, RequestInfo};
 use crate::latency::Figures;
 use crate::telemetry::{Outcome, Telemetry};
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
 
 /// How spans travel to the collector.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -73,7 +74,7 @@ impl Protocol {
 /// environment. Export headers are the exception: those from the file and from
 /// `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS` are all sent, the environment's value winning for a
 /// header named in both.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TracingConfig {
     /// Export one span per proxied request. Default `false`: nothing is traced, whatever the
@@ -109,7 +110,6 @@ pub struct TracingConfig {
     /// spans (vLLM reads `traceparent`) become its children. When `false`, the client's trace
     /// headers are forwarded untouched. An incoming `traceparent` is continued either way.
     /// Default `true`.
-    #[serde(default = "yes")]
     pub propagate: bool,
     /// The `gen_ai.provider.name` attribute. vLLM is not one of the semantic conventions'
     /// well-known providers, which allow a custom value. Default `"vllm"`.
@@ -127,8 +127,25 @@ pub struct TracingConfig {
     pub shutdown_timeout_secs: Option<f64>,
 }
 
-fn yes() -> bool {
-    true
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            enabled: false,
+            protocol: None,
+            endpoint: None,
+            headers: BTreeMap::new(),
+            timeout_secs: None,
+            service_name: None,
+            resource_attributes: BTreeMap::new(),
+            sample_ratio: None,
+            propagate: true,
+            provider_name: None,
+            max_queue_size: None,
+            max_export_batch_size: None,
+            scheduled_delay_ms: None,
+            shutdown_timeout_secs: None,
+        }
+    }
 }
 
 /// A tracing configuration that cannot be used.
@@ -181,6 +198,9 @@ pub struct RequestSpan {
     /// timestamp is `wall + (Instant::now() - start)`, so the span's times are consistent.
     wall: SystemTime,
     start: Instant,
+    /// The earliest the request can have arrived, from what the figures say: the proxy opens
+    /// the span after reading the request body, a little after the head arrived (`t0`).
+    arrival: Instant,
     propagate: bool,
     stream: bool,
     status: u16,
@@ -291,7 +311,7 @@ impl Tracer {
     pub fn start(&self, req: &RequestStart<'_>) -> RequestSpan {
         let wall = SystemTime::now();
         let start = Instant::now();
-        let parent = if req.headers.contains_key("traceparent") {
+        let parent = if req.headers.contains_key(TRACEPARENT) {
             self.propagator
                 .extract_with_context(&Context::new(), &HeaderExtractor(req.headers))
         } else {
@@ -353,6 +373,7 @@ impl Tracer {
             span: self.tracer.build_with_context(builder, &parent),
             wall,
             start,
+            arrival: start,
             propagate: self.propagate,
             stream: req.info.stream,
             status: 0,
@@ -389,8 +410,25 @@ impl RequestSpan {
         if !self.propagate {
             return;
         }
-        let cx = Context::new().with_remote_span_context(self.span.span_context().clone());
-        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+        let cx = self.span.span_context();
+        let traceparent = format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            cx.trace_id(),
+            cx.span_id(),
+            cx.trace_flags().to_u8()
+        );
+        if let Ok(value) = http::HeaderValue::try_from(traceparent) {
+            headers.insert(TRACEPARENT, value);
+        }
+        let state = cx.trace_state().header();
+        match http::HeaderValue::try_from(state) {
+            Ok(value) if !value.is_empty() => {
+                headers.insert(TRACESTATE, value);
+            }
+            _ => {
+                headers.remove(TRACESTATE);
+            }
+        }
     }
 
     /// The upstream's response head arrived with `status`.
@@ -401,6 +439,7 @@ impl RequestSpan {
     /// The first token event was handed to the client, `ttft` after arrival: adds the
     /// `gen_ai.first_token` event at this instant.
     pub fn on_first_token(&mut self, ttft: Duration) {
+        self.arrived_before(ttft);
         if self.span.is_recording() {
             let at = self.now();
             self.span.add_event_with_timestamp(
@@ -414,6 +453,7 @@ impl RequestSpan {
     /// The first token event with content was handed to the client, `ttfc` after arrival:
     /// adds the `gen_ai.first_content` event at this instant.
     pub fn on_first_content(&mut self, ttfc: Duration) {
+        self.arrived_before(ttfc);
         if self.span.is_recording() {
             let at = self.now();
             self.span.add_event_with_timestamp(
@@ -440,6 +480,7 @@ impl RequestSpan {
     /// other than `ok` sets `error.type` to its name and the span status to ERROR.
     pub fn finish(mut self, outcome: Outcome, status: u16, figures: &Figures) {
         let end = self.now();
+        self.arrived_before(figures.e2el);
         if self.span.is_recording() {
             let status = if status != 0 { status } else { self.status };
             let mut attributes = Vec::with_capacity(16);
@@ -492,6 +533,14 @@ impl RequestSpan {
             if outcome != Outcome::Ok {
                 attributes.push(KeyValue::new("error.type", outcome.as_str()));
             }
+            // Last, so that the span processor finds it at once (see `QueueProcessor::on_end`).
+            let early = self.start.saturating_duration_since(self.arrival);
+            if !early.is_zero() {
+                attributes.push(KeyValue::new(
+                    START_EARLIER_NS,
+                    clamp(early.as_nanos() as u64),
+                ));
+            }
             self.span.set_attributes(attributes);
             if outcome != Outcome::Ok {
                 self.span.set_status(Status::error(outcome.as_str()));
@@ -500,11 +549,23 @@ impl RequestSpan {
         self.span.end_with_timestamp(end);
     }
 
+    /// Something happened `since_arrival` after the request arrived, just now.
+    fn arrived_before(&mut self, since_arrival: Duration) {
+        if let Some(t0) = Instant::now().checked_sub(since_arrival) {
+            self.arrival = self.arrival.min(t0);
+        }
+    }
+
     /// The wall-clock time of this instant, on the span's monotonic clock.
     fn now(&self) -> SystemTime {
         self.wall + self.start.elapsed()
     }
 }
+
+/// The span's start is moved this many nanoseconds earlier, to the request's arrival, by the
+/// span processor; the attribute is not exported. (The SDK fixes a span's start when the span
+/// is created, which is after the request body was read.)
+const START_EARLIER_NS: &str = "tokentap.internal.start_earlier_ns";
 
 /// OTLP integers are signed.
 fn clamp(n: u64) -> i64 {
@@ -761,7 +822,16 @@ struct QueueProcessor {
 impl SpanProcessor for QueueProcessor {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
 
-    fn on_end(&self, span: SpanData) {
+    fn on_end(&self, mut span: SpanData) {
+        if span
+            .attributes
+            .last()
+            .is_some_and(|kv| kv.key.as_str() == START_EARLIER_NS)
+            && let Some(kv) = span.attributes.pop()
+            && let Value::I64(ns) = kv.value
+        {
+            span.start_time -= Duration::from_nanos(ns.unsigned_abs());
+        }
         if self.closed.load(Ordering::Relaxed) || self.queue.try_send(span).is_err() {
             self.dropped.increment(1);
         }
