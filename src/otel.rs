@@ -234,12 +234,11 @@ impl Tracer {
             "tokentap_otel_spans_dropped_total",
             "Spans dropped because the export queue was full or the collector failed",
         );
-        let exporter = build_exporter(config, &settings)?;
+        let mut exporter = build_exporter(config, &settings)?;
         let resource = build_resource(config);
 
         let (spans_tx, spans_rx) = mpsc::channel(settings.max_queue_size);
         let (control_tx, control_rx) = mpsc::channel(4);
-        let mut exporter = exporter;
         exporter.set_resource(&resource);
         tokio::spawn(
             Batcher {
@@ -260,7 +259,7 @@ impl Tracer {
             .with_span_processor(QueueProcessor {
                 queue: spans_tx,
                 dropped,
-                closed: Arc::new(AtomicBool::new(false)),
+                closed: AtomicBool::new(false),
             });
         if let Some(ratio) = settings.sample_ratio {
             builder = builder.with_sampler(Sampler::ParentBased(Box::new(
@@ -816,7 +815,7 @@ impl HttpClient for ExportClient {
 struct QueueProcessor {
     queue: mpsc::Sender<SpanData>,
     dropped: Counter,
-    closed: Arc<AtomicBool>,
+    closed: AtomicBool,
 }
 
 impl SpanProcessor for QueueProcessor {
