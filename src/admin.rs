@@ -88,6 +88,7 @@ fn stats(telemetry: &Telemetry, query: &str) -> Response<Full<Bytes>> {
                 &format!("tokentap: {model}, last {:.0}s", report.window_s),
                 summary,
                 &[],
+                crate::stats::ALL_METRICS,
             ));
         }
         ("text/plain; charset=utf-8", out)

@@ -17,7 +17,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub mod admin;
+pub mod bench;
 pub mod config;
+pub mod demo;
 pub mod inspect;
 pub mod latency;
 pub mod observe;

@@ -34,6 +34,17 @@ enum Command {
         #[arg(long, env = "TOKENTAP_ADMIN_LISTEN")]
         admin_listen: Option<SocketAddr>,
     },
+    /// Send a workload to an OpenAI-compatible server and measure it like `vllm bench serve`.
+    Bench(Box<tokentap::bench::BenchArgs>),
+    /// Print the proxy's live summary (`/stats` of its admin listener).
+    Stats {
+        /// Base URL of the admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9464")]
+        admin: String,
+    },
+    /// Start the simulator and the proxy, send a bench workload through the proxy, and print the
+    /// client's and the proxy's figures side by side.
+    Demo(tokentap::demo::DemoArgs),
     /// Validate a configuration file; on error, name the field and exit 2.
     CheckConfig {
         /// The file.
@@ -122,6 +133,23 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::CheckConfig { .. } => Ok(()),
+            Command::Bench(args) => {
+                let result = tokentap::bench::run(&args).await?;
+                print!("{}", tokentap::bench::report(&args, &result)?);
+                if args.save_result {
+                    let path = tokentap::bench::save(&args, &result)?;
+                    eprintln!("results written to {}", path.display());
+                }
+                Ok(())
+            }
+            Command::Stats { admin } => {
+                print!("{}", tokentap::bench::fetch_stats(&admin).await?);
+                Ok(())
+            }
+            Command::Demo(args) => {
+                tokentap::demo::run(&args, tokentap::shutdown_signal()).await?;
+                Ok(())
+            }
             Command::Simulate {
                 listen,
                 seed,

@@ -295,8 +295,17 @@ impl Stats {
     }
 }
 
-/// Formats one summary in the layout `vllm bench serve` prints.
-pub fn render_table(title: &str, s: &ModelSummary, extra: &[(&str, String)]) -> String {
+/// The figures a table can show, by the names `--percentile-metrics` takes.
+pub const ALL_METRICS: &[&str] = &["ttft", "tpot", "itl", "e2el"];
+
+/// Formats one summary in the layout `vllm bench serve` prints: the counts, `extra` lines after
+/// the first, then a section per figure named in `metrics`.
+pub fn render_table(
+    title: &str,
+    s: &ModelSummary,
+    extra: &[(&str, String)],
+    metrics: &[&str],
+) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let line = |out: &mut String, k: &str, v: String| {
@@ -347,7 +356,10 @@ pub fn render_table(title: &str, s: &ModelSummary, extra: &[(&str, String)]) -> 
         ("ITL", "Inter-token Latency", &s.itl_ms),
         ("E2EL", "End-to-end Latency", &s.e2el_ms),
     ] {
-        let _ = writeln!(out, "{:-^50}", header);
+        if !metrics.iter().any(|m| m.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        let _ = writeln!(out, "{header:-^50}");
         line(
             &mut out,
             &format!("Mean {name} (ms):"),
@@ -423,7 +435,7 @@ mod tests {
         assert_eq!(s.itl_ms.count, 100);
         assert!((s.request_throughput - 10.0).abs() < 1e-6);
         assert_eq!(s.total_output_tokens, 10_000);
-        let table = render_table("tokentap", s, &[]);
+        let table = render_table("tokentap", s, &[], ALL_METRICS);
         assert!(table.contains("Median TTFT (ms):"));
         assert!(table.contains("P99 ITL (ms):"));
         advance(Duration::from_secs(101)).await;

@@ -1,0 +1,180 @@
+//! `tokentap bench` against known truth, its command line, and `tokentap demo`.
+
+mod common;
+
+use common::*;
+use tokentap::bench::{self, BenchArgs};
+
+#[tokio::test(start_paused = true)]
+async fn bench_reports_the_configured_timings() {
+    // TTFT 50 ms, one token every 10 ms, no jitter, on tokio's paused clock.
+    let sim = sim(exact_sim(50.0, 10.0)).await;
+    let mut args = BenchArgs::new(&sim.base_url(), MODEL);
+    args.num_prompts = 20;
+    args.max_concurrency = Some(5);
+    args.random_input_len = 64;
+    args.random_output_len = 16;
+    args.disable_tqdm = true;
+    let result = bench::run(&args).await.unwrap();
+    assert_eq!(result.completed().count(), 20);
+    for r in result.completed() {
+        assert!((r.ttft - 0.050).abs() < 1e-6, "ttft {}", r.ttft);
+        assert_eq!(r.output_tokens, 16);
+        assert!(
+            (r.latency - (0.050 + 15.0 * 0.010)).abs() < 1e-6,
+            "latency {}",
+            r.latency
+        );
+        assert!((r.tpot().unwrap() - 0.010).abs() < 1e-6);
+        // The role chunk goes out with the first token; every later gap is one decode step.
+        assert!(
+            r.itl
+                .iter()
+                .all(|g| g.abs() < 1e-6 || (g - 0.010).abs() < 1e-6),
+            "{:?}",
+            r.itl
+        );
+        assert_eq!(
+            r.itl.iter().filter(|g| (*g - 0.010).abs() < 1e-6).count(),
+            15
+        );
+    }
+    let s = result.summary(&[99.0]);
+    assert!((s.ttft_ms.mean - 50.0).abs() < 1e-3);
+    assert!((s.tpot_ms.median - 10.0).abs() < 1e-3);
+    assert!((s.itl_ms.percentiles[0].1 - 10.0).abs() < 1e-3);
+    assert_eq!(s.total_output_tokens, 320);
+    sim.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn goodput_counts_requests_within_bounds() {
+    let sim = sim(exact_sim(50.0, 10.0)).await;
+    let mut args = BenchArgs::new(&sim.base_url(), MODEL);
+    args.num_prompts = 4;
+    args.random_output_len = 8;
+    args.random_input_len = 8;
+    args.disable_tqdm = true;
+    args.goodput = vec!["ttft:60".to_owned(), "tpot:10".to_owned()];
+    let result = bench::run(&args).await.unwrap();
+    assert_eq!(result.good(), 4);
+    args.goodput = vec!["ttft:49".to_owned()];
+    let result = bench::run(&args).await.unwrap();
+    assert_eq!(result.good(), 0);
+    let table = bench::report(&args, &result).unwrap();
+    assert!(table.contains("Request goodput (req/s):"), "{table}");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn bench_command_prints_the_vllm_layout_and_saves_results() {
+    let sim = sim(exact_sim(5.0, 1.0)).await;
+    let dir = std::env::temp_dir().join(format!("tokentap-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("r.json");
+    let base = sim.base_url();
+    let file_arg = file.to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
+            .args([
+                "bench",
+                "--base-url",
+                &base,
+                "--model",
+                MODEL,
+                "--num-prompts",
+                "6",
+                "--random-input-len",
+                "32",
+                "--random-output-len",
+                "8",
+                "--request-rate",
+                "200",
+                "--percentile-metrics",
+                "ttft,tpot,itl,e2el",
+                "--metric-percentiles",
+                "50,99",
+                "--save-result",
+                "--result-filename",
+                &file_arg,
+                "--disable-tqdm",
+                "--endpoint",
+                "/v1/completions",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "============ Serving Benchmark Result ============",
+        "Successful requests:                     6",
+        "Total generated tokens:                  48",
+        "---------------Time to First Token----------------",
+        "-----Time per Output Token (excl. 1st token)------",
+        "---------------Inter-token Latency----------------",
+        "----------------End-to-end Latency----------------",
+        "P50 TTFT (ms):",
+        "P99 E2EL (ms):",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
+    }
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(saved["completed"], 6);
+    assert_eq!(saved["ttfts"].as_array().unwrap().len(), 6);
+    assert_eq!(
+        saved["itls"][0].as_array().unwrap().len(),
+        7,
+        "8 token events, 7 gaps"
+    );
+    assert_eq!(saved["output_lens"][0], 8);
+    assert_eq!(saved["latencies"].as_array().unwrap().len(), 6);
+    let ids: Vec<&str> = saved["request_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 6, "a unique x-request-id per request");
+    std::fs::remove_dir_all(&dir).unwrap();
+    sim.shutdown().await;
+}
+
+#[test]
+fn demo_prints_client_and_proxy_side_by_side() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
+        .args([
+            "demo",
+            "--exit",
+            "--num-prompts",
+            "20",
+            "--max-concurrency",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("Successful requests"))
+        .unwrap_or_else(|| panic!("no comparison table in\n{stdout}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[2..4], &["20.00", "20.00"], "{row}");
+    for needle in ["Mean TTFT (ms)", "P99 ITL (ms)", "/metrics", "/stats"] {
+        assert!(stdout.contains(needle), "missing {needle} in\n{stdout}");
+    }
+}
