@@ -141,7 +141,7 @@ pub struct TelemetryConfig {
     pub access_log: bool,
     /// Format of all log lines.
     pub log_format: LogFormat,
-    /// Histogram bucket overrides; an absent list keeps the default of METRICS.md.
+    /// Histogram bucket overrides; an absent list keeps the default of `docs/METRICS.md`.
     pub buckets: BucketConfig,
     /// Length of the sliding window `/stats` summarizes, seconds.
     pub stats_window_secs: f64,

@@ -2,7 +2,7 @@
 //! the client in, figures out.
 //!
 //! Pure: no I/O and no clock of its own. The body wrapper passes `now` with each event; tests
-//! pass instants from tokio's paused clock. Definitions are those of `../shared/METRICS.md` §2.
+//! pass instants from tokio's paused clock. Definitions are those of `docs/METRICS.md` §2.
 
 use std::time::Duration;
 

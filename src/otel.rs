@@ -189,18 +189,17 @@ pub struct RequestStart<'a> {
     pub endpoint: Endpoint,
     /// What the body said.
     pub info: &'a RequestInfo,
+    /// When the request head arrived (`t0`): the span starts there.
+    pub arrived: Instant,
 }
 
 /// The span of one request, from [`Tracer::start`] to [`RequestSpan::finish`].
 pub struct RequestSpan {
     span: opentelemetry_sdk::trace::Span,
-    /// Wall clock and monotonic clock read together when the span started: every later
-    /// timestamp is `wall + (Instant::now() - start)`, so the span's times are consistent.
+    /// Wall clock and monotonic clock read together when the span was opened: every
+    /// timestamp is `wall + (instant - start)`, so the span's times are consistent.
     wall: SystemTime,
     start: Instant,
-    /// The earliest the request can have arrived, from what the figures say: the proxy opens
-    /// the span after reading the request body, a little after the head arrived (`t0`).
-    arrival: Instant,
     propagate: bool,
     stream: bool,
     status: u16,
@@ -366,13 +365,12 @@ impl Tracer {
             .tracer
             .span_builder(name)
             .with_kind(SpanKind::Server)
-            .with_start_time(wall)
+            .with_start_time(wall - start.saturating_duration_since(req.arrived))
             .with_attributes(attributes);
         RequestSpan {
             span: self.tracer.build_with_context(builder, &parent),
             wall,
             start,
-            arrival: start,
             propagate: self.propagate,
             stream: req.info.stream,
             status: 0,
@@ -438,7 +436,6 @@ impl RequestSpan {
     /// The first token event was handed to the client, `ttft` after arrival: adds the
     /// `gen_ai.first_token` event at this instant.
     pub fn on_first_token(&mut self, ttft: Duration) {
-        self.arrived_before(ttft);
         if self.span.is_recording() {
             let at = self.now();
             self.span.add_event_with_timestamp(
@@ -452,7 +449,6 @@ impl RequestSpan {
     /// The first token event with content was handed to the client, `ttfc` after arrival:
     /// adds the `gen_ai.first_content` event at this instant.
     pub fn on_first_content(&mut self, ttfc: Duration) {
-        self.arrived_before(ttfc);
         if self.span.is_recording() {
             let at = self.now();
             self.span.add_event_with_timestamp(
@@ -479,7 +475,6 @@ impl RequestSpan {
     /// other than `ok` sets `error.type` to its name and the span status to ERROR.
     pub fn finish(mut self, outcome: Outcome, status: u16, figures: &Figures) {
         let end = self.now();
-        self.arrived_before(figures.e2el);
         if self.span.is_recording() {
             let status = if status != 0 { status } else { self.status };
             let mut attributes = Vec::with_capacity(16);
@@ -532,14 +527,6 @@ impl RequestSpan {
             if outcome != Outcome::Ok {
                 attributes.push(KeyValue::new("error.type", outcome.as_str()));
             }
-            // Last, so that the span processor finds it at once (see `QueueProcessor::on_end`).
-            let early = self.start.saturating_duration_since(self.arrival);
-            if !early.is_zero() {
-                attributes.push(KeyValue::new(
-                    START_EARLIER_NS,
-                    clamp(early.as_nanos() as u64),
-                ));
-            }
             self.span.set_attributes(attributes);
             if outcome != Outcome::Ok {
                 self.span.set_status(Status::error(outcome.as_str()));
@@ -548,23 +535,11 @@ impl RequestSpan {
         self.span.end_with_timestamp(end);
     }
 
-    /// Something happened `since_arrival` after the request arrived, just now.
-    fn arrived_before(&mut self, since_arrival: Duration) {
-        if let Some(t0) = Instant::now().checked_sub(since_arrival) {
-            self.arrival = self.arrival.min(t0);
-        }
-    }
-
     /// The wall-clock time of this instant, on the span's monotonic clock.
     fn now(&self) -> SystemTime {
         self.wall + self.start.elapsed()
     }
 }
-
-/// The span's start is moved this many nanoseconds earlier, to the request's arrival, by the
-/// span processor; the attribute is not exported. (The SDK fixes a span's start when the span
-/// is created, which is after the request body was read.)
-const START_EARLIER_NS: &str = "tokentap.internal.start_earlier_ns";
 
 /// OTLP integers are signed.
 fn clamp(n: u64) -> i64 {
@@ -821,16 +796,7 @@ struct QueueProcessor {
 impl SpanProcessor for QueueProcessor {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
 
-    fn on_end(&self, mut span: SpanData) {
-        if span
-            .attributes
-            .last()
-            .is_some_and(|kv| kv.key.as_str() == START_EARLIER_NS)
-            && let Some(kv) = span.attributes.pop()
-            && let Value::I64(ns) = kv.value
-        {
-            span.start_time -= Duration::from_nanos(ns.unsigned_abs());
-        }
+    fn on_end(&self, span: SpanData) {
         if self.closed.load(Ordering::Relaxed) || self.queue.try_send(span).is_err() {
             self.dropped.increment(1);
         }

@@ -245,7 +245,7 @@ impl Proxy {
                     Either::Left(Full::new(bytes))
                 }
                 Err(error) => {
-                    let span = self.span(&parts, endpoint, &info);
+                    let span = self.span(&parts, endpoint, &info, t0);
                     let recorder = self.recorder(&info, endpoint, request_id, t0, span);
                     let too_large = error
                         .downcast_ref::<http_body_util::LengthLimitError>()
@@ -274,7 +274,7 @@ impl Proxy {
             Either::Right(body)
         };
 
-        let span = self.span(&parts, endpoint, &info);
+        let span = self.span(&parts, endpoint, &info, t0);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
         if self.x_forwarded {
@@ -366,6 +366,7 @@ impl Proxy {
         parts: &http::request::Parts,
         endpoint: Endpoint,
         info: &RequestInfo,
+        arrived: Instant,
     ) -> Option<RequestSpan> {
         let tracer = self.tracer.as_ref().filter(|_| self.telemetry_enabled)?;
         Some(tracer.start(&RequestStart {
@@ -374,6 +375,7 @@ impl Proxy {
             path: parts.uri.path(),
             endpoint,
             info,
+            arrived,
         }))
     }
 }

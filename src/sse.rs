@@ -2,7 +2,7 @@
 //!
 //! Pure: no I/O, no clock. [`SseParser::feed`] takes the bytes of one body frame as they arrive
 //! (half an event, or many) and reports each event at the blank line that completes it, with
-//! its byte offset in that frame, classified as `../shared/METRICS.md` §1 says: token, usage,
+//! its byte offset in that frame, classified as `docs/METRICS.md` §1 says: token, usage,
 //! error, `[DONE]` or other. JSON is looked at only as far as classification needs and is never
 //! re-serialized; in the steady state nothing is allocated per event.
 

@@ -81,7 +81,7 @@ pub mod names {
     pub const BUILD_INFO: &str = "tokentap_build_info";
 }
 
-/// How a request ended (`../shared/METRICS.md` §3), the `outcome` label.
+/// How a request ended (`docs/METRICS.md` §3), the `outcome` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// Upstream 2xx and, for a stream, a normal end.

@@ -52,9 +52,11 @@ async fn proxy_and_client_agree_per_request_and_in_the_table() {
     .expect("the only subscriber of this test binary");
 
     // The simulator's realistic defaults: jitter, continuous-batching slowdown.
-    let mut sc = tokentap::simulate::SimConfig::default();
-    sc.models = vec![MODEL.to_owned()];
-    let sim = sim(sc).await;
+    let sim = sim(tokentap::simulate::SimConfig {
+        models: vec![MODEL.to_owned()],
+        ..Default::default()
+    })
+    .await;
     let mut config = proxy_config(&sim.base_url());
     config.telemetry.access_log = true;
     let proxy = tokentap::start(config).await.unwrap();

@@ -4,7 +4,7 @@
 //! client reads it. The first event with a non-empty `choices` is the first token (TTFT), each
 //! later one gives an ITL sample, E2EL ends at the last such event, output length comes from
 //! `usage.completion_tokens`, and TPOT is `(E2EL - TTFT) / (output - 1)`: the definitions of
-//! `../shared/METRICS.md`, which match `vllm bench serve`.
+//! `docs/METRICS.md`, which match `vllm bench serve`.
 
 pub mod dataset;
 
