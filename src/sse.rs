@@ -91,6 +91,8 @@ pub struct Event<'a> {
     pub id: Option<&'a str>,
     /// The chunk's `model`, when it is a plain JSON string.
     pub model: Option<&'a str>,
+    /// The event's data (its `data:` lines joined with `\n`); empty when it had none.
+    pub data: &'a [u8],
 }
 
 /// Where the current event's data is while its lines arrive.
@@ -280,6 +282,7 @@ impl SseParser {
             end,
             id: c.id,
             model: c.model,
+            data: payload.unwrap_or_default(),
         });
         self.data = data;
         self.data.clear();
