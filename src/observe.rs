@@ -106,6 +106,10 @@ impl Recorder {
     /// how the body will be read.
     pub fn on_head(&mut self, status: u16, sse: bool, json: bool, strip_usage: bool, now: Instant) {
         self.status = status;
+        if status < 500 {
+            // The upstream answered: it is up, whatever the proxy does with the answer.
+            self.telemetry.upstream.mark();
+        }
         if let Some(span) = &mut self.span {
             span.on_response_head(status);
         }
@@ -234,9 +238,6 @@ impl Recorder {
 
     fn report(self, outcome: Outcome, now: Instant) {
         self.route.in_flight.decrement(1.0);
-        if self.status != 0 && self.status < 500 {
-            self.telemetry.upstream.mark();
-        }
         let figures = self.latency.figures(now);
         if let Some(span) = self.span {
             span.finish(outcome, self.status, &figures);
