@@ -71,6 +71,7 @@ async fn proxy_and_client_agree_per_request_and_in_the_table() {
     args.random_output_len = 64;
     args.random_range_ratio = 0.5;
     args.disable_tqdm = true;
+    args.headers = vec!["Authorization: Bearer sk-never-logged".to_owned()];
     let result = bench::run(&args).await.unwrap();
     assert_eq!(result.completed().count(), 400);
 
@@ -80,6 +81,12 @@ async fn proxy_and_client_agree_per_request_and_in_the_table() {
         .iter()
         .map(|l| (l["request_id"].clone(), l.clone()))
         .collect();
+    for line in lines.lock().unwrap().iter() {
+        assert!(
+            line.values().all(|v| !v.contains("sk-never-logged")),
+            "the access log holds a secret: {line:?}"
+        );
+    }
     let ms = |l: &HashMap<String, String>, k: &str| -> f64 { l[k].parse().unwrap() };
     let (mut ttft_ok, mut e2el_ok, mut itl_ok) = (0, 0, 0);
     let (mut ttft_max, mut e2el_max, mut itl_max) = (0.0f64, 0.0f64, 0.0f64);

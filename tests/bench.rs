@@ -178,3 +178,72 @@ fn demo_prints_client_and_proxy_side_by_side() {
         assert!(stdout.contains(needle), "missing {needle} in\n{stdout}");
     }
 }
+
+#[tokio::test]
+async fn stats_endpoint_and_command_show_the_live_table() {
+    let sim = sim(exact_sim(20.0, 5.0)).await;
+    let proxy = tokentap::start(proxy_config(&sim.base_url()))
+        .await
+        .unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let c = client();
+    for _ in 0..5 {
+        let r = post(
+            &c,
+            &format!("http://{}/v1/chat/completions", proxy.addr()),
+            &chat_body(8, true, ""),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    let r = send(
+        &c,
+        http::Method::GET,
+        &format!("http://{admin}/stats?percentiles=50,99.9"),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let m = &v["models"][MODEL];
+    assert_eq!(m["completed"], 5);
+    assert_eq!(m["total_output_tokens"], 40);
+    let ttft = m["ttft_ms"]["median"].as_f64().unwrap();
+    assert!((18.0..25.0).contains(&ttft), "TTFT median {ttft} ms");
+    assert_eq!(m["itl_ms"]["percentiles"][1][0], 99.9);
+    assert_eq!(v["window_s"], 300.0);
+
+    let r = send(
+        &c,
+        http::Method::GET,
+        &format!("http://{admin}/stats?percentiles=abc"),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 400);
+
+    let admin_url = format!("http://{admin}");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
+            .args(["stats", "--admin", &admin_url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("tokentap: {MODEL}, last 300s")),
+        "{text}"
+    );
+    assert!(
+        text.contains("Successful requests:                     5"),
+        "{text}"
+    );
+    assert!(text.contains("P99 TTFT (ms):"), "{text}");
+    proxy.shutdown().await;
+    sim.shutdown().await;
+}
