@@ -933,3 +933,47 @@ fn check_config_names_the_bad_field() {
     assert!(out.status.success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn outcome_upstream_timeout_on_connect() {
+    // A listener whose accept queue is full and never drained: the kernel drops further SYNs,
+    // so a connect to it hangs until the proxy's connect timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let mut config = proxy_config(&format!("http://{addr}"));
+    config.telemetry.discover_models = false;
+    config.upstream.connect_timeout_secs = 0.3;
+    let proxy = tokentap::start(config).await.unwrap();
+    let r = post(
+        &client(),
+        &format!("http://{}/v1/chat/completions", proxy.addr()),
+        &chat_body(3, true, ""),
+    )
+    .await;
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    openai_error(&r.body, 504);
+    let m = scrape(proxy.admin_addr().unwrap()).await;
+    assert_eq!(
+        value(
+            &m,
+            "tokentap_requests_total",
+            &[("outcome", "upstream_timeout"), ("status", "504")]
+        ),
+        1.0
+    );
+    proxy.shutdown().await;
+    drop((fillers, listener));
+}
