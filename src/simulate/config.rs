@@ -32,6 +32,12 @@ pub struct SimConfig {
     pub output: OutputConfig,
     /// Faults injected at random, per request (the `x-tokentap-sim-fault` header overrides them).
     pub faults: FaultRates,
+    /// For one-way latency measurements (`tokentap bench --chunk-latency`): every streamed JSON
+    /// chunk gets an extra last field `"tokentap_emit_ns": N`, the wall clock (ns since the Unix
+    /// epoch) when the chunk was handed to the connection. A client on the same machine
+    /// subtracts it from its own receive time. Off by default, because it changes the bytes
+    /// (and makes seeded responses differ between runs). Default: false.
+    pub stamp_emit_time: bool,
 }
 
 impl Default for SimConfig {
@@ -45,6 +51,7 @@ impl Default for SimConfig {
             timing: TimingConfig::default(),
             output: OutputConfig::default(),
             faults: FaultRates::default(),
+            stamp_emit_time: false,
         }
     }
 }

@@ -44,6 +44,10 @@ pub use service::{SimAbort, SimBody};
 
 use metrics::Shared;
 
+/// The JSON field a simulator with `stamp_emit_time` adds to every streamed chunk: its emit
+/// time, ns since the Unix epoch.
+pub const EMIT_STAMP_FIELD: &str = "tokentap_emit_ns";
+
 /// `created` of every response when a seed is set (2025-01-01T00:00:00Z), so seeded runs
 /// are byte-for-byte repeatable.
 pub const SEEDED_CREATED: u64 = 1_735_689_600;

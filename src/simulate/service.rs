@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Limited};
 use rand::Rng;
 use tokio::time::Instant;
 
+use super::EMIT_STAMP_FIELD;
 use super::fault::{FAULT_HEADER, Faults};
 use super::generate::{Event, Generation};
 use super::metrics::{Shared, Tracker, render as render_metrics};
@@ -134,6 +135,11 @@ impl Body for SimBody {
                         out
                     }
                 };
+                let out = if s.tracker.shared().config.stamp_emit_time {
+                    stamp_emit_time(&out, unix_nanos())
+                } else {
+                    out
+                };
                 Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
             }
         }
@@ -154,6 +160,28 @@ impl Body for SimBody {
             Inner::Stream(_) => SizeHint::default(),
         }
     }
+}
+
+/// Wall clock, ns since the Unix epoch.
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Adds `,"tokentap_emit_ns":ns` as the last field of every JSON event in `out`. Events are
+/// `data: {...}\n\n`; a JSON string cannot hold a raw newline, so `}\n\n` only ends an event.
+fn stamp_emit_time(out: &[u8], ns: u64) -> Vec<u8> {
+    let stamp = format!(",\"{EMIT_STAMP_FIELD}\":{ns}");
+    let mut stamped = Vec::with_capacity(out.len() + 4 * stamp.len());
+    let mut start = 0;
+    for end in memchr::memmem::find_iter(out, b"}\n\n") {
+        stamped.extend_from_slice(&out[start..end]);
+        stamped.extend_from_slice(stamp.as_bytes());
+        start = end;
+    }
+    stamped.extend_from_slice(&out[start..]);
+    stamped
 }
 
 fn response(status: StatusCode, content_type: &'static str, body: SimBody) -> Response<SimBody> {
@@ -530,4 +558,20 @@ async fn embeddings(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) ->
     })
     .unwrap_or_default();
     json(StatusCode::OK, body)
+}
+
+#[cfg(test)]
+mod stamp_tests {
+    use super::*;
+
+    #[test]
+    fn every_json_event_gets_the_stamp_and_done_does_not() {
+        let out = b"data: {\"a\":\"}\\n\\n\"}\n\ndata: {\"b\":1}\n\ndata: [DONE]\n\n";
+        let s = stamp_emit_time(out, 42);
+        assert_eq!(
+            String::from_utf8(s).unwrap(),
+            "data: {\"a\":\"}\\n\\n\",\"tokentap_emit_ns\":42}\n\n\
+             data: {\"b\":1,\"tokentap_emit_ns\":42}\n\ndata: [DONE]\n\n"
+        );
+    }
 }
