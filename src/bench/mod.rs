@@ -106,6 +106,11 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub disable_tqdm: bool,
+    /// Also measure one-way chunk latency: receive time minus the emit time the server wrote
+    /// into each chunk as `"tokentap_emit_ns"` (`tokentap simulate` with `stamp_emit_time =
+    /// true`). Server and client must share a clock, i.e. run on the same machine.
+    #[arg(long)]
+    pub chunk_latency: bool,
 }
 
 impl BenchArgs {
@@ -161,6 +166,10 @@ pub struct RequestResult {
     pub prompt_len: u64,
     /// Seconds from the start of the run to sending this request.
     pub start_time: f64,
+    /// With `--chunk-latency`: receive time minus emit time of each stamped token event,
+    /// seconds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chunk_latency: Vec<f64>,
 }
 
 impl RequestResult {
@@ -426,6 +435,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchResult, BenchError> {
             progress.clone(),
         );
         let prompt_len = sample.prompt_len as u64;
+        let stamps = args.chunk_latency;
         tasks.push(tokio::spawn(async move {
             let _permit = match &limit {
                 Some(s) => Some(
@@ -436,7 +446,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchResult, BenchError> {
                 ),
                 None => None,
             };
-            let mut r = one_request(&client, url, headers, body, request_id, started).await;
+            let mut r = one_request(&client, url, headers, body, request_id, started, stamps).await;
             if r.prompt_len == 0 {
                 r.prompt_len = prompt_len;
             }
@@ -467,6 +477,7 @@ async fn one_request(
     body: Bytes,
     request_id: String,
     started: Instant,
+    stamps: bool,
 ) -> RequestResult {
     let mut out = RequestResult {
         request_id,
@@ -521,9 +532,14 @@ async fn one_request(
             continue;
         };
         let now = Instant::now();
+        let wall = if stamps { unix_nanos() } else { 0 };
         parser.feed(&data, |e| {
             match e.kind {
                 EventKind::Token => {
+                    if stamps && let Some(emitted) = emit_stamp(e.data) {
+                        out.chunk_latency
+                            .push(wall.saturating_sub(emitted) as f64 / 1e9);
+                    }
                     if first.is_none() {
                         first = Some(now);
                     } else {
@@ -558,6 +574,50 @@ async fn one_request(
         }
     }
     out
+}
+
+/// Wall clock, ns since the Unix epoch.
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The `"tokentap_emit_ns":N` stamp of a chunk (see `SimConfig::stamp_emit_time`).
+fn emit_stamp(data: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"tokentap_emit_ns\":";
+    let at = memchr::memmem::rfind(data, KEY)? + KEY.len();
+    let digits = data[at..].iter().take_while(|b| b.is_ascii_digit());
+    let mut n: u64 = 0;
+    let mut any = false;
+    for d in digits {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        any = true;
+    }
+    any.then_some(n)
+}
+
+/// Percentiles (µs) of the one-way chunk latencies of all completed requests, with count,
+/// mean and max; `None` when nothing was measured.
+pub fn chunk_latency_summary(result: &BenchResult) -> Option<serde_json::Value> {
+    let mut all: Vec<f64> = result
+        .completed()
+        .flat_map(|r| r.chunk_latency.iter().map(|s| s * 1e6))
+        .collect();
+    if all.is_empty() {
+        return None;
+    }
+    all.sort_by(f64::total_cmp);
+    let mean = all.iter().sum::<f64>() / all.len() as f64;
+    Some(serde_json::json!({
+        "count": all.len(),
+        "mean": mean,
+        "p50": percentile_sorted(&all, 50.0),
+        "p90": percentile_sorted(&all, 90.0),
+        "p99": percentile_sorted(&all, 99.0),
+        "p99.9": percentile_sorted(&all, 99.9),
+        "max": all[all.len() - 1],
+    }))
 }
 
 /// Fetches `/stats?format=text` from a tokentap admin listener (for `tokentap stats`).
@@ -614,6 +674,22 @@ pub fn report(args: &BenchArgs, result: &BenchResult) -> Result<String, BenchErr
             table.insert_str(at, &line);
         }
     }
+    if let Some(c) = chunk_latency_summary(result) {
+        let f = |k: &str| c[k].as_f64().unwrap_or(0.0);
+        table.push_str(&format!(
+            "{:<40} {:<10}\n{:<40} {:<10.1}\n{:<40} {:<10.1}\n{:<40} {:<10.1}\n{:<40} {:<10.1}\n",
+            "Stamped chunks:",
+            c["count"],
+            "Mean chunk latency (us):",
+            f("mean"),
+            "Median chunk latency (us):",
+            f("p50"),
+            "P99 chunk latency (us):",
+            f("p99"),
+            "P99.9 chunk latency (us):",
+            f("p99.9"),
+        ));
+    }
     if failed > 0
         && let Some(first) = result.requests.iter().find(|r| !r.success)
     {
@@ -662,6 +738,9 @@ pub fn save(args: &BenchArgs, result: &BenchResult) -> Result<PathBuf, BenchErro
         "start_times": result.requests.iter().map(|r| r.start_time).collect::<Vec<_>>(),
         "errors": result.requests.iter().map(|r| &r.error).collect::<Vec<_>>(),
     });
+    if let Some(c) = chunk_latency_summary(result) {
+        json["chunk_latency_us"] = c;
+    }
     if !result.goodput.is_empty() {
         json["request_goodput"] =
             serde_json::json!(result.good() as f64 / result.duration.max(1e-9));
@@ -690,6 +769,16 @@ pub fn save(args: &BenchArgs, result: &BenchResult) -> Result<PathBuf, BenchErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emit_stamps_are_read_from_the_end_of_a_chunk() {
+        assert_eq!(
+            emit_stamp(br#"{"choices":[],"tokentap_emit_ns":1735689600123456789}"#),
+            Some(1_735_689_600_123_456_789)
+        );
+        assert_eq!(emit_stamp(br#"{"choices":[]}"#), None);
+        assert_eq!(emit_stamp(br#"{"tokentap_emit_ns":x}"#), None);
+    }
 
     #[test]
     fn percentiles_interpolate_like_numpy() {
