@@ -517,21 +517,21 @@ fn bench_args(base: &str, prompts: usize, concurrency: usize, fault: Option<&str
 /// The bench rounds that run after the clean one (all at once), by name.
 fn later_rounds(base: &str, scale: usize) -> Vec<(&'static str, BenchArgs)> {
     let n = |k: usize| if scale == 0 { 1 } else { k };
-    let mut completions = bench_args(base, n(40), 8, None);
+    let mut completions = bench_args(base, n(64), 8, None);
     completions.endpoint = "/v1/completions".to_owned();
     vec![
-        ("503", bench_args(base, n(20), 4, Some(FAULT_STATUS))),
+        ("503", bench_args(base, n(16), 4, Some(FAULT_STATUS))),
         (
             "inband error",
-            bench_args(base, n(20), 4, Some(FAULT_INBAND)),
+            bench_args(base, n(16), 4, Some(FAULT_INBAND)),
         ),
         (
             "slow stall",
-            bench_args(base, n(12), 12, Some(FAULT_SLOW_STALL)),
+            bench_args(base, n(4), 4, Some(FAULT_SLOW_STALL)),
         ),
         (
             "late head",
-            bench_args(base, n(12), 12, Some(FAULT_LATE_HEAD)),
+            bench_args(base, n(4), 4, Some(FAULT_LATE_HEAD)),
         ),
         (
             "idle timeout",
@@ -944,6 +944,8 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
         ),
     ];
     let mut exemptions_used = BTreeSet::new();
+    // Results that hold NaN for a model other than the served one: allowed, and counted.
+    let mut not_a_number = BTreeSet::new();
     let mut distinct = BTreeSet::new();
     let mut all_results: BTreeMap<String, Vec<Series>> = BTreeMap::new();
     for q in &panels {
@@ -991,7 +993,13 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
             // label that only saw 4xx requests ("none" here) may divide 0 by 0.
             for s in &result {
                 let ours = model_of(s).is_none_or(|m| m == MODEL);
-                if ours && s.points.iter().any(|p| !p.1.is_finite()) && how.starts_with("instant") {
+                let nan = s.points.iter().any(|p| !p.1.is_finite());
+                if nan && !ours {
+                    not_a_number.insert((
+                        format!("{} ({how})", q.name()),
+                        model_of(s).unwrap_or("").to_owned(),
+                    ));
+                } else if nan && how.starts_with("instant") {
                     failures.push(format!(
                         "{} ({how}): not a number for {:?}: {:?}",
                         q.name(),
@@ -1132,9 +1140,10 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
     let goodput_burn =
         (1.0 - goodput_truth) / (1.0 - objective("tokentap:slo_goodput_objective").await);
     println!("burn rates: availability {availability_burn:.1}, goodput {goodput_burn:.1}");
-    assert!(availability_burn > 14.4 * 1.2, "{availability_burn}");
+    // The traffic mix keeps both well away from the alert factors (14.4, 6 and 1).
+    assert!(availability_burn > 14.4 * 1.3, "{availability_burn}");
     assert!(
-        goodput_burn > 1.2 && goodput_burn < 6.0 * 0.8,
+        goodput_burn > 1.5 && goodput_burn < 6.0 / 1.5,
         "{goodput_burn}"
     );
     let expected_alerts: [(&str, bool, &str); 13] = [
@@ -1216,11 +1225,17 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
                 failures.push(format!("recording rule {name}: no data"));
                 continue;
             }
-            for s in result
-                .iter()
-                .filter(|s| model_of(s).is_none_or(|m| m == MODEL))
-            {
+            for s in &result {
                 let v = s.value();
+                if model_of(s).is_some_and(|m| m != MODEL) {
+                    if !v.is_finite() {
+                        not_a_number.insert((
+                            format!("recording rule {name}"),
+                            model_of(s).unwrap_or("").to_owned(),
+                        ));
+                    }
+                    continue;
+                }
                 let problem = if !v.is_finite() {
                     Some("not a number")
                 } else if name.contains("error_budget_remaining") {
@@ -1274,6 +1289,15 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
         variables.len(),
         started.elapsed().as_secs_f64()
     );
+    if !not_a_number.is_empty() {
+        let queries: BTreeSet<&String> = not_a_number.iter().map(|(q, _)| q).collect();
+        let models: BTreeSet<&String> = not_a_number.iter().map(|(_, m)| m).collect();
+        println!(
+            "{} query results hold NaN (0/0) series for model labels {models:?}, which saw only \
+             4xx requests (allowed)",
+            queries.len()
+        );
+    }
     for e in &exemptions_used {
         println!("allowed to be empty: {e}");
     }
