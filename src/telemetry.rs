@@ -405,6 +405,10 @@ impl Telemetry {
                 (Outcome::UpstreamTimeout, 200),
                 (Outcome::UpstreamTimeout, 504),
                 (Outcome::ConnectError, 502),
+                (Outcome::UpstreamStatus, 400),
+                (Outcome::UpstreamStatus, 429),
+                (Outcome::UpstreamStatus, 500),
+                (Outcome::UpstreamStatus, 503),
             ] {
                 let _ = self.requests_counter(&route, outcome, status);
             }
