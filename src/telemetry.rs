@@ -375,21 +375,33 @@ impl Telemetry {
             |name: &'static str| r.register_histogram(&Key::from_parts(name, labels()), &METADATA);
         let c =
             |name: &'static str| r.register_counter(&Key::from_parts(name, labels()), &METADATA);
+        // Token figures exist only for chat and completions; other endpoints get no such series.
+        let generation = endpoint.is_generation();
+        let g = |name: &'static str| {
+            if generation {
+                h(name)
+            } else {
+                Histogram::noop()
+            }
+        };
+        let gc = |name: &'static str| {
+            if generation { c(name) } else { Counter::noop() }
+        };
         let route = Arc::new(RouteMetrics {
             model: model.clone(),
             endpoint,
-            ttft: h(names::TTFT),
-            ttfc: h(names::TTFC),
-            itl: h(names::ITL),
-            tpot: h(names::TPOT),
+            ttft: g(names::TTFT),
+            ttfc: g(names::TTFC),
+            itl: g(names::ITL),
+            tpot: g(names::TPOT),
             e2el: h(names::E2EL),
-            prompt_tokens: h(names::PROMPT_TOKENS),
-            generation_tokens: h(names::GENERATION_TOKENS),
-            tokens_per_chunk: h(names::TOKENS_PER_CHUNK),
+            prompt_tokens: g(names::PROMPT_TOKENS),
+            generation_tokens: g(names::GENERATION_TOKENS),
+            tokens_per_chunk: g(names::TOKENS_PER_CHUNK),
             header_time: h(names::HEADER_TIME),
-            goodput: c(names::GOODPUT),
-            prompt_tokens_total: c(names::PROMPT_TOKENS_TOTAL),
-            generation_tokens_total: c(names::GENERATION_TOKENS_TOTAL),
+            goodput: gc(names::GOODPUT),
+            prompt_tokens_total: gc(names::PROMPT_TOKENS_TOTAL),
+            generation_tokens_total: gc(names::GENERATION_TOKENS_TOTAL),
             unrecognized: c(names::UNRECOGNIZED),
             in_flight: r.register_gauge(&Key::from_parts(names::IN_FLIGHT, labels()), &METADATA),
             stats: endpoint.is_generation().then(|| self.stats.model(&model)),
