@@ -97,11 +97,6 @@ impl Recorder {
         }
     }
 
-    /// The (model, endpoint) metrics of this request.
-    pub fn route(&self) -> &RouteMetrics {
-        &self.route
-    }
-
     /// Called when the upstream's response head arrives: records the header time and decides
     /// how the body will be read.
     pub fn on_head(&mut self, status: u16, sse: bool, json: bool, strip_usage: bool, now: Instant) {
