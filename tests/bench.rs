@@ -247,3 +247,33 @@ async fn stats_endpoint_and_command_show_the_live_table() {
     proxy.shutdown().await;
     sim.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn simulator_exports_vllm_named_itl_and_ttft() {
+    let sim = sim(exact_sim(30.0, 20.0)).await;
+    let r = post(
+        &client(),
+        &format!("{}/v1/chat/completions", sim.base_url()),
+        &chat_body(5, true, ""),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let m = send(
+        &client(),
+        http::Method::GET,
+        &format!("{}/metrics", sim.base_url()),
+        "",
+        &[],
+    )
+    .await;
+    let m = String::from_utf8(m.body.to_vec()).unwrap();
+    let labels = [("model_name", MODEL)];
+    // Role chunk and first token go out together, then four more tokens 20 ms apart.
+    assert_eq!(
+        value(&m, "vllm:inter_token_latency_seconds_count", &labels),
+        4.0
+    );
+    assert!((value(&m, "vllm:inter_token_latency_seconds_sum", &labels) - 0.080).abs() < 1e-9);
+    assert!((value(&m, "vllm:time_to_first_token_seconds_sum", &labels) - 0.030).abs() < 1e-9);
+    sim.shutdown().await;
+}

@@ -16,6 +16,63 @@ const TTFT_BUCKETS: [f64; 22] = [
     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
 ];
 
+/// vLLM's `vllm:inter_token_latency_seconds` buckets.
+const ITL_BUCKETS: [f64; 23] = [
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+];
+
+/// A histogram of atomics with fixed bounds, rendered in the Prometheus text format.
+pub(crate) struct AtomicHistogram {
+    bounds: &'static [f64],
+    /// One count per bound, then the `+Inf` overflow.
+    buckets: Box<[AtomicU64]>,
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        AtomicHistogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(self.bounds.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, model: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, bound) in self.bounds.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound:?}\",model_name=\"{model}\"}} {cumulative}"
+            );
+        }
+        cumulative += self.buckets[self.bounds.len()].load(Relaxed);
+        let sum = self.sum_nanos.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\",model_name=\"{model}\"}} {cumulative}\n\
+             {name}_sum{{model_name=\"{model}\"}} {sum:?}\n\
+             {name}_count{{model_name=\"{model}\"}} {cumulative}"
+        );
+    }
+}
+
 /// State shared by every connection of one simulator.
 pub(crate) struct Shared {
     pub config: SimConfig,
@@ -47,7 +104,6 @@ impl Shared {
     }
 }
 
-#[derive(Default)]
 pub(crate) struct Counters {
     pub requests: AtomicU64,
     pub streams_started: AtomicU64,
@@ -57,8 +113,26 @@ pub(crate) struct Counters {
     pub waiting: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
-    ttft_buckets: [AtomicU64; TTFT_BUCKETS.len() + 1],
-    ttft_sum_nanos: AtomicU64,
+    ttft: AtomicHistogram,
+    /// Gaps between consecutive streamed chunks of a response.
+    pub itl: AtomicHistogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            requests: AtomicU64::new(0),
+            streams_started: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            generation_tokens: AtomicU64::new(0),
+            ttft: AtomicHistogram::new(&TTFT_BUCKETS),
+            itl: AtomicHistogram::new(&ITL_BUCKETS),
+        }
+    }
 }
 
 impl Counters {
@@ -73,14 +147,7 @@ impl Counters {
     }
 
     pub fn observe_ttft(&self, ttft: Duration) {
-        let secs = ttft.as_secs_f64();
-        let i = TTFT_BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(TTFT_BUCKETS.len());
-        self.ttft_buckets[i].fetch_add(1, Relaxed);
-        self.ttft_sum_nanos
-            .fetch_add(ttft.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+        self.ttft.observe(ttft);
     }
 }
 
@@ -218,26 +285,17 @@ pub(crate) fn render(shared: &Shared) -> String {
         "Number of generation tokens processed.",
         c.generation_tokens.load(Relaxed),
     );
-    let name = "vllm:time_to_first_token_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Histogram of time to first token in seconds.\n# TYPE {name} histogram"
+    c.ttft.render(
+        &mut out,
+        "vllm:time_to_first_token_seconds",
+        "Histogram of time to first token in seconds.",
+        &model,
     );
-    let mut cumulative = 0;
-    for (i, bound) in TTFT_BUCKETS.iter().enumerate() {
-        cumulative += c.ttft_buckets[i].load(Relaxed);
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{le=\"{bound:?}\",model_name=\"{model}\"}} {cumulative}"
-        );
-    }
-    cumulative += c.ttft_buckets[TTFT_BUCKETS.len()].load(Relaxed);
-    let sum = c.ttft_sum_nanos.load(Relaxed) as f64 / 1e9;
-    let _ = writeln!(
-        out,
-        "{name}_bucket{{le=\"+Inf\",model_name=\"{model}\"}} {cumulative}\n\
-         {name}_sum{{model_name=\"{model}\"}} {sum:?}\n\
-         {name}_count{{model_name=\"{model}\"}} {cumulative}"
+    c.itl.render(
+        &mut out,
+        "vllm:inter_token_latency_seconds",
+        "Histogram of inter-token latency in seconds.",
+        &model,
     );
     out
 }

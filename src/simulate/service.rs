@@ -57,6 +57,8 @@ struct StreamBody {
     tracker: Tracker,
     scratch: Vec<u8>,
     ended: bool,
+    /// When the previous token chunk went out (for `vllm:inter_token_latency_seconds`).
+    last_tokens: Option<Instant>,
 }
 
 impl StreamBody {
@@ -67,6 +69,10 @@ impl StreamBody {
         let chat = plan.endpoint == Endpoint::Chat;
         let continuous = plan.continuous_usage;
         let mut out = Vec::with_capacity(n * (self.scratch.capacity().max(64) + 256));
+        let now = Instant::now();
+        if let Some(previous) = self.last_tokens.replace(now) {
+            self.tracker.shared().counters.itl.observe(now - previous);
+        }
         if from == 0 {
             let ttft = Instant::now() - self.generation.origin();
             self.tracker.shared().counters.observe_ttft(ttft);
@@ -364,6 +370,7 @@ async fn generate(
             tracker,
             scratch: Vec::with_capacity(64),
             ended: false,
+            last_tokens: None,
         };
         let mut resp = response(
             StatusCode::OK,
