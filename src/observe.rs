@@ -361,10 +361,12 @@ pin_project! {
     pub struct TimedBody<B> {
         #[pin]
         inner: B,
+        // Armed for `last_frame + idle_timeout`, but moved only when it fires early: resetting
+        // a timer on every frame would cost a timer-wheel update per chunk.
         #[pin]
         idle: Sleep,
         idle_timeout: Duration,
-        deadline: Instant,
+        last_frame: Instant,
         recorder: Option<Box<Recorder>>,
         strips: bool,
         upstream_done: bool,
@@ -382,12 +384,11 @@ pin_project! {
 impl<B> TimedBody<B> {
     /// Wraps `inner`, whose response head was handed to `recorder` at `now`.
     pub fn new(inner: B, recorder: Recorder, idle_timeout: Duration, now: Instant) -> Self {
-        let deadline = now + idle_timeout;
         TimedBody {
             inner,
-            idle: tokio::time::sleep_until(deadline),
+            idle: tokio::time::sleep_until(now + idle_timeout),
             idle_timeout,
-            deadline,
+            last_frame: now,
             strips: recorder.strips(),
             recorder: Some(Box::new(recorder)),
             upstream_done: false,
@@ -418,10 +419,15 @@ where
             let polled = this.inner.as_mut().poll_frame(cx);
             let frame = match polled {
                 Poll::Pending => {
-                    if this.idle.deadline() != *this.deadline {
-                        this.idle.as_mut().reset(*this.deadline);
+                    loop {
+                        ready!(this.idle.as_mut().poll(cx));
+                        let deadline = *this.last_frame + *this.idle_timeout;
+                        if deadline <= Instant::now() {
+                            break;
+                        }
+                        // A frame came since the timer was armed: wait from that frame on.
+                        this.idle.as_mut().reset(deadline);
                     }
-                    ready!(this.idle.as_mut().poll(cx));
                     if let Some(recorder) = this.recorder.take() {
                         recorder.finish(Ending::IdleTimeout, Instant::now());
                     }
@@ -448,7 +454,7 @@ where
                 Poll::Ready(Some(Ok(frame))) => frame,
             };
             let now = Instant::now();
-            *this.deadline = now + *this.idle_timeout;
+            *this.last_frame = now;
             let frame = match (frame.into_data(), this.recorder.as_mut()) {
                 (Ok(data), Some(recorder)) => {
                     let out = recorder.on_data(data, now);

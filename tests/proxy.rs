@@ -977,3 +977,45 @@ async fn outcome_upstream_timeout_on_connect() {
     proxy.shutdown().await;
     drop((fillers, listener));
 }
+
+#[tokio::test(start_paused = true)]
+async fn steady_chunks_keep_a_stream_alive_past_the_idle_timeout() {
+    // One token every 100 ms for a second, with a 250 ms idle limit: never idle that long.
+    let sim = sim(exact_sim(100.0, 100.0)).await;
+    let mut config = proxy_config(&sim.base_url());
+    config.upstream.idle_timeout_secs = 0.25;
+    let proxy = tokentap::start(config).await.unwrap();
+    let url = format!("http://{}/v1/chat/completions", proxy.addr());
+    let r = post(&client(), &url, &chat_body(10, true, "")).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.ends_with(b"data: [DONE]\n\n"));
+    // A 300 ms stall mid-stream is too long.
+    let req = http::Request::post(&url)
+        .header("content-type", "application/json")
+        .header("x-tokentap-sim-fault", "stall_after=5,stall_ms=300")
+        .body(Full::new(Bytes::from(chat_body(10, true, ""))))
+        .unwrap();
+    let body = client()
+        .request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await;
+    assert!(body.is_err(), "the stalled stream is cut");
+    let m = scrape(proxy.admin_addr().unwrap()).await;
+    assert_eq!(
+        value(&m, "tokentap_requests_total", &[("outcome", "ok")]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "tokentap_requests_total",
+            &[("outcome", "upstream_timeout"), ("status", "200")]
+        ),
+        1.0
+    );
+    proxy.shutdown().await;
+    sim.shutdown().await;
+}
