@@ -990,7 +990,7 @@ async fn steady_chunks_keep_a_stream_alive_past_the_idle_timeout() {
     assert_eq!(r.status, 200);
     assert!(r.body.ends_with(b"data: [DONE]\n\n"));
     // A 300 ms stall mid-stream is too long.
-    let req = http::Request::post(&url)
+    let req = Request::post(&url)
         .header("content-type", "application/json")
         .header("x-tokentap-sim-fault", "stall_after=5,stall_ms=300")
         .body(Full::new(Bytes::from(chat_body(10, true, ""))))
