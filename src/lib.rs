@@ -111,32 +111,12 @@ impl Running {
 
 /// Binds the listeners of a validated configuration and serves in the background.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    config.validate()?;
-    let listener = bind(config.listen).await?;
-    let admin = match config.admin_listen {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
-    };
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-    let telemetry = Arc::new(Telemetry::new(&config));
-    let tracer = build_tracer(&config, &telemetry)?;
-    let proxy = Arc::new(Proxy::new(&config, telemetry.clone(), tracer.clone())?);
+    let ready = Ready::prepare(config).await?;
+    let (addr, admin_addr, telemetry) = (ready.addr, ready.admin_addr, ready.telemetry.clone());
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(
-        config,
-        proxy,
-        telemetry.clone(),
-        tracer,
-        listener,
-        admin,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let task = tokio::spawn(serve(ready, async {
+        let _ = stopped.await;
+    }));
     Ok(Running {
         addr,
         admin_addr,
@@ -151,23 +131,57 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    config.validate()?;
-    let listener = bind(config.listen).await?;
-    let admin = match config.admin_listen {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
-    };
-    let telemetry = Arc::new(Telemetry::new(&config));
-    let tracer = build_tracer(&config, &telemetry)?;
-    let proxy = Arc::new(Proxy::new(&config, telemetry.clone(), tracer.clone())?);
+    let ready = Ready::prepare(config).await?;
     tracing::info!(
-        listen = %config.listen,
-        admin = ?config.admin_listen,
-        upstream = %config.upstream.url,
+        listen = %ready.addr,
+        admin = ?ready.admin_addr,
+        upstream = %ready.config.upstream.url,
         "tokentap serving"
     );
-    serve(config, proxy, telemetry, tracer, listener, admin, shutdown).await;
+    serve(ready, shutdown).await;
     Ok(())
+}
+
+/// Everything `serve` needs: bound listeners and the shared state, built once.
+struct Ready {
+    config: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    telemetry: Arc<Telemetry>,
+    tracer: Option<Arc<otel::Tracer>>,
+    proxy: Arc<Proxy>,
+}
+
+impl Ready {
+    /// Validates the configuration, binds both listeners and builds the proxy.
+    async fn prepare(config: Config) -> Result<Ready, StartError> {
+        config.validate()?;
+        let listener = bind(config.listen).await?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        let telemetry = Arc::new(Telemetry::new(&config));
+        let tracer = build_tracer(&config, &telemetry)?;
+        let proxy = Arc::new(Proxy::new(&config, telemetry.clone(), tracer.clone())?);
+        Ok(Ready {
+            config,
+            listener,
+            admin,
+            addr,
+            admin_addr,
+            telemetry,
+            tracer,
+            proxy,
+        })
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -176,15 +190,18 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-async fn serve(
-    config: Config,
-    proxy: Arc<Proxy>,
-    telemetry: Arc<Telemetry>,
-    tracer: Option<Arc<otel::Tracer>>,
-    listener: TcpListener,
-    admin: Option<TcpListener>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) {
+/// Serves until `shutdown` resolves, then stops the background tasks, drains the admin
+/// listener and flushes spans.
+async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static) {
+    let Ready {
+        config,
+        proxy,
+        telemetry,
+        tracer,
+        listener,
+        admin,
+        ..
+    } = ready;
     let grace = secs(config.proxy.shutdown_grace_secs);
     let (admin_stop, admin_stopped) = oneshot::channel::<()>();
     let admin_task = admin.map(|listener| {
