@@ -431,19 +431,14 @@ fn add_forwarded(headers: &mut HeaderMap, remote: SocketAddr) {
 fn classify_client_error(
     error: &hyper_util::client::legacy::Error,
 ) -> (StatusCode, Outcome, &'static str) {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    let mut timed_out = false;
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            timed_out = true;
-        }
-        if e.to_string().contains("timed out") || e.to_string().contains("timeout") {
-            timed_out = true;
-        }
-        source = e.source();
-    }
+    // The connector's timeout is an io::Error of kind TimedOut somewhere in the source chain.
+    let timed_out = std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    });
     if timed_out {
         (
             StatusCode::GATEWAY_TIMEOUT,
