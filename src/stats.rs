@@ -21,16 +21,14 @@ const SLICES: u32 = 10;
 /// Largest value kept, microseconds (one hour); larger values are clamped to it.
 const MAX_US: u64 = 3_600_000_000;
 
-/// The latency figures that `/stats` summarizes.
+/// The latency figures that `/stats` summarizes: the index of each one's histogram in a slice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Figure {
-    Ttft,
-    Tpot,
-    Itl,
-    E2el,
+    Ttft = 0,
+    Tpot = 1,
+    Itl = 2,
+    E2el = 3,
 }
-
-const FIGURES: [Figure; 4] = [Figure::Ttft, Figure::Tpot, Figure::Itl, Figure::E2el];
 
 #[derive(Debug)]
 struct Slice {
@@ -102,7 +100,7 @@ impl ModelStats {
 
     /// Records one ITL sample, as it happens.
     pub fn record_itl(&self, itl: Duration, now: Instant) {
-        self.with_slice(now, |s| record(&mut s.hist[2], itl));
+        self.with_slice(now, |s| record(&mut s.hist[Figure::Itl as usize], itl));
     }
 
     /// Records a request that ended ok at `now`, with its figures.
@@ -113,12 +111,12 @@ impl ModelStats {
             s.output_tokens += f.output_tokens.unwrap_or(0);
             s.first = Some(s.first.map_or(t0, |first| first.min(t0)));
             if let Some(ttft) = f.ttft {
-                record(&mut s.hist[0], ttft);
+                record(&mut s.hist[Figure::Ttft as usize], ttft);
             }
             if let Some(tpot) = f.tpot {
-                record(&mut s.hist[1], tpot);
+                record(&mut s.hist[Figure::Tpot as usize], tpot);
             }
-            record(&mut s.hist[3], f.e2el);
+            record(&mut s.hist[Figure::E2el as usize], f.e2el);
         });
     }
 
@@ -130,27 +128,26 @@ impl ModelStats {
             .filter(|s| s.epoch != u64::MAX && current - s.epoch.min(current) < SLICES as u64)
             .collect();
         let requests: u64 = live.iter().map(|s| s.requests).sum();
-        let itl_samples: u64 = live.iter().map(|s| s.hist[2].len()).sum();
+        let itl_samples: u64 = live
+            .iter()
+            .map(|s| s.hist[Figure::Itl as usize].len())
+            .sum();
         if requests == 0 && itl_samples == 0 {
             return None;
         }
         let first = live.iter().filter_map(|s| s.first).min().unwrap_or(now);
         let duration = (now - first).as_secs_f64().max(1e-9);
-        let merged = |i: usize| {
+        let figure = |f: Figure| {
             let mut h = Histogram::<u32>::new_with_bounds(1, MAX_US, 2)
                 .expect("static HDR bounds are valid");
             for s in &live {
                 // Same bounds on both sides: adding cannot fail.
-                let _ = h.add(&s.hist[i]);
+                let _ = h.add(&s.hist[f as usize]);
             }
-            h
+            Distribution::of(&h, percentiles)
         };
         let input: u64 = live.iter().map(|s| s.input_tokens).sum();
         let output: u64 = live.iter().map(|s| s.output_tokens).sum();
-        let figure = |f: Figure| {
-            let i = FIGURES.iter().position(|x| *x == f).unwrap_or(0);
-            Distribution::of(&merged(i), percentiles)
-        };
         Some(ModelSummary {
             completed: requests,
             duration_s: duration,
