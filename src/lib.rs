@@ -9,9 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Either};
+use http::Request;
+use http_body_util::BodyExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -30,6 +29,7 @@ pub mod simulate;
 pub mod sse;
 pub mod stats;
 pub mod telemetry;
+pub mod upstream;
 
 use config::{Config, secs};
 use proxy::Proxy;
@@ -222,11 +222,13 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
     });
     let upkeep = tokio::spawn({
         let telemetry = telemetry.clone();
+        let proxy = proxy.clone();
         async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tick.tick().await;
                 telemetry.run_upkeep();
+                proxy.pool().sweep();
             }
         }
     });
@@ -272,14 +274,8 @@ async fn poll_upstream(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let uri = proxy.upstream_uri(http::uri::PathAndQuery::from_static("/v1/models"));
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(uri)
-            .body(Either::Left(http_body_util::Full::new(Bytes::new())))
-            .expect("static request parts are valid");
         let answer = tokio::time::timeout(Duration::from_secs(10), async {
-            let response = proxy.client().request(req).await.ok()?;
+            let response = proxy.get("/v1/models").await.ok()?;
             let status = response.status();
             let body = http_body_util::Limited::new(response.into_body(), 4 * 1024 * 1024)
                 .collect()

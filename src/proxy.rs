@@ -27,11 +27,12 @@ use crate::inspect::{self, Endpoint, RequestInfo};
 use crate::observe::{BoxError, Recorder, TimedBody};
 use crate::otel::{RequestSpan, RequestStart, Tracer};
 use crate::telemetry::{Outcome, Telemetry};
+use crate::upstream::{Pool, SendError, UpstreamResponse};
 
 /// Body sent upstream: the inspected (maybe rewritten) body, or the client's, streamed.
 pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
 
-/// The pooled client used for the upstream.
+/// A pooled client for the upstream, for requests that are not proxied (`tokentap bench`).
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 pin_project! {
@@ -41,9 +42,9 @@ pin_project! {
     #[allow(missing_docs)]
     pub enum ProxyBody {
         /// An upstream body, timed and reported.
-        Timed { #[pin] body: TimedBody<Incoming> },
+        Timed { #[pin] body: TimedBody<UpstreamResponse> },
         /// An upstream body passed through untouched (telemetry off).
-        Plain { #[pin] body: Incoming },
+        Plain { #[pin] body: UpstreamResponse },
         /// A body the proxy wrote itself (errors).
         Full { #[pin] body: Full<Bytes> },
     }
@@ -59,7 +60,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             ProxyBodyProj::Timed { body } => body.poll_frame(cx),
-            ProxyBodyProj::Plain { body } => body.poll_frame(cx).map_err(Into::into),
+            ProxyBodyProj::Plain { body } => body.poll_frame(cx),
             ProxyBodyProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
         }
     }
@@ -100,9 +101,11 @@ pub enum BuildError {
 /// The forwarding half of `tokentap serve`, shared by all connections.
 #[derive(Debug)]
 pub struct Proxy {
-    client: UpstreamClient,
+    pool: Arc<Pool>,
     scheme: Scheme,
     authority: Authority,
+    /// The `Host` header sent upstream: the authority without a default port.
+    host: HeaderValue,
     telemetry: Arc<Telemetry>,
     tracer: Option<Arc<Tracer>>,
     max_body: usize,
@@ -114,9 +117,17 @@ pub struct Proxy {
     next_id: AtomicU64,
 }
 
-/// Builds the pooled HTTP/1.1 client for `http://` and `https://` upstreams (rustls with the
-/// system roots plus `upstream.ca_file`).
+/// Builds the pooled HTTP/1.1 client for `http://` and `https://` upstreams; see [`connector`].
 pub fn build_client(config: &Config) -> Result<UpstreamClient, BuildError> {
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(secs(config.upstream.pool_idle_timeout_secs))
+        .pool_max_idle_per_host(config.upstream.pool_max_idle)
+        .build(connector(config)?))
+}
+
+/// The connector for `http://` and `https://` upstreams: TCP with `TCP_NODELAY` and
+/// `upstream.connect_timeout_secs`, then rustls with the system roots plus `upstream.ca_file`.
+pub fn connector(config: &Config) -> Result<HttpsConnector<HttpConnector>, BuildError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
@@ -148,15 +159,11 @@ pub fn build_client(config: &Config) -> Result<UpstreamClient, BuildError> {
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(secs(config.upstream.connect_timeout_secs)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(secs(config.upstream.pool_idle_timeout_secs))
-        .pool_max_idle_per_host(config.upstream.pool_max_idle)
-        .build(https))
+        .wrap_connector(http))
 }
 
 impl Proxy {
@@ -175,10 +182,24 @@ impl Proxy {
         else {
             return Err(BuildError::Url("needs a scheme and a host".to_owned()));
         };
+        let host = match authority.port_u16() {
+            Some(443) if scheme == Scheme::HTTPS => authority.host().to_owned(),
+            Some(80) if scheme == Scheme::HTTP => authority.host().to_owned(),
+            _ => authority.as_str().to_owned(),
+        };
+        let host = HeaderValue::from_str(&host).map_err(|e| BuildError::Url(e.to_string()))?;
+        let pool = Pool::new(
+            connector(config)?,
+            uri,
+            config.upstream.pool_max_idle,
+            secs(config.upstream.pool_idle_timeout_secs),
+            None,
+        );
         Ok(Proxy {
-            client: build_client(config)?,
+            pool,
             scheme,
             authority,
+            host,
             telemetry,
             tracer,
             max_body: config.proxy.max_request_body_bytes,
@@ -191,21 +212,20 @@ impl Proxy {
         })
     }
 
-    /// The pooled upstream client (also used to poll `/v1/models`).
-    pub fn client(&self) -> &UpstreamClient {
-        &self.client
+    /// The upstream connection pool (swept by the upkeep task).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
-    /// The upstream URI for a path.
-    pub fn upstream_uri(&self, path_and_query: PathAndQuery) -> Uri {
-        Uri::from_parts({
-            let mut p = http::uri::Parts::default();
-            p.scheme = Some(self.scheme.clone());
-            p.authority = Some(self.authority.clone());
-            p.path_and_query = Some(path_and_query);
-            p
-        })
-        .expect("scheme, authority and path are all set")
+    /// Sends a request of the proxy's own (for example the `/v1/models` poll) to the upstream,
+    /// on the same pool as proxied requests.
+    pub async fn get(&self, path: &'static str) -> Result<Response<UpstreamResponse>, SendError> {
+        let req = Request::builder()
+            .uri(path)
+            .header(header::HOST, self.host.clone())
+            .body(Either::Left(Full::new(Bytes::new())))
+            .expect("static request parts are valid");
+        self.pool.send(req).await
     }
 
     /// Proxies one request from the client at `remote`.
@@ -276,7 +296,7 @@ impl Proxy {
 
         let span = self.span(&parts, endpoint, &info, t0);
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::HOST);
+        parts.headers.insert(header::HOST, self.host.clone());
         if self.x_forwarded {
             add_forwarded(&mut parts.headers, remote);
         }
@@ -288,15 +308,14 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        parts.uri = self.upstream_uri(pq);
+        parts.uri = Uri::from(pq);
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
         let recorder = self
             .telemetry_enabled
             .then(|| self.recorder(&info, endpoint, request_id, t0, span));
-        let sent =
-            tokio::time::timeout(self.header_timeout, self.client.request(upstream_req)).await;
+        let sent = tokio::time::timeout(self.header_timeout, self.pool.send(upstream_req)).await;
         let now = Instant::now();
         let response = match sent {
             Ok(Ok(response)) => response,
@@ -428,9 +447,7 @@ fn add_forwarded(headers: &mut HeaderMap, remote: SocketAddr) {
         .or_insert(HeaderValue::from_static("http"));
 }
 
-fn classify_client_error(
-    error: &hyper_util::client::legacy::Error,
-) -> (StatusCode, Outcome, &'static str) {
+fn classify_client_error(error: &SendError) -> (StatusCode, Outcome, &'static str) {
     // The connector's timeout is an io::Error of kind TimedOut somewhere in the source chain.
     let timed_out = std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| {
         e.source()
@@ -445,7 +462,7 @@ fn classify_client_error(
             Outcome::UpstreamTimeout,
             "upstream_timeout",
         )
-    } else if error.is_connect() {
+    } else if matches!(error, SendError::Connect(_)) {
         (
             StatusCode::BAD_GATEWAY,
             Outcome::ConnectError,
