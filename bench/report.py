@@ -26,7 +26,7 @@ def f(x, nd=1):
     return "–" if x is None else f"{x:,.{nd}f}"
 
 
-def main(out):
+def main(out, write_doc=True):
     rows = [json.loads(line) for line in open(os.path.join(out, "rows.jsonl"))]
     info = json.load(open(os.path.join(out, "machine.json")))
     lines = []
@@ -145,7 +145,7 @@ def main(out):
         fh.write(text)
     print(text)
     bm = os.path.join(ROOT, "BENCHMARKS.md")
-    if os.path.exists(bm):
+    if write_doc and os.path.exists(bm):
         doc = open(bm).read()
         if BEGIN in doc and END in doc:
             doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END),
@@ -155,4 +155,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], write_doc="--no-doc" not in sys.argv[2:])

@@ -6,6 +6,9 @@ Everything runs on 127.0.0.1. The simulator (with emit-time stamps) is the upstr
 the proxy under test (alone), so the load side and the proxy never compete for a core.
 
 Usage: bench/run.sh [--quick] [--repeats N] [--only latency,saturation,rps]
+                    [--streams 1000,5000] [--targets tokentap,nginx]
+A run limited by --streams or --targets writes its summary to bench/results/ only and leaves
+BENCHMARKS.md alone (it is for comparing one change quickly).
 Results: bench/results/<UTC time>/ (raw JSON + summary.md); bench/results/latest -> it.
 """
 
@@ -375,7 +378,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="shorter runs, for a smoke test")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="latency,saturation,rps")
+    ap.add_argument("--streams", help="comma-separated subset of 1,100,1000,5000")
+    ap.add_argument("--targets", help="comma-separated subset of " + ",".join(TARGETS))
     a = ap.parse_args()
+    if a.targets:
+        TARGETS[:] = [t for t in TARGETS if t in a.targets.split(",")]
+    levels = QUICK_LEVELS if a.quick else LEVELS
+    if a.streams:
+        levels = [lv for lv in levels if str(lv[0]) in a.streams.split(",")]
     for tool in ["nginx", "wrk", "taskset"]:
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing: apt-get install -y nginx-light wrk util-linux")
@@ -391,7 +401,7 @@ def main():
     print(f"results: {out}", flush=True)
     only = a.only.split(",")
     if "latency" in only:
-        latency_suite(out, QUICK_LEVELS if a.quick else LEVELS, a.repeats)
+        latency_suite(out, levels, a.repeats)
     if "saturation" in only:
         saturation_suite(out, a.repeats, a.quick)
     if "rps" in only:
@@ -401,7 +411,9 @@ def main():
     if os.path.islink(latest):
         os.unlink(latest)
     os.symlink(stamp, latest)
-    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), out], check=True)
+    partial = ["--no-doc"] if a.streams or a.targets else []
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report.py"), out] + partial,
+                   check=True)
 
 
 if __name__ == "__main__":
