@@ -193,7 +193,6 @@ impl Proxy {
             uri,
             config.upstream.pool_max_idle,
             secs(config.upstream.pool_idle_timeout_secs),
-            None,
         );
         Ok(Proxy {
             pool,
@@ -315,7 +314,10 @@ impl Proxy {
         let recorder = self
             .telemetry_enabled
             .then(|| self.recorder(&info, endpoint, request_id, t0, span));
-        let sent = tokio::time::timeout(self.header_timeout, self.pool.send(upstream_req)).await;
+        // Boxed: connecting and sending are large futures that end at the response head; inline
+        // they would stay in every connection's memory for the whole stream.
+        let sending = Box::pin(self.pool.send(upstream_req));
+        let sent = tokio::time::timeout(self.header_timeout, sending).await;
         let now = Instant::now();
         let response = match sent {
             Ok(Ok(response)) => response,

@@ -1,4 +1,8 @@
 //! Accept loop: HTTP/1.1 (keep-alive) and HTTP/2 without TLS on one port, graceful drain.
+//!
+//! The protocol is chosen by peeking at the first bytes of a connection (HTTP/2 starts with the
+//! `PRI * HTTP/2.0` preface, which is not a valid HTTP/1.1 request), so hyper then reads the
+//! whole request from the socket itself: no bytes are read ahead and replayed.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,11 +13,11 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use crate::observe::BoxError;
@@ -33,7 +37,8 @@ pub async fn serve<H, Fut, B>(
     B: Body<Data = bytes::Bytes, Error = BoxError> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let h1 = http1::Builder::new();
+    let h2 = http2::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -54,11 +59,19 @@ pub async fn serve<H, Fut, B>(
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(req, remote).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let (h1, h2, watcher) = (h1.clone(), h2.clone(), graceful.watcher());
         tokio::spawn(
             async move {
-                if let Err(error) = conn.await {
+                let result = if is_http2(&stream).await {
+                    watcher
+                        .watch(h2.serve_connection(TokioIo::new(stream), service))
+                        .await
+                } else {
+                    watcher
+                        .watch(h1.serve_connection(TokioIo::new(stream), service))
+                        .await
+                };
+                if let Err(error) = result {
                     tracing::debug!(%error, "connection ended with an error");
                 }
             }
@@ -74,5 +87,78 @@ pub async fn serve<H, Fut, B>(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!(listener = name, "all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!(listener = name, "grace period over; closing remaining connections"),
+    }
+}
+
+/// The start of the HTTP/2 connection preface (RFC 9113 §3.4); no HTTP/1.1 method is `PRI`.
+const H2_START: &[u8] = b"PRI ";
+
+/// Whether a new connection speaks HTTP/2 (prior knowledge), judged from its first bytes
+/// without consuming them. Waits until enough bytes arrived to tell; a connection that closes or
+/// fails first is handed to HTTP/1.1, which reports it.
+async fn is_http2(stream: &TcpStream) -> bool {
+    let mut start = [0u8; H2_START.len()];
+    // Bounded, so a client that sends one byte and stalls costs no more than a few wake-ups.
+    for _ in 0..50 {
+        let n = match stream.peek(&mut start).await {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if n == 0 || start[..n] != H2_START[..n] {
+            return false;
+        }
+        if n == start.len() {
+            return true;
+        }
+        // A prefix of "PRI " arrived on its own: the rest is in flight. `peek` returns at once
+        // while bytes are queued, so wait a little before looking again.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// `is_http2` on the accepted side of a connection whose client writes `parts` with a pause
+    /// between them, then closes.
+    async fn sniff(parts: &[&'static [u8]]) -> bool {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let parts = parts.to_vec();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.set_nodelay(true).unwrap();
+            for part in parts {
+                c.write_all(part).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        let verdict = is_http2(&server).await;
+        client.await.unwrap();
+        verdict
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_is_told_from_http1_requests() {
+        assert!(sniff(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]).await);
+        assert!(!sniff(&[b"POST /v1/chat/completions HTTP/1.1\r\n"]).await);
+        assert!(!sniff(&[b"PUT / HTTP/1.1\r\n"]).await);
+        assert!(!sniff(&[b"GET / HTTP/1.1\r\n"]).await);
+    }
+
+    #[tokio::test]
+    async fn a_preface_split_across_packets_waits_for_the_rest() {
+        assert!(sniff(&[b"PR", b"I * HTTP/2.0\r\n\r\nSM\r\n\r\n"]).await);
+        assert!(!sniff(&[b"P", b"OST / HTTP/1.1\r\n"]).await);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_early_goes_to_http1() {
+        assert!(!sniff(&[]).await);
+        assert!(!sniff(&[b"PR"]).await);
     }
 }

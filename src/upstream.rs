@@ -80,7 +80,6 @@ pub struct Pool {
     idle: Mutex<VecDeque<Idle>>,
     max_idle: usize,
     idle_timeout: Duration,
-    read_buf: Option<usize>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -94,14 +93,12 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// A pool that connects to `uri` (scheme and authority) with `connector`, keeps at most
-    /// `max_idle` idle connections for at most `idle_timeout`, and reads responses with a buffer
-    /// of `read_buf` bytes (hyper's adaptive buffer when `None`).
+    /// `max_idle` idle connections for at most `idle_timeout`.
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
         uri: Uri,
         max_idle: usize,
         idle_timeout: Duration,
-        read_buf: Option<usize>,
     ) -> Arc<Pool> {
         Arc::new(Pool {
             connector,
@@ -109,7 +106,6 @@ impl Pool {
             idle: Mutex::new(VecDeque::new()),
             max_idle,
             idle_timeout,
-            read_buf,
         })
     }
 
@@ -136,9 +132,7 @@ impl Pool {
             .call(self.uri.clone())
             .await
             .map_err(SendError::Connect)?;
-        let mut builder = http1::Builder::new();
-        builder.read_buf_exact_size(self.read_buf);
-        let (tx, driver) = builder.handshake(io).await?;
+        let (tx, driver) = http1::handshake(io).await?;
         let mut conn = Conn {
             tx,
             driver,
@@ -354,7 +348,7 @@ mod tests {
 
     fn pool(uri: &Uri, max_idle: usize, idle_timeout: Duration) -> Arc<Pool> {
         let connector = crate::proxy::connector(&Config::default()).unwrap();
-        Pool::new(connector, uri.clone(), max_idle, idle_timeout, None)
+        Pool::new(connector, uri.clone(), max_idle, idle_timeout)
     }
 
     fn get(uri: &Uri) -> Request<UpstreamBody> {
