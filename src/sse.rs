@@ -119,6 +119,9 @@ pub struct SseParser {
     /// The previous frame ended in `\r`: a leading `\n` in the next one belongs to it.
     skip_lf: bool,
     choices: Vec<ChoiceInfo>,
+    /// The start of an earlier payload, so that the next ones need not read it again (boxed:
+    /// a parser is embedded in other state and should stay small).
+    prefix: Box<fast::Prefix>,
 }
 
 impl Default for SseParser {
@@ -137,6 +140,7 @@ impl SseParser {
             in_block: false,
             skip_lf: false,
             choices: Vec::new(),
+            prefix: Box::default(),
         }
     }
 
@@ -269,7 +273,7 @@ impl SseParser {
         self.choices.clear();
         let c = match payload {
             None => Classified::of(EventKind::NoData),
-            Some(payload) => classify(payload, &mut self.choices),
+            Some(payload) => classify_in(payload, &mut self.choices, Some(&mut self.prefix)),
         };
         on_event(&Event {
             kind: c.kind,
@@ -335,6 +339,15 @@ impl Classified<'_> {
 
 /// Classifies one event's data. `choices` receives the choices of a token event.
 pub fn classify<'a>(payload: &'a [u8], choices: &mut Vec<ChoiceInfo>) -> Classified<'a> {
+    classify_in(payload, choices, None)
+}
+
+/// [`classify`], reading a payload that starts like an earlier one from where `prefix` ends.
+fn classify_in<'a>(
+    payload: &'a [u8],
+    choices: &mut Vec<ChoiceInfo>,
+    prefix: Option<&'a mut fast::Prefix>,
+) -> Classified<'a> {
     let trimmed = payload.trim_ascii();
     if trimmed == b"[DONE]" {
         return Classified::of(EventKind::Done);
@@ -343,7 +356,7 @@ pub fn classify<'a>(payload: &'a [u8], choices: &mut Vec<ChoiceInfo>) -> Classif
         return Classified::of(EventKind::Other);
     }
     choices.clear();
-    if let Some(top) = fast::top(trimmed, choices) {
+    if let Some(top) = fast::top(trimmed, choices, prefix) {
         return classified(top.error, top.usage, top.id, top.model, choices);
     }
     choices.clear();
@@ -595,25 +608,28 @@ mod fast {
         pub(super) model: Option<&'a str>,
     }
 
-    /// Nesting beyond this is left to serde (whose limit is 128).
-    const MAX_DEPTH: u32 = 64;
-
-    struct Scan<'a> {
-        b: &'a [u8],
-        i: usize,
+    /// The top-level fields read up to some point of a scan.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Fields {
+        /// One bit per key read, to refuse duplicates.
+        seen: u8,
+        usage: Option<Usage>,
+        error: bool,
+        /// Where the `id` string's text is, when it is a plain string.
+        id: Option<(usize, usize)>,
+        /// Where the `model` string's text is, when it is a plain string.
+        model: Option<(usize, usize)>,
     }
 
-    /// Reads `json` (which starts with `{`), pushing token choices into `choices`.
-    pub(super) fn top<'a>(json: &'a [u8], choices: &mut Vec<ChoiceInfo>) -> Option<Top<'a>> {
-        let mut s = Scan { b: json, i: 0 };
-        let mut top = Top {
-            usage: None,
-            error: false,
-            id: None,
-            model: None,
-        };
-        let mut seen = 0u8;
-        s.object(|s, key| {
+    impl Fields {
+        /// Reads the value of the top-level member `key`, pushing token choices into `choices`.
+        #[inline]
+        fn read(
+            &mut self,
+            s: &mut Scan<'_>,
+            key: &[u8],
+            choices: &mut Vec<ChoiceInfo>,
+        ) -> Option<()> {
             let bit = match key {
                 b"choices" => 1,
                 b"usage" => 2,
@@ -622,31 +638,108 @@ mod fast {
                 b"model" => 16,
                 _ => return s.value(1),
             };
-            if seen & bit != 0 {
+            if self.seen & bit != 0 {
                 return None;
             }
-            seen |= bit;
+            self.seen |= bit;
             match bit {
-                1 => s.choices(choices),
-                2 => {
-                    top.usage = s.usage()?;
-                    Some(())
-                }
-                4 => {
-                    top.error = s.raw(1)? != b"null";
-                    Some(())
-                }
-                8 => {
-                    top.id = s.plain_string()?;
-                    Some(())
-                }
-                _ => {
-                    top.model = s.plain_string()?;
-                    Some(())
-                }
+                1 => s.choices(choices)?,
+                2 => self.usage = s.usage()?,
+                4 => self.error = s.raw(1)? != b"null",
+                8 => self.id = s.plain_string()?,
+                _ => self.model = s.plain_string()?,
             }
-        })?;
-        Some(top)
+            Some(())
+        }
+    }
+
+    /// The start of an earlier payload, up to its `choices` member, and the fields read there.
+    ///
+    /// The scanner decides everything before a position from the bytes before it, so a payload
+    /// that starts with the same bytes reaches that position in the same state and is read on
+    /// from there. Every chunk of a vLLM stream repeats its `id`, `object`, `created` and
+    /// `model`, which are most of its bytes.
+    #[derive(Debug, Clone, Default)]
+    pub(super) struct Prefix {
+        /// The bytes, kept only when they are UTF-8 so that `id` and `model` can be read from
+        /// them without checking them again.
+        pub(super) text: String,
+        fields: Fields,
+    }
+
+    /// Nesting beyond this is left to serde (whose limit is 128).
+    const MAX_DEPTH: u32 = 64;
+
+    struct Scan<'a> {
+        b: &'a [u8],
+        i: usize,
+    }
+
+    /// Reads `json` (which starts with `{`), pushing token choices into `choices`. With a
+    /// `prefix`, a payload that starts like the one it remembers is read from where it ends,
+    /// and one that does not is remembered in its place.
+    pub(super) fn top<'a>(
+        json: &'a [u8],
+        choices: &mut Vec<ChoiceInfo>,
+        prefix: Option<&'a mut Prefix>,
+    ) -> Option<Top<'a>> {
+        let mut f = Fields::default();
+        let known = match prefix {
+            Some(p) if !p.text.is_empty() && json.starts_with(p.text.as_bytes()) => {
+                let p: &'a Prefix = p;
+                f = p.fields;
+                let mut s = Scan {
+                    b: json,
+                    i: p.text.len(),
+                };
+                s.members(|s, _, key| f.read(s, key, choices))?;
+                p.text.as_str()
+            }
+            prefix => {
+                // Where the `choices` member starts, and the fields read before it; only after
+                // a comma, as the first member's position depends on the byte there (`{}`).
+                let mut mark = None;
+                let mut first = true;
+                let mut s = Scan { b: json, i: 0 };
+                s.object_at(|s, at, key| {
+                    let after_comma = !std::mem::replace(&mut first, false);
+                    if key == b"choices" && after_comma {
+                        mark = Some((at, f));
+                    }
+                    f.read(s, key, choices)
+                })?;
+                if let (Some(p), Some((at, fields))) = (prefix, mark) {
+                    if let Ok(text) = std::str::from_utf8(json.get(..at)?) {
+                        p.text.clear();
+                        p.text.push_str(text);
+                        p.fields = fields;
+                    }
+                }
+                ""
+            }
+        };
+        Some(Top {
+            usage: f.usage,
+            error: f.error,
+            id: text(json, known, f.id)?,
+            model: text(json, known, f.model)?,
+        })
+    }
+
+    /// The text at `range` of `json`, whose first bytes are `known`: `Some(None)` without a
+    /// range, `None` when it is not UTF-8.
+    fn text<'a>(
+        json: &'a [u8],
+        known: &'a str,
+        range: Option<(usize, usize)>,
+    ) -> Option<Option<&'a str>> {
+        let Some((start, end)) = range else {
+            return Some(None);
+        };
+        match known.get(start..end) {
+            Some(text) => Some(Some(text)),
+            None => std::str::from_utf8(json.get(start..end)?).ok().map(Some),
+        }
     }
 
     impl<'a> Scan<'a> {
@@ -669,6 +762,15 @@ mod fast {
             &mut self,
             mut field: impl FnMut(&mut Self, &'a [u8]) -> Option<()>,
         ) -> Option<()> {
+            self.object_at(|s, _, key| field(s, key))
+        }
+
+        /// [`Self::object`], telling `field` where each member starts.
+        #[inline]
+        fn object_at(
+            &mut self,
+            field: impl FnMut(&mut Self, usize, &'a [u8]) -> Option<()>,
+        ) -> Option<()> {
             if self.peek()? != b'{' {
                 return None;
             }
@@ -677,12 +779,23 @@ mod fast {
                 self.i += 1;
                 return Some(());
             }
+            self.members(field)
+        }
+
+        /// The members of an object from the first (or one after a comma) to its `}`; `field`
+        /// gets the position each member starts at and its key.
+        #[inline]
+        fn members(
+            &mut self,
+            mut field: impl FnMut(&mut Self, usize, &'a [u8]) -> Option<()>,
+        ) -> Option<()> {
             loop {
+                let at = self.i;
                 if self.peek()? != b'"' {
                     return None;
                 }
                 let (start, end, plain) = self.string()?;
-                let key = &self.b[start..end];
+                let key = self.b.get(start..end)?;
                 if !plain || !key.is_ascii() {
                     return None;
                 }
@@ -691,7 +804,7 @@ mod fast {
                 }
                 self.i += 1;
                 self.ws();
-                field(self, key)?;
+                field(self, at, key)?;
                 match self.peek()? {
                     b',' => self.i += 1,
                     b'}' => {
@@ -795,14 +908,14 @@ mod fast {
             Some(raw)
         }
 
-        /// A value read as a raw value would be, and its text when it is a string without
-        /// escapes (see `super::plain_string`).
-        fn plain_string(&mut self) -> Option<Option<&'a str>> {
+        /// A value read as a raw value would be, and where its text is when it is a string
+        /// without escapes (see `super::plain_string`; the caller checks the text is UTF-8).
+        fn plain_string(&mut self) -> Option<Option<(usize, usize)>> {
             if self.b.get(self.i) == Some(&b'"') {
                 let at = self.i;
                 let (start, end, plain) = self.string()?;
                 if plain {
-                    return Some(Some(std::str::from_utf8(&self.b[start..end]).ok()?));
+                    return Some(Some((start, end)));
                 }
                 self.i = at;
             }
@@ -1145,13 +1258,24 @@ mod tests {
                     r#"{"choices":[{"text":"a"}],}"#,
                     r#"{"choices":[{"text":"a",}]}"#,
                     r#"{"choices":[{"text":01}]}"#,
+                    r#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"error":null,"id":"a\u0041","model":7,"x":[1],"choices":[{"index":0,"delta":{"content":"a"}}]}"#,
                 ]
                 .iter()
                 .map(|s| (*s).to_owned()),
             )
             .collect();
+        fn read<'a>(
+            json: &'a [u8],
+            prefix: Option<&'a mut fast::Prefix>,
+        ) -> Option<(Classified<'a>, Vec<ChoiceInfo>)> {
+            let mut choices = Vec::new();
+            let top = fast::top(json, &mut choices, prefix)?;
+            let c = classified(top.error, top.usage, top.id, top.model, &mut choices);
+            Some((c, choices))
+        }
         let mut accepted = 0;
         let mut checked = 0;
+        let mut resumed = 0;
         for p in &payloads {
             let b = p.as_bytes();
             let mut variants: Vec<Vec<u8>> = vec![b.to_vec()];
@@ -1163,20 +1287,32 @@ mod tests {
                     variants.push(v);
                 }
             }
+            // What reading the unmutated payload remembers, for the variants to start from.
+            let mut primed = fast::Prefix::default();
+            fast::top(b.trim_ascii(), &mut Vec::new(), Some(&mut primed));
             for v in &variants {
                 let t = v.trim_ascii();
                 if t.first() != Some(&b'{') {
                     continue;
                 }
-                let mut fast_choices = Vec::new();
-                let Some(top) = fast::top(t, &mut fast_choices) else {
+                let fresh = read(t, None);
+                let mut prefix = primed.clone();
+                let resumes = !prefix.text.is_empty() && t.starts_with(prefix.text.as_bytes());
+                assert_eq!(
+                    read(t, Some(&mut prefix)),
+                    fresh,
+                    "resuming from {:?}: {}",
+                    primed.text,
+                    String::from_utf8_lossy(v)
+                );
+                let Some((fast, fast_choices)) = fresh else {
                     continue;
                 };
                 if v == b {
                     accepted += 1;
                 }
                 checked += 1;
-                let fast = classified(top.error, top.usage, top.id, top.model, &mut fast_choices);
+                resumed += usize::from(resumes);
                 let mut serde_choices = Vec::new();
                 let serde = classify_serde(t, &mut serde_choices);
                 assert_eq!(fast, serde, "{}", String::from_utf8_lossy(v));
@@ -1191,10 +1327,11 @@ mod tests {
             }
         }
         assert!(
-            accepted >= 17,
+            accepted >= 18,
             "fast path accepted only {accepted} payloads"
         );
         assert!(checked > 1000, "{checked}");
+        assert!(resumed > 1000, "{resumed}");
     }
 
     #[test]
@@ -1257,6 +1394,33 @@ mod tests {
         assert_eq!(
             seen,
             vec![(Some("chatcmpl-1".to_owned()), Some("m".to_owned()))]
+        );
+    }
+
+    #[test]
+    fn id_and_model_follow_each_chunk_when_the_start_repeats_or_changes() {
+        let other = TOKEN
+            .replace("chatcmpl-1", "chatcmpl-2")
+            .replace(r#""m""#, r#""m2""#);
+        let escaped = TOKEN.replace("chatcmpl-1", r"chatcmpl-\u0033");
+        let s = format!("{ROLE}\n\n{TOKEN}\n\n{other}\n\n{other}\n\n{escaped}\n\n{TOKEN}\n\n");
+        let mut p = SseParser::new();
+        let mut seen = Vec::new();
+        p.feed(s.as_bytes(), |e| {
+            assert_eq!(e.kind, EventKind::Token);
+            seen.push((e.id.map(str::to_owned), e.model.map(str::to_owned)))
+        });
+        let chunk = |id: Option<&str>, model: &str| (id.map(str::to_owned), Some(model.to_owned()));
+        assert_eq!(
+            seen,
+            vec![
+                chunk(Some("chatcmpl-1"), "m"),
+                chunk(Some("chatcmpl-1"), "m"),
+                chunk(Some("chatcmpl-2"), "m2"),
+                chunk(Some("chatcmpl-2"), "m2"),
+                chunk(None, "m"),
+                chunk(Some("chatcmpl-1"), "m"),
+            ]
         );
     }
 
