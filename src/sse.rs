@@ -742,6 +742,40 @@ mod fast {
         }
     }
 
+    /// The position of the first byte of `b` from `i` on that a string cannot hold as it is
+    /// (`"`, `\\` or a control character), or with `ascii` that is not ASCII either; `b.len()`
+    /// when there is none. Eight bytes are looked at a time.
+    #[inline]
+    fn special(b: &[u8], mut i: usize, ascii: bool) -> usize {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        let non_ascii = if ascii { HIGH } else { 0 };
+        while let Some(chunk) = b.get(i..).and_then(<[u8]>::first_chunk::<8>) {
+            let v = u64::from_le_bytes(*chunk);
+            let quote = v ^ (ONES * u64::from(b'"'));
+            let backslash = v ^ (ONES * u64::from(b'\\'));
+            // A byte is flagged when it is zero (after the xor) or below 0x20, or (with
+            // `ascii`) has its high bit set.
+            let flagged = (quote.wrapping_sub(ONES) & !quote)
+                | (backslash.wrapping_sub(ONES) & !backslash)
+                | (v.wrapping_sub(ONES * 0x20) & !v)
+                | (v & non_ascii);
+            let flagged = flagged & HIGH;
+            if flagged != 0 {
+                // The lowest flagged byte is exact (borrows only run towards higher bytes).
+                return i + flagged.trailing_zeros() as usize / 8;
+            }
+            i += 8;
+        }
+        while let Some(&c) = b.get(i) {
+            if matches!(c, b'"' | b'\\' | 0..=0x1f) || (ascii && !c.is_ascii()) {
+                return i;
+            }
+            i += 1;
+        }
+        i
+    }
+
     impl<'a> Scan<'a> {
         #[inline]
         fn ws(&mut self) {
@@ -794,11 +828,7 @@ mod fast {
                 if self.peek()? != b'"' {
                     return None;
                 }
-                let (start, end, plain) = self.string()?;
-                let key = self.b.get(start..end)?;
-                if !plain || !key.is_ascii() {
-                    return None;
-                }
+                let key = self.key()?;
                 if self.peek()? != b':' {
                     return None;
                 }
@@ -820,57 +850,50 @@ mod fast {
         /// it had no escapes.
         #[inline]
         fn string(&mut self) -> Option<(usize, usize, bool)> {
-            self.i += 1;
-            let start = self.i;
+            let b = self.b;
+            let start = self.i + 1;
+            let mut i = start;
             let mut plain = true;
             loop {
-                self.skip_plain();
-                let c = *self.b.get(self.i)?;
-                self.i += 1;
+                i = special(b, i, false);
+                let c = *b.get(i)?;
+                i += 1;
                 match c {
-                    b'"' => return Some((start, self.i - 1, plain)),
+                    b'"' => {
+                        self.i = i;
+                        return Some((start, i - 1, plain));
+                    }
                     b'\\' => {
                         plain = false;
-                        match *self.b.get(self.i)? {
-                            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 1,
+                        match *b.get(i)? {
+                            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 1,
                             b'u' => {
-                                let hex = self.b.get(self.i + 1..self.i + 5)?;
+                                let hex = b.get(i + 1..i + 5)?;
                                 if !hex.iter().all(u8::is_ascii_hexdigit) {
                                     return None;
                                 }
-                                self.i += 5;
+                                i += 5;
                             }
                             _ => return None,
                         }
                     }
-                    0..=0x1f => return None,
-                    _ => {}
+                    // A control character.
+                    _ => return None,
                 }
             }
         }
 
-        /// Skips string bytes that need no look (not `"`, `\\` or a control character), eight
-        /// at a time.
+        /// A key at `self.i` (on its opening quote): its text, when it is ASCII without
+        /// escapes (other keys are left to serde).
         #[inline]
-        fn skip_plain(&mut self) {
-            const ONES: u64 = 0x0101_0101_0101_0101;
-            const HIGH: u64 = 0x8080_8080_8080_8080;
-            while let Some(chunk) = self.b.get(self.i..self.i + 8) {
-                let v = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
-                let quote = v ^ (ONES * u64::from(b'"'));
-                let backslash = v ^ (ONES * u64::from(b'\\'));
-                // A byte is flagged when it is zero (after the xor) or below 0x20.
-                let flagged = (quote.wrapping_sub(ONES) & !quote)
-                    | (backslash.wrapping_sub(ONES) & !backslash)
-                    | (v.wrapping_sub(ONES * 0x20) & !v);
-                let flagged = flagged & HIGH;
-                if flagged != 0 {
-                    // The lowest flagged byte is exact (borrows only run towards higher bytes).
-                    self.i += flagged.trailing_zeros() as usize / 8;
-                    return;
-                }
-                self.i += 8;
+        fn key(&mut self) -> Option<&'a [u8]> {
+            let start = self.i + 1;
+            let end = special(self.b, start, true);
+            if self.b.get(end) != Some(&b'"') {
+                return None;
             }
+            self.i = end + 1;
+            self.b.get(start..end)
         }
 
         /// Skips one value (the scanner is on its first byte), checking its syntax.
