@@ -119,6 +119,9 @@ pub struct SseParser {
     /// The previous frame ended in `\r`: a leading `\n` in the next one belongs to it.
     skip_lf: bool,
     choices: Vec<ChoiceInfo>,
+    /// The start of an earlier payload, so that the next ones need not read it again (boxed:
+    /// a parser is embedded in other state and should stay small).
+    prefix: Box<fast::Prefix>,
 }
 
 impl Default for SseParser {
@@ -137,6 +140,7 @@ impl SseParser {
             in_block: false,
             skip_lf: false,
             choices: Vec::new(),
+            prefix: Box::default(),
         }
     }
 
@@ -269,7 +273,7 @@ impl SseParser {
         self.choices.clear();
         let c = match payload {
             None => Classified::of(EventKind::NoData),
-            Some(payload) => classify(payload, &mut self.choices),
+            Some(payload) => classify_in(payload, &mut self.choices, Some(&mut self.prefix)),
         };
         on_event(&Event {
             kind: c.kind,
@@ -335,6 +339,15 @@ impl Classified<'_> {
 
 /// Classifies one event's data. `choices` receives the choices of a token event.
 pub fn classify<'a>(payload: &'a [u8], choices: &mut Vec<ChoiceInfo>) -> Classified<'a> {
+    classify_in(payload, choices, None)
+}
+
+/// [`classify`], reading a payload that starts like an earlier one from where `prefix` ends.
+fn classify_in<'a>(
+    payload: &'a [u8],
+    choices: &mut Vec<ChoiceInfo>,
+    prefix: Option<&'a mut fast::Prefix>,
+) -> Classified<'a> {
     let trimmed = payload.trim_ascii();
     if trimmed == b"[DONE]" {
         return Classified::of(EventKind::Done);
@@ -343,7 +356,7 @@ pub fn classify<'a>(payload: &'a [u8], choices: &mut Vec<ChoiceInfo>) -> Classif
         return Classified::of(EventKind::Other);
     }
     choices.clear();
-    if let Some(top) = fast::top(trimmed, choices) {
+    if let Some(top) = fast::top(trimmed, choices, prefix) {
         return classified(top.error, top.usage, top.id, top.model, choices);
     }
     choices.clear();
@@ -595,25 +608,28 @@ mod fast {
         pub(super) model: Option<&'a str>,
     }
 
-    /// Nesting beyond this is left to serde (whose limit is 128).
-    const MAX_DEPTH: u32 = 64;
-
-    struct Scan<'a> {
-        b: &'a [u8],
-        i: usize,
+    /// The top-level fields read up to some point of a scan.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Fields {
+        /// One bit per key read, to refuse duplicates.
+        seen: u8,
+        usage: Option<Usage>,
+        error: bool,
+        /// Where the `id` string's text is, when it is a plain string.
+        id: Option<(usize, usize)>,
+        /// Where the `model` string's text is, when it is a plain string.
+        model: Option<(usize, usize)>,
     }
 
-    /// Reads `json` (which starts with `{`), pushing token choices into `choices`.
-    pub(super) fn top<'a>(json: &'a [u8], choices: &mut Vec<ChoiceInfo>) -> Option<Top<'a>> {
-        let mut s = Scan { b: json, i: 0 };
-        let mut top = Top {
-            usage: None,
-            error: false,
-            id: None,
-            model: None,
-        };
-        let mut seen = 0u8;
-        s.object(|s, key| {
+    impl Fields {
+        /// Reads the value of the top-level member `key`, pushing token choices into `choices`.
+        #[inline]
+        fn read(
+            &mut self,
+            s: &mut Scan<'_>,
+            key: &[u8],
+            choices: &mut Vec<ChoiceInfo>,
+        ) -> Option<()> {
             let bit = match key {
                 b"choices" => 1,
                 b"usage" => 2,
@@ -622,31 +638,142 @@ mod fast {
                 b"model" => 16,
                 _ => return s.value(1),
             };
-            if seen & bit != 0 {
+            if self.seen & bit != 0 {
                 return None;
             }
-            seen |= bit;
+            self.seen |= bit;
             match bit {
-                1 => s.choices(choices),
-                2 => {
-                    top.usage = s.usage()?;
-                    Some(())
-                }
-                4 => {
-                    top.error = s.raw(1)? != b"null";
-                    Some(())
-                }
-                8 => {
-                    top.id = s.plain_string()?;
-                    Some(())
-                }
-                _ => {
-                    top.model = s.plain_string()?;
-                    Some(())
-                }
+                1 => s.choices(choices)?,
+                2 => self.usage = s.usage()?,
+                4 => self.error = s.raw(1)? != b"null",
+                8 => self.id = s.plain_string()?,
+                _ => self.model = s.plain_string()?,
             }
-        })?;
-        Some(top)
+            Some(())
+        }
+    }
+
+    /// The start of an earlier payload, up to its `choices` member, and the fields read there.
+    ///
+    /// The scanner decides everything before a position from the bytes before it, so a payload
+    /// that starts with the same bytes reaches that position in the same state and is read on
+    /// from there. Every chunk of a vLLM stream repeats its `id`, `object`, `created` and
+    /// `model`, which are most of its bytes.
+    #[derive(Debug, Clone, Default)]
+    pub(super) struct Prefix {
+        /// The bytes, kept only when they are UTF-8 so that `id` and `model` can be read from
+        /// them without checking them again.
+        pub(super) text: String,
+        fields: Fields,
+    }
+
+    /// Nesting beyond this is left to serde (whose limit is 128).
+    const MAX_DEPTH: u32 = 64;
+
+    struct Scan<'a> {
+        b: &'a [u8],
+        i: usize,
+    }
+
+    /// Reads `json` (which starts with `{`), pushing token choices into `choices`. With a
+    /// `prefix`, a payload that starts like the one it remembers is read from where it ends,
+    /// and one that does not is remembered in its place.
+    pub(super) fn top<'a>(
+        json: &'a [u8],
+        choices: &mut Vec<ChoiceInfo>,
+        prefix: Option<&'a mut Prefix>,
+    ) -> Option<Top<'a>> {
+        let mut f = Fields::default();
+        let known = match prefix {
+            Some(p) if !p.text.is_empty() && json.starts_with(p.text.as_bytes()) => {
+                let p: &'a Prefix = p;
+                f = p.fields;
+                let mut s = Scan {
+                    b: json,
+                    i: p.text.len(),
+                };
+                s.members(|s, _, key| f.read(s, key, choices))?;
+                p.text.as_str()
+            }
+            prefix => {
+                // Where the `choices` member starts, and the fields read before it; only after
+                // a comma, as the first member's position depends on the byte there (`{}`).
+                let mut mark = None;
+                let mut first = true;
+                let mut s = Scan { b: json, i: 0 };
+                s.object_at(|s, at, key| {
+                    let after_comma = !std::mem::replace(&mut first, false);
+                    if key == b"choices" && after_comma {
+                        mark = Some((at, f));
+                    }
+                    f.read(s, key, choices)
+                })?;
+                if let (Some(p), Some((at, fields))) = (prefix, mark) {
+                    if let Ok(text) = std::str::from_utf8(json.get(..at)?) {
+                        p.text.clear();
+                        p.text.push_str(text);
+                        p.fields = fields;
+                    }
+                }
+                ""
+            }
+        };
+        Some(Top {
+            usage: f.usage,
+            error: f.error,
+            id: text(json, known, f.id)?,
+            model: text(json, known, f.model)?,
+        })
+    }
+
+    /// The text at `range` of `json`, whose first bytes are `known`: `Some(None)` without a
+    /// range, `None` when it is not UTF-8.
+    fn text<'a>(
+        json: &'a [u8],
+        known: &'a str,
+        range: Option<(usize, usize)>,
+    ) -> Option<Option<&'a str>> {
+        let Some((start, end)) = range else {
+            return Some(None);
+        };
+        match known.get(start..end) {
+            Some(text) => Some(Some(text)),
+            None => std::str::from_utf8(json.get(start..end)?).ok().map(Some),
+        }
+    }
+
+    /// The position of the first byte of `b` from `i` on that a string cannot hold as it is
+    /// (`"`, `\\` or a control character), or with `ascii` that is not ASCII either; `b.len()`
+    /// when there is none. Eight bytes are looked at a time.
+    #[inline]
+    fn special(b: &[u8], mut i: usize, ascii: bool) -> usize {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        let non_ascii = if ascii { HIGH } else { 0 };
+        while let Some(chunk) = b.get(i..).and_then(<[u8]>::first_chunk::<8>) {
+            let v = u64::from_le_bytes(*chunk);
+            let quote = v ^ (ONES * u64::from(b'"'));
+            let backslash = v ^ (ONES * u64::from(b'\\'));
+            // A byte is flagged when it is zero (after the xor) or below 0x20, or (with
+            // `ascii`) has its high bit set.
+            let flagged = (quote.wrapping_sub(ONES) & !quote)
+                | (backslash.wrapping_sub(ONES) & !backslash)
+                | (v.wrapping_sub(ONES * 0x20) & !v)
+                | (v & non_ascii);
+            let flagged = flagged & HIGH;
+            if flagged != 0 {
+                // The lowest flagged byte is exact (borrows only run towards higher bytes).
+                return i + flagged.trailing_zeros() as usize / 8;
+            }
+            i += 8;
+        }
+        while let Some(&c) = b.get(i) {
+            if matches!(c, b'"' | b'\\' | 0..=0x1f) || (ascii && !c.is_ascii()) {
+                return i;
+            }
+            i += 1;
+        }
+        i
     }
 
     impl<'a> Scan<'a> {
@@ -669,6 +796,15 @@ mod fast {
             &mut self,
             mut field: impl FnMut(&mut Self, &'a [u8]) -> Option<()>,
         ) -> Option<()> {
+            self.object_at(|s, _, key| field(s, key))
+        }
+
+        /// [`Self::object`], telling `field` where each member starts.
+        #[inline]
+        fn object_at(
+            &mut self,
+            field: impl FnMut(&mut Self, usize, &'a [u8]) -> Option<()>,
+        ) -> Option<()> {
             if self.peek()? != b'{' {
                 return None;
             }
@@ -677,21 +813,28 @@ mod fast {
                 self.i += 1;
                 return Some(());
             }
+            self.members(field)
+        }
+
+        /// The members of an object from the first (or one after a comma) to its `}`; `field`
+        /// gets the position each member starts at and its key.
+        #[inline]
+        fn members(
+            &mut self,
+            mut field: impl FnMut(&mut Self, usize, &'a [u8]) -> Option<()>,
+        ) -> Option<()> {
             loop {
+                let at = self.i;
                 if self.peek()? != b'"' {
                     return None;
                 }
-                let (start, end, plain) = self.string()?;
-                let key = &self.b[start..end];
-                if !plain || !key.is_ascii() {
-                    return None;
-                }
+                let key = self.key()?;
                 if self.peek()? != b':' {
                     return None;
                 }
                 self.i += 1;
                 self.ws();
-                field(self, key)?;
+                field(self, at, key)?;
                 match self.peek()? {
                     b',' => self.i += 1,
                     b'}' => {
@@ -707,57 +850,50 @@ mod fast {
         /// it had no escapes.
         #[inline]
         fn string(&mut self) -> Option<(usize, usize, bool)> {
-            self.i += 1;
-            let start = self.i;
+            let b = self.b;
+            let start = self.i + 1;
+            let mut i = start;
             let mut plain = true;
             loop {
-                self.skip_plain();
-                let c = *self.b.get(self.i)?;
-                self.i += 1;
+                i = special(b, i, false);
+                let c = *b.get(i)?;
+                i += 1;
                 match c {
-                    b'"' => return Some((start, self.i - 1, plain)),
+                    b'"' => {
+                        self.i = i;
+                        return Some((start, i - 1, plain));
+                    }
                     b'\\' => {
                         plain = false;
-                        match *self.b.get(self.i)? {
-                            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 1,
+                        match *b.get(i)? {
+                            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 1,
                             b'u' => {
-                                let hex = self.b.get(self.i + 1..self.i + 5)?;
+                                let hex = b.get(i + 1..i + 5)?;
                                 if !hex.iter().all(u8::is_ascii_hexdigit) {
                                     return None;
                                 }
-                                self.i += 5;
+                                i += 5;
                             }
                             _ => return None,
                         }
                     }
-                    0..=0x1f => return None,
-                    _ => {}
+                    // A control character.
+                    _ => return None,
                 }
             }
         }
 
-        /// Skips string bytes that need no look (not `"`, `\\` or a control character), eight
-        /// at a time.
+        /// A key at `self.i` (on its opening quote): its text, when it is ASCII without
+        /// escapes (other keys are left to serde).
         #[inline]
-        fn skip_plain(&mut self) {
-            const ONES: u64 = 0x0101_0101_0101_0101;
-            const HIGH: u64 = 0x8080_8080_8080_8080;
-            while let Some(chunk) = self.b.get(self.i..self.i + 8) {
-                let v = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
-                let quote = v ^ (ONES * u64::from(b'"'));
-                let backslash = v ^ (ONES * u64::from(b'\\'));
-                // A byte is flagged when it is zero (after the xor) or below 0x20.
-                let flagged = (quote.wrapping_sub(ONES) & !quote)
-                    | (backslash.wrapping_sub(ONES) & !backslash)
-                    | (v.wrapping_sub(ONES * 0x20) & !v);
-                let flagged = flagged & HIGH;
-                if flagged != 0 {
-                    // The lowest flagged byte is exact (borrows only run towards higher bytes).
-                    self.i += flagged.trailing_zeros() as usize / 8;
-                    return;
-                }
-                self.i += 8;
+        fn key(&mut self) -> Option<&'a [u8]> {
+            let start = self.i + 1;
+            let end = special(self.b, start, true);
+            if self.b.get(end) != Some(&b'"') {
+                return None;
             }
+            self.i = end + 1;
+            self.b.get(start..end)
         }
 
         /// Skips one value (the scanner is on its first byte), checking its syntax.
@@ -795,14 +931,14 @@ mod fast {
             Some(raw)
         }
 
-        /// A value read as a raw value would be, and its text when it is a string without
-        /// escapes (see `super::plain_string`).
-        fn plain_string(&mut self) -> Option<Option<&'a str>> {
+        /// A value read as a raw value would be, and where its text is when it is a string
+        /// without escapes (see `super::plain_string`; the caller checks the text is UTF-8).
+        fn plain_string(&mut self) -> Option<Option<(usize, usize)>> {
             if self.b.get(self.i) == Some(&b'"') {
                 let at = self.i;
                 let (start, end, plain) = self.string()?;
                 if plain {
-                    return Some(Some(std::str::from_utf8(&self.b[start..end]).ok()?));
+                    return Some(Some((start, end)));
                 }
                 self.i = at;
             }
@@ -1145,13 +1281,24 @@ mod tests {
                     r#"{"choices":[{"text":"a"}],}"#,
                     r#"{"choices":[{"text":"a",}]}"#,
                     r#"{"choices":[{"text":01}]}"#,
+                    r#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"error":null,"id":"a\u0041","model":7,"x":[1],"choices":[{"index":0,"delta":{"content":"a"}}]}"#,
                 ]
                 .iter()
                 .map(|s| (*s).to_owned()),
             )
             .collect();
+        fn read<'a>(
+            json: &'a [u8],
+            prefix: Option<&'a mut fast::Prefix>,
+        ) -> Option<(Classified<'a>, Vec<ChoiceInfo>)> {
+            let mut choices = Vec::new();
+            let top = fast::top(json, &mut choices, prefix)?;
+            let c = classified(top.error, top.usage, top.id, top.model, &mut choices);
+            Some((c, choices))
+        }
         let mut accepted = 0;
         let mut checked = 0;
+        let mut resumed = 0;
         for p in &payloads {
             let b = p.as_bytes();
             let mut variants: Vec<Vec<u8>> = vec![b.to_vec()];
@@ -1163,20 +1310,32 @@ mod tests {
                     variants.push(v);
                 }
             }
+            // What reading the unmutated payload remembers, for the variants to start from.
+            let mut primed = fast::Prefix::default();
+            fast::top(b.trim_ascii(), &mut Vec::new(), Some(&mut primed));
             for v in &variants {
                 let t = v.trim_ascii();
                 if t.first() != Some(&b'{') {
                     continue;
                 }
-                let mut fast_choices = Vec::new();
-                let Some(top) = fast::top(t, &mut fast_choices) else {
+                let fresh = read(t, None);
+                let mut prefix = primed.clone();
+                let resumes = !prefix.text.is_empty() && t.starts_with(prefix.text.as_bytes());
+                assert_eq!(
+                    read(t, Some(&mut prefix)),
+                    fresh,
+                    "resuming from {:?}: {}",
+                    primed.text,
+                    String::from_utf8_lossy(v)
+                );
+                let Some((fast, fast_choices)) = fresh else {
                     continue;
                 };
                 if v == b {
                     accepted += 1;
                 }
                 checked += 1;
-                let fast = classified(top.error, top.usage, top.id, top.model, &mut fast_choices);
+                resumed += usize::from(resumes);
                 let mut serde_choices = Vec::new();
                 let serde = classify_serde(t, &mut serde_choices);
                 assert_eq!(fast, serde, "{}", String::from_utf8_lossy(v));
@@ -1191,10 +1350,11 @@ mod tests {
             }
         }
         assert!(
-            accepted >= 17,
+            accepted >= 18,
             "fast path accepted only {accepted} payloads"
         );
         assert!(checked > 1000, "{checked}");
+        assert!(resumed > 1000, "{resumed}");
     }
 
     #[test]
@@ -1257,6 +1417,33 @@ mod tests {
         assert_eq!(
             seen,
             vec![(Some("chatcmpl-1".to_owned()), Some("m".to_owned()))]
+        );
+    }
+
+    #[test]
+    fn id_and_model_follow_each_chunk_when_the_start_repeats_or_changes() {
+        let other = TOKEN
+            .replace("chatcmpl-1", "chatcmpl-2")
+            .replace(r#""m""#, r#""m2""#);
+        let escaped = TOKEN.replace("chatcmpl-1", r"chatcmpl-\u0033");
+        let s = format!("{ROLE}\n\n{TOKEN}\n\n{other}\n\n{other}\n\n{escaped}\n\n{TOKEN}\n\n");
+        let mut p = SseParser::new();
+        let mut seen = Vec::new();
+        p.feed(s.as_bytes(), |e| {
+            assert_eq!(e.kind, EventKind::Token);
+            seen.push((e.id.map(str::to_owned), e.model.map(str::to_owned)))
+        });
+        let chunk = |id: Option<&str>, model: &str| (id.map(str::to_owned), Some(model.to_owned()));
+        assert_eq!(
+            seen,
+            vec![
+                chunk(Some("chatcmpl-1"), "m"),
+                chunk(Some("chatcmpl-1"), "m"),
+                chunk(Some("chatcmpl-2"), "m2"),
+                chunk(Some("chatcmpl-2"), "m2"),
+                chunk(None, "m"),
+                chunk(Some("chatcmpl-1"), "m"),
+            ]
         );
     }
 
