@@ -39,6 +39,9 @@ pub async fn serve<H, Fut, B>(
     let h1 = http1::Builder::new();
     let h2 = http2::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
+    // Tells connections that have not sent their first bytes yet (so are not watched by
+    // `graceful`) that the server is draining.
+    let (draining, drain_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let (stream, remote) = tokio::select! {
@@ -59,10 +62,15 @@ pub async fn serve<H, Fut, B>(
             async move { Ok::<_, Infallible>(handler(req, remote).await) }
         });
         let (h1, h2, watcher) = (h1.clone(), h2.clone(), graceful.watcher());
+        let mut drain_rx = drain_rx.clone();
         // No tracing span around the connection: entering it on every poll costs ~1 % of the
         // CPU per forwarded chunk; the one log line below names the connection instead.
         tokio::spawn(async move {
-            let result = if is_http2(&stream).await {
+            let h2_prior = tokio::select! {
+                h2_prior = is_http2(&stream) => h2_prior,
+                _ = drain_rx.wait_for(|draining| *draining) => return,
+            };
+            let result = if h2_prior {
                 watcher
                     .watch(h2.serve_connection(TokioIo::new(stream), service))
                     .await
@@ -77,6 +85,7 @@ pub async fn serve<H, Fut, B>(
         });
     }
     drop(listener);
+    let _ = draining.send(true);
     tracing::info!(
         listener = name,
         grace_secs = grace.as_secs_f64(),
@@ -118,6 +127,7 @@ async fn is_http2(stream: &TcpStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
     use tokio::io::AsyncWriteExt;
 
     /// `is_http2` on the accepted side of a connection whose client writes `parts` with a pause
@@ -152,6 +162,32 @@ mod tests {
     async fn a_preface_split_across_packets_waits_for_the_rest() {
         assert!(sniff(&[b"PR", b"I * HTTP/2.0\r\n\r\nSM\r\n\r\n"]).await);
         assert!(!sniff(&[b"P", b"OST / HTTP/1.1\r\n"]).await);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sent_nothing_does_not_hold_up_the_drain() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handler = |_req: Request<Incoming>, _remote: SocketAddr| async {
+            Response::new(http_body_util::Empty::new().map_err(|never| match never {}))
+        };
+        let server = tokio::spawn(serve(
+            listener,
+            handler,
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(30),
+            "test",
+        ));
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("drained without waiting for the silent connection")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -48,7 +48,8 @@ pub enum SendError {
 /// and writes its socket whenever it is polled.
 struct Conn {
     tx: http1::SendRequest<UpstreamBody>,
-    driver: Driver,
+    /// `None` once dropped after it returned (see [`drive`]).
+    driver: Option<Driver>,
     /// Set once the driver has returned: the connection is closed.
     done: bool,
 }
@@ -56,7 +57,10 @@ struct Conn {
 impl Conn {
     /// Advances the connection; returns `true` once it has ended.
     fn poll_driver(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.done && Pin::new(&mut self.driver).poll(cx).is_ready() {
+        if !self.done
+            && let Some(driver) = &mut self.driver
+            && Pin::new(driver).poll(cx).is_ready()
+        {
             self.done = true;
         }
         self.done
@@ -135,7 +139,7 @@ impl Pool {
         let (tx, driver) = http1::handshake(io).await?;
         let mut conn = Conn {
             tx,
-            driver,
+            driver: Some(driver),
             done: false,
         };
         let mut sent = std::pin::pin!(conn.tx.send_request(req));
@@ -205,7 +209,10 @@ where
             return Poll::Ready(out);
         }
         if conn.poll_driver(cx) {
-            // A finished connection has answered or failed the request by now.
+            // The connection ended (say the upstream closed it while idle) maybe before it took
+            // the request: hyper answers queued requests only when the connection is dropped,
+            // handing an unwritten request back so that it can be retried.
+            conn.driver = None;
             return sent.as_mut().poll(cx);
         }
         Poll::Pending
@@ -245,7 +252,12 @@ impl Body for UpstreamResponse {
                 return Poll::Ready(Some(Err("upstream connection closed mid-body".into())));
             }
         }
+        // hyper drops a body after its trailers without asking for the end.
         if let Poll::Ready(None) = polled {
+            this.ended = true;
+        } else if let Poll::Ready(Some(Ok(frame))) = &polled
+            && frame.is_trailers()
+        {
             this.ended = true;
         }
         polled.map_err(Into::into)
@@ -297,6 +309,8 @@ mod tests {
         ThenClose,
         /// A chunked body that never ends.
         Endless,
+        /// `ok`, then the upstream closes the idle connection 100 ms later.
+        IdleClose,
     }
 
     /// A raw HTTP/1.1 upstream on 127.0.0.1:0; counts connections, and closed connections.
@@ -325,7 +339,7 @@ mod tests {
                         }
                         buf.clear();
                         let reply: &[u8] = match answer {
-                            Answer::KeepAlive | Answer::ThenClose => {
+                            Answer::KeepAlive | Answer::ThenClose | Answer::IdleClose => {
                                 b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
                             }
                             Answer::Endless => {
@@ -335,8 +349,13 @@ mod tests {
                         if socket.write_all(reply).await.is_err() {
                             break;
                         }
-                        if let Answer::ThenClose = answer {
-                            break;
+                        match answer {
+                            Answer::ThenClose => break,
+                            Answer::IdleClose => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                break;
+                            }
+                            _ => {}
                         }
                     }
                     closed.fetch_add(1, Ordering::SeqCst);
@@ -424,6 +443,22 @@ mod tests {
         eventually("the upstream closed", || closed.load(Ordering::SeqCst) == 1).await;
         assert_eq!(body(&pool, &uri).await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_connection_closed_after_checkout_comes_back_for_a_retry() {
+        let (uri, _, closed) = upstream(Answer::IdleClose).await;
+        let pool = pool(&uri, 8, Duration::from_secs(60));
+        assert_eq!(body(&pool, &uri).await, "ok");
+        let mut conn = pool.checkout().expect("the connection was pooled");
+        eventually("the upstream closed", || closed.load(Ordering::SeqCst) == 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut sent = std::pin::pin!(conn.tx.try_send_request(get(&uri)));
+        let result = tokio::time::timeout(Duration::from_secs(2), drive(&mut conn, sent.as_mut()))
+            .await
+            .expect("the request is answered, not left queued on a closed connection");
+        let mut error = result.expect_err("the connection is closed");
+        assert!(error.take_message().is_some(), "unwritten, so given back");
     }
 
     #[tokio::test]
