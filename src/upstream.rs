@@ -96,7 +96,7 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A pool that connects to `uri` (scheme and authority) with `connector`, keeps at most
+    /// A pool that connects to `uri` (scheme and authority) with `connector` and keeps at most
     /// `max_idle` idle connections for at most `idle_timeout`.
     pub fn new(
         connector: HttpsConnector<HttpConnector>,

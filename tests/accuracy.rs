@@ -43,9 +43,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
     }
 }
 
-// Four workers for three independent parts (simulator, proxy, client) in one process: with two,
-// a busy worker delays new connections' first reads by milliseconds, which only the client's
-// clock sees.
+// Four workers for three independent parts (simulator, proxy, client) in one process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxy_and_client_agree_per_request_and_in_the_table() {
     let lines: Lines = Arc::default();
@@ -91,47 +89,69 @@ async fn proxy_and_client_agree_per_request_and_in_the_table() {
         );
     }
     let ms = |l: &HashMap<String, String>, k: &str| -> f64 { l[k].parse().unwrap() };
-    let (mut ttft_ok, mut e2el_ok, mut itl_ok) = (0, 0, 0);
-    let (mut ttft_max, mut e2el_max, mut itl_max) = (0.0f64, 0.0f64, 0.0f64);
+    // The first request on each client connection opened it.
+    let mut first_on: HashMap<std::net::SocketAddr, (f64, &str)> = HashMap::new();
+    for r in result.completed() {
+        let addr = r
+            .local_addr
+            .expect("hyper reports the connection's address");
+        let first = first_on
+            .entry(addr)
+            .or_insert((r.start_time, &r.request_id));
+        if r.start_time < first.0 {
+            *first = (r.start_time, &r.request_id);
+        }
+    }
+    let opened: std::collections::HashSet<&str> = first_on.values().map(|&(_, id)| id).collect();
+    // Requests on a reused connection must agree within 1 ms (TTFT, E2EL). One that opened its
+    // connection counts the connect and the proxy's first read of it on the client's clock only
+    // (the proxy's clock starts at the request), so its client figures may be larger by that
+    // setup, never smaller: the proxy must not report more than the client saw.
+    let (mut reused, mut ttft_ok, mut e2el_ok, mut itl_ok) = (0, 0, 0, 0);
+    let (mut ttft_max, mut e2el_max, mut itl_max, mut setup_max) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
     for r in result.completed() {
         let l = by_id
             .get(&r.request_id)
             .unwrap_or_else(|| panic!("no access-log line for {}", r.request_id));
         assert_eq!(l["outcome"], "ok");
         assert_eq!(l["output_tokens"], r.output_tokens.to_string());
-        let d_ttft = (ms(l, "ttft_ms") - r.ttft * 1000.0).abs();
-        let d_e2el = (ms(l, "e2el_ms") - r.latency * 1000.0).abs();
+        let ttft_gap = r.ttft * 1000.0 - ms(l, "ttft_ms");
+        let e2el_gap = r.latency * 1000.0 - ms(l, "e2el_ms");
         let client_itl = r.itl.iter().sum::<f64>() / r.itl.len() as f64 * 1000.0;
         let d_itl = (ms(l, "itl_mean_ms") - client_itl).abs();
-        if d_ttft >= 1.0 && std::env::var("ACC_DEBUG").is_ok() {
-            eprintln!(
-                "slow start {} at {:.3}s: client ttft {:.3} proxy {}",
-                r.request_id,
-                r.start_time,
-                r.ttft * 1000.0,
-                l["ttft_ms"]
-            );
-        }
-        ttft_ok += usize::from(d_ttft < 1.0);
-        e2el_ok += usize::from(d_e2el < 1.0);
         itl_ok += usize::from(d_itl < 0.5);
-        ttft_max = ttft_max.max(d_ttft);
-        e2el_max = e2el_max.max(d_e2el);
         itl_max = itl_max.max(d_itl);
+        if opened.contains(r.request_id.as_str()) {
+            for (what, gap) in [("TTFT", ttft_gap), ("E2EL", e2el_gap)] {
+                assert!(
+                    (-1.0..50.0).contains(&gap),
+                    "{} opened a connection: client {what} exceeds the proxy's by {gap:.3} ms",
+                    r.request_id
+                );
+            }
+            setup_max = setup_max.max(ttft_gap);
+            continue;
+        }
+        reused += 1;
+        ttft_ok += usize::from(ttft_gap.abs() < 1.0);
+        e2el_ok += usize::from(e2el_gap.abs() < 1.0);
+        ttft_max = ttft_max.max(ttft_gap.abs());
+        e2el_max = e2el_max.max(e2el_gap.abs());
     }
     println!(
-        "per request (400 requests, 100 concurrent): TTFT within 1 ms: {ttft_ok}, E2EL within 1 ms: {e2el_ok}, mean ITL within 0.5 ms: {itl_ok}; largest differences {ttft_max:.3} / {e2el_max:.3} / {itl_max:.3} ms"
-    );
-    // TTFT and E2EL: 98%. A request that opens a new connection counts the connection's setup
-    // (accept, the first read) on the client's clock only; the proxy's clock starts at the
-    // request. A handful of the 400 requests open connections while the ramp-up is busiest.
-    assert!(
-        ttft_ok >= 392,
-        "TTFT agreed within 1 ms for only {ttft_ok}/400"
+        "per request (400 requests, 100 concurrent; {reused} on a reused connection): TTFT within 1 ms: {ttft_ok}, E2EL within 1 ms: {e2el_ok}, largest differences {ttft_max:.3} / {e2el_max:.3} ms; mean ITL within 0.5 ms: {itl_ok}/400, largest {itl_max:.3} ms; connection setup seen by the client only: up to {setup_max:.3} ms"
     );
     assert!(
-        e2el_ok >= 392,
-        "E2EL agreed within 1 ms for only {e2el_ok}/400"
+        reused >= 200,
+        "most requests reuse a connection; {reused}/400 did"
+    );
+    assert!(
+        ttft_ok * 100 >= reused * 99,
+        "TTFT agreed within 1 ms for only {ttft_ok}/{reused}"
+    );
+    assert!(
+        e2el_ok * 100 >= reused * 99,
+        "E2EL agreed within 1 ms for only {e2el_ok}/{reused}"
     );
     assert!(
         itl_ok >= 396,

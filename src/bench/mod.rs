@@ -170,6 +170,10 @@ pub struct RequestResult {
     /// seconds.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub chunk_latency: Vec<f64>,
+    /// The client side of the connection it went on: the first request (by `start_time`) on an
+    /// address is the one that opened that connection, and its TTFT includes the connect.
+    #[serde(skip)]
+    pub local_addr: Option<std::net::SocketAddr>,
 }
 
 impl RequestResult {
@@ -488,7 +492,13 @@ async fn one_request(
     let st = Instant::now();
     out.start_time = (st - started).as_secs_f64();
     let response = match client.request(req).await {
-        Ok(r) => r,
+        Ok(r) => {
+            out.local_addr = r
+                .extensions()
+                .get::<hyper_util::client::legacy::connect::HttpInfo>()
+                .map(|info| info.local_addr());
+            r
+        }
         Err(e) => {
             out.error = format!("request failed: {e}");
             return out;
