@@ -317,14 +317,7 @@ async fn outcome_upstream_status() {
     let reply = reply.unwrap();
     assert_eq!(reply.status, 503);
     openai_error(&reply.body, 503);
-    assert_eq!(
-        value(
-            &m,
-            "tokentap_requests_total",
-            &[("outcome", "upstream_status"), ("status", "503")]
-        ),
-        1.0
-    );
+    assert_eq!(requests_total(&m, "upstream_status", "503"), 1.0);
     assert_eq!(value(&m, "tokentap_goodput_requests_total", &[]), 0.0);
 }
 
@@ -334,28 +327,14 @@ async fn outcome_inband_error() {
     let reply = reply.unwrap();
     assert_eq!(reply.status, 200);
     assert!(String::from_utf8_lossy(&reply.body).contains("\"error\""));
-    assert_eq!(
-        value(
-            &m,
-            "tokentap_requests_total",
-            &[("outcome", "inband_error"), ("status", "200")]
-        ),
-        1.0
-    );
+    assert_eq!(requests_total(&m, "inband_error", "200"), 1.0);
 }
 
 #[tokio::test]
 async fn outcome_upstream_disconnect() {
     let (reply, m) = outcome_of("disconnect_after=3", |_| {}).await;
     assert!(reply.is_err(), "the client sees the stream break off");
-    assert_eq!(
-        value(
-            &m,
-            "tokentap_requests_total",
-            &[("outcome", "upstream_disconnect"), ("status", "200")]
-        ),
-        1.0
-    );
+    assert_eq!(requests_total(&m, "upstream_disconnect", "200"), 1.0);
     // Partial timings are kept: TTFT was seen.
     assert_eq!(
         value(&m, "tokentap_time_to_first_token_seconds_count", &[]),
@@ -370,14 +349,7 @@ async fn outcome_upstream_timeout_between_chunks() {
     })
     .await;
     assert!(reply.is_err(), "the stream is cut");
-    assert_eq!(
-        value(
-            &m,
-            "tokentap_requests_total",
-            &[("outcome", "upstream_timeout"), ("status", "200")]
-        ),
-        1.0
-    );
+    assert_eq!(requests_total(&m, "upstream_timeout", "200"), 1.0);
 }
 
 #[tokio::test]
@@ -389,14 +361,7 @@ async fn outcome_upstream_timeout_waiting_for_headers() {
     let reply = reply.unwrap();
     assert_eq!(reply.status, 504);
     openai_error(&reply.body, 504);
-    assert_eq!(
-        value(
-            &m,
-            "tokentap_requests_total",
-            &[("outcome", "upstream_timeout"), ("status", "504")]
-        ),
-        1.0
-    );
+    assert_eq!(requests_total(&m, "upstream_timeout", "504"), 1.0);
 }
 
 #[tokio::test]
@@ -419,14 +384,7 @@ async fn outcome_connect_error() {
     assert_eq!(r.status, 502);
     openai_error(&r.body, 502);
     let m = scrape(proxy.admin_addr().unwrap()).await;
-    assert_eq!(
-        value(
-            &m,
-            "tokentap_requests_total",
-            &[("outcome", "connect_error"), ("status", "502")]
-        ),
-        1.0
-    );
+    assert_eq!(requests_total(&m, "connect_error", "502"), 1.0);
     assert_eq!(value(&m, "tokentap_upstream_ready", &[]), 0.0);
     proxy.shutdown().await;
 }
@@ -447,14 +405,7 @@ async fn oversized_request_body_gets_413() {
     openai_error(&r.body, 413);
     assert_eq!(sim.stats().requests, 0, "nothing reached the upstream");
     let m = scrape(proxy.admin_addr().unwrap()).await;
-    assert_eq!(
-        value(
-            &m,
-            "tokentap_requests_total",
-            &[("outcome", "rejected"), ("status", "413")]
-        ),
-        1.0
-    );
+    assert_eq!(requests_total(&m, "rejected", "413"), 1.0);
     proxy.shutdown().await;
     sim.shutdown().await;
 }
@@ -966,14 +917,7 @@ async fn outcome_upstream_timeout_on_connect() {
     assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
     openai_error(&r.body, 504);
     let m = scrape(proxy.admin_addr().unwrap()).await;
-    assert_eq!(
-        value(
-            &m,
-            "tokentap_requests_total",
-            &[("outcome", "upstream_timeout"), ("status", "504")]
-        ),
-        1.0
-    );
+    assert_eq!(requests_total(&m, "upstream_timeout", "504"), 1.0);
     proxy.shutdown().await;
     drop((fillers, listener));
 }
@@ -1008,14 +952,7 @@ async fn steady_chunks_keep_a_stream_alive_past_the_idle_timeout() {
         value(&m, "tokentap_requests_total", &[("outcome", "ok")]),
         1.0
     );
-    assert_eq!(
-        value(
-            &m,
-            "tokentap_requests_total",
-            &[("outcome", "upstream_timeout"), ("status", "200")]
-        ),
-        1.0
-    );
+    assert_eq!(requests_total(&m, "upstream_timeout", "200"), 1.0);
     proxy.shutdown().await;
     sim.shutdown().await;
 }

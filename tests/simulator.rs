@@ -1,6 +1,8 @@
 //! The simulator, in process on 127.0.0.1:0, seen by a real HTTP client: response shapes,
 //! determinism, exact timing on tokio's paused clock, faults, cancellation, queueing, errors.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -162,9 +164,7 @@ fn ms(d: Duration) -> u128 {
 
 #[tokio::test]
 async fn chat_stream_has_vllm_shape() {
-    let sim = Simulator::start(fast(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(fast()).await;
     let c = client();
     let (ev, headers) = stream(
         &c,
@@ -229,9 +229,7 @@ async fn chat_stream_has_vllm_shape() {
 
 #[tokio::test]
 async fn chat_stream_usage_and_continuous_usage() {
-    let sim = Simulator::start(fast(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(fast()).await;
     let c = client();
     let (ev, _) = stream(
         &c,
@@ -292,9 +290,7 @@ async fn stop_finish_ends_with_empty_eos_token() {
     let mut config = fast();
     config.output.min_tokens = 6;
     config.output.max_tokens = 6;
-    let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(config).await;
     let c = client();
     let (ev, _) = stream(
         &c,
@@ -313,9 +309,7 @@ async fn stop_finish_ends_with_empty_eos_token() {
 
 #[tokio::test]
 async fn n2_interleaves_choices() {
-    let sim = Simulator::start(fast(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(fast()).await;
     let c = client();
     let (ev, _) = stream(
         &c,
@@ -362,9 +356,7 @@ async fn n2_interleaves_choices() {
 
 #[tokio::test]
 async fn completions_stream_and_full_responses() {
-    let sim = Simulator::start(fast(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(fast()).await;
     let c = client();
     let (ev, _) = stream(
         &c,
@@ -440,9 +432,7 @@ async fn completions_stream_and_full_responses() {
 
 #[tokio::test]
 async fn seeded_requests_are_byte_identical() {
-    let sim = Simulator::start(fast(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(fast()).await;
     let c = client();
     let body = chat(json!({"stream": true, "max_tokens": 12}));
     let a = body_bytes(post(&c, &sim, "/v1/chat/completions", &body, &[]).await).await;
@@ -478,9 +468,7 @@ async fn seeded_requests_are_byte_identical() {
     // Without a seed: different ids.
     let mut config = fast();
     config.seed = None;
-    let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(config).await;
     let body = chat(json!({"max_tokens": 2}));
     let a = body_json(post(&c, &sim, "/v1/chat/completions", &body, &[]).await).await;
     let b = body_json(post(&c, &sim, "/v1/chat/completions", &body, &[]).await).await;
@@ -490,9 +478,7 @@ async fn seeded_requests_are_byte_identical() {
 
 #[tokio::test(start_paused = true)]
 async fn exact_timing_on_paused_clock() {
-    let sim = Simulator::start(exact(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(exact()).await;
     let c = client();
     let (ev, _) = stream(
         &c,
@@ -510,9 +496,7 @@ async fn exact_timing_on_paused_clock() {
     let mut config = exact();
     config.timing.prefill_ms_per_1k_tokens = 1000.0;
     config.timing.tokens_per_chunk = 3;
-    let sim2 = Simulator::start(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim2 = common::sim(config).await;
     let (ev, _) = stream(
         &c,
         &sim2,
@@ -544,9 +528,7 @@ async fn exact_timing_on_paused_clock() {
 async fn concurrency_slows_decode() {
     let mut config = exact();
     config.timing.slowdown_per_seq = 0.5;
-    let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(config).await;
     let c = client();
     let body = chat(json!({"stream": true, "max_tokens": 3}));
     let (a, b) = tokio::join!(
@@ -565,9 +547,7 @@ async fn concurrency_slows_decode() {
 async fn max_num_seqs_queues_requests() {
     let mut config = exact();
     config.timing.max_num_seqs = 1;
-    let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(config).await;
     let c = client();
     let body = chat(json!({"stream": true, "max_tokens": 3}));
     let (a, b) = tokio::join!(
@@ -586,9 +566,7 @@ async fn max_num_seqs_queues_requests() {
 
 #[tokio::test(start_paused = true)]
 async fn faults_from_the_header() {
-    let sim = Simulator::start(exact(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(exact()).await;
     let c = client();
     let body = chat(json!({"stream": true, "max_tokens": 6}));
     let path = "/v1/chat/completions";
@@ -717,9 +695,7 @@ async fn faults_from_the_header() {
 async fn faults_from_config_rates() {
     let mut config = exact();
     config.faults.rate_503 = 1.0;
-    let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(config).await;
     let c = client();
     let resp = post(
         &c,
@@ -734,9 +710,7 @@ async fn faults_from_config_rates() {
 
     let mut config = exact();
     config.faults.rate_error = 1.0;
-    let sim = Simulator::start(config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(config).await;
     let (ev, _) = stream(
         &c,
         &sim,
@@ -762,9 +736,7 @@ async fn wait_for(sim: &Simulator, what: impl Fn(SimStats) -> bool) -> SimStats 
 
 #[tokio::test(start_paused = true)]
 async fn client_going_away_cancels_the_stream() {
-    let sim = Simulator::start(exact(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(exact()).await;
     let c = client();
     let resp = post(
         &c,
@@ -809,9 +781,7 @@ async fn client_going_away_cancels_the_stream() {
 
 #[tokio::test(start_paused = true)]
 async fn client_going_away_cancels_a_pending_full_response() {
-    let sim = Simulator::start(exact(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(exact()).await;
     let c = client();
     let url = format!("{}/v1/chat/completions", sim.base_url());
     let req = Request::post(url)
@@ -830,9 +800,7 @@ async fn client_going_away_cancels_a_pending_full_response() {
 
 #[tokio::test]
 async fn other_endpoints_and_errors() {
-    let sim = Simulator::start(fast(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(fast()).await;
     let c = client();
 
     let resp = send(&c, &sim, "GET", "/health", None, &[]).await;
@@ -1001,9 +969,7 @@ async fn openai_python_sdk_accepts_the_responses() {
             return;
         }
     }
-    let sim = Simulator::start(fast(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = common::sim(fast()).await;
     let base = format!("{}/v1", sim.base_url());
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -98,14 +98,7 @@ async fn https_upstream_is_trusted_through_ca_file_only() {
     .await;
     assert_eq!(r.status, 502);
     let m = scrape(proxy.admin_addr().unwrap()).await;
-    assert_eq!(
-        value(
-            &m,
-            "tokentap_requests_total",
-            &[("outcome", "connect_error"), ("status", "502")]
-        ),
-        1.0
-    );
+    assert_eq!(requests_total(&m, "connect_error", "502"), 1.0);
     proxy.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }

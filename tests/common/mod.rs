@@ -140,6 +140,15 @@ pub fn samples(text: &str) -> Vec<Sample> {
     out
 }
 
+/// `tokentap_requests_total` for one outcome and status, summed over the other labels.
+pub fn requests_total(text: &str, outcome: &str, status: &str) -> f64 {
+    value(
+        text,
+        "tokentap_requests_total",
+        &[("outcome", outcome), ("status", status)],
+    )
+}
+
 /// The sum of every sample of `name` whose labels include all of `want`.
 pub fn value(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
     samples(text)
