@@ -43,24 +43,43 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
     }
 }
 
-// Four workers for three independent parts (simulator, proxy, client) in one process.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn proxy_and_client_agree_per_request_and_in_the_table() {
+/// A runtime of `workers` threads of its own, as a separate process would have.
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The model of the warm-up requests, kept apart from `MODEL` in `/stats`.
+const WARMUP_MODEL: &str = "warmup";
+
+#[test]
+fn proxy_and_client_agree_per_request_and_in_the_table() {
     let lines: Lines = Arc::default();
     tracing::subscriber::set_global_default(
         tracing_subscriber::registry().with(Capture(lines.clone())),
     )
     .expect("the only subscriber of this test binary");
-
-    // The simulator's realistic defaults: jitter, continuous-batching slowdown.
-    let sim = sim(tokentap::simulate::SimConfig {
-        models: vec![MODEL.to_owned()],
-        ..Default::default()
-    })
-    .await;
-    let mut config = proxy_config(&sim.base_url());
-    config.telemetry.access_log = true;
-    let proxy = tokentap::start(config).await.unwrap();
+    // Simulator, proxy and client each run on threads of their own, as three processes would:
+    // on one shared runtime, a client task woken by a chunk can wait behind the proxy's and the
+    // simulator's tasks, and the client would measure that wait as latency the proxy added.
+    let (sim_rt, proxy_rt, client_rt) = (runtime(1), runtime(1), runtime(1));
+    let sim = sim_rt.block_on(async {
+        // The simulator's realistic defaults: jitter, continuous-batching slowdown.
+        sim(tokentap::simulate::SimConfig {
+            models: vec![MODEL.to_owned(), WARMUP_MODEL.to_owned()],
+            ..Default::default()
+        })
+        .await
+    });
+    let proxy = proxy_rt.block_on(async {
+        let mut config = proxy_config(&sim.base_url());
+        config.telemetry.models = vec![MODEL.to_owned(), WARMUP_MODEL.to_owned()];
+        config.telemetry.access_log = true;
+        tokentap::start(config).await.unwrap()
+    });
 
     let mut args = BenchArgs::new(&format!("http://{}", proxy.addr()), MODEL);
     args.num_prompts = 400;
@@ -73,7 +92,24 @@ async fn proxy_and_client_agree_per_request_and_in_the_table() {
     args.random_range_ratio = 0.5;
     args.disable_tqdm = true;
     args.headers = vec!["Authorization: Bearer sk-never-logged".to_owned()];
-    let result = bench::run(&args).await.unwrap();
+    // A client's first request on a connection times the connect too, which the proxy cannot
+    // see (its clock starts at the request head). A warm-up run on a model of its own opens the
+    // 100 connections first, so that the measured requests and `/stats[MODEL]` are the same
+    // requests, timed from the same point.
+    let mut warmup = args.clone();
+    warmup.model = WARMUP_MODEL.to_owned();
+    warmup.num_prompts = 100;
+    warmup.request_rate = f64::INFINITY;
+    warmup.random_output_len = 4;
+    let (warm, result) = client_rt.block_on(async {
+        let client = bench::client(&args).unwrap();
+        let warm = bench::run_with(&client, &warmup).await.unwrap();
+        assert_eq!(warm.completed().count(), 100);
+        (
+            warm.requests,
+            bench::run_with(&client, &args).await.unwrap(),
+        )
+    });
     assert_eq!(result.completed().count(), 400);
 
     let by_id: HashMap<String, HashMap<String, String>> = lines
@@ -89,26 +125,23 @@ async fn proxy_and_client_agree_per_request_and_in_the_table() {
         );
     }
     let ms = |l: &HashMap<String, String>, k: &str| -> f64 { l[k].parse().unwrap() };
-    // The first request on each client connection opened it.
-    let mut first_on: HashMap<std::net::SocketAddr, (f64, &str)> = HashMap::new();
-    for r in result.completed() {
-        let addr = r
-            .local_addr
-            .expect("hyper reports the connection's address");
-        let first = first_on
-            .entry(addr)
-            .or_insert((r.start_time, &r.request_id));
-        if r.start_time < first.0 {
-            *first = (r.start_time, &r.request_id);
-        }
-    }
-    let opened: std::collections::HashSet<&str> = first_on.values().map(|&(_, id)| id).collect();
-    // Requests on a reused connection must agree within 1 ms (TTFT, E2EL). One that opened its
-    // connection counts the connect and the proxy's first read of it on the client's clock only
-    // (the proxy's clock starts at the request), so its client figures may be larger by that
-    // setup, never smaller: the proxy must not report more than the client saw.
-    let (mut reused, mut ttft_ok, mut e2el_ok, mut itl_ok) = (0, 0, 0, 0);
-    let (mut ttft_max, mut e2el_max, mut itl_max, mut setup_max) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    // Every request went on a connection the warm-up had opened.
+    let warm: std::collections::HashSet<_> = warm.iter().filter_map(|r| r.local_addr).collect();
+    assert!(
+        result
+            .completed()
+            .all(|r| r.local_addr.is_some_and(|a| warm.contains(&a))),
+        "a measured request opened a connection of its own"
+    );
+    // The client starts its clock before it sends the request and stops it after it has read
+    // the event; the proxy starts at the request head and stops when it hands the event on. So
+    // the proxy can never report more than the client saw (beyond the access log's 1 µs
+    // rounding), whatever the machine is doing; and on a quiet machine the two agree within
+    // 1 ms. A shared CI machine can stall a thread for milliseconds at any moment, which the
+    // client, reading at that moment, counts and the proxy may not: 2 % of requests may be
+    // caught in such a stall, while a proxy stamping at the wrong event would move them all.
+    let (mut ttft_ok, mut e2el_ok, mut itl_ok) = (0, 0, 0);
+    let mut gaps = [Vec::new(), Vec::new()];
     for r in result.completed() {
         let l = by_id
             .get(&r.request_id)
@@ -117,41 +150,43 @@ async fn proxy_and_client_agree_per_request_and_in_the_table() {
         assert_eq!(l["output_tokens"], r.output_tokens.to_string());
         let ttft_gap = r.ttft * 1000.0 - ms(l, "ttft_ms");
         let e2el_gap = r.latency * 1000.0 - ms(l, "e2el_ms");
-        let client_itl = r.itl.iter().sum::<f64>() / r.itl.len() as f64 * 1000.0;
-        let d_itl = (ms(l, "itl_mean_ms") - client_itl).abs();
-        itl_ok += usize::from(d_itl < 0.5);
-        itl_max = itl_max.max(d_itl);
-        if opened.contains(r.request_id.as_str()) {
-            for (what, gap) in [("TTFT", ttft_gap), ("E2EL", e2el_gap)] {
-                assert!(
-                    (-1.0..50.0).contains(&gap),
-                    "{} opened a connection: client {what} exceeds the proxy's by {gap:.3} ms",
-                    r.request_id
-                );
-            }
-            setup_max = setup_max.max(ttft_gap);
-            continue;
+        for (what, gap) in [("TTFT", ttft_gap), ("E2EL", e2el_gap)] {
+            assert!(
+                gap > -0.002,
+                "{}: the proxy's {what} exceeds the client's by {:.3} ms",
+                r.request_id,
+                -gap
+            );
         }
-        reused += 1;
-        ttft_ok += usize::from(ttft_gap.abs() < 1.0);
-        e2el_ok += usize::from(e2el_gap.abs() < 1.0);
-        ttft_max = ttft_max.max(ttft_gap.abs());
-        e2el_max = e2el_max.max(e2el_gap.abs());
+        ttft_ok += usize::from(ttft_gap < 1.0);
+        e2el_ok += usize::from(e2el_gap < 1.0);
+        gaps[0].push(ttft_gap);
+        gaps[1].push(e2el_gap);
+        let client_itl = r.itl.iter().sum::<f64>() / r.itl.len() as f64 * 1000.0;
+        itl_ok += usize::from((ms(l, "itl_mean_ms") - client_itl).abs() < 0.5);
     }
+    for g in &mut gaps {
+        g.sort_by(f64::total_cmp);
+    }
+    let [ttft_gaps, e2el_gaps] = &gaps;
     println!(
-        "per request (400 requests, 100 concurrent; {reused} on a reused connection): TTFT within 1 ms: {ttft_ok}, E2EL within 1 ms: {e2el_ok}, largest differences {ttft_max:.3} / {e2el_max:.3} ms; mean ITL within 0.5 ms: {itl_ok}/400, largest {itl_max:.3} ms; connection setup seen by the client only: up to {setup_max:.3} ms"
+        "per request (400 requests, 100 concurrent, warm connections): client minus proxy, TTFT median {:.3} ms, largest {:.3} ms, within 1 ms: {ttft_ok}; E2EL median {:.3} ms, largest {:.3} ms, within 1 ms: {e2el_ok}; mean ITL within 0.5 ms: {itl_ok}",
+        ttft_gaps[200], ttft_gaps[399], e2el_gaps[200], e2el_gaps[399]
+    );
+    for (what, g) in [("TTFT", ttft_gaps), ("E2EL", e2el_gaps)] {
+        assert!(
+            g[200] < 0.5,
+            "{what}: the client's median exceeds the proxy's by {:.3} ms",
+            g[200]
+        );
+    }
+    assert!(
+        ttft_ok >= 392,
+        "TTFT agreed within 1 ms for only {ttft_ok}/400"
     );
     assert!(
-        reused >= 200,
-        "most requests reuse a connection; {reused}/400 did"
-    );
-    assert!(
-        ttft_ok * 100 >= reused * 99,
-        "TTFT agreed within 1 ms for only {ttft_ok}/{reused}"
-    );
-    assert!(
-        e2el_ok * 100 >= reused * 99,
-        "E2EL agreed within 1 ms for only {e2el_ok}/{reused}"
+        e2el_ok >= 392,
+        "E2EL agreed within 1 ms for only {e2el_ok}/400"
     );
     assert!(
         itl_ok >= 396,
@@ -164,6 +199,7 @@ async fn proxy_and_client_agree_per_request_and_in_the_table() {
         .telemetry()
         .stats
         .report(tokio::time::Instant::now(), &pcts);
+    assert_eq!(report.models[WARMUP_MODEL].completed, 100);
     let server = &report.models[MODEL];
     assert_eq!(server.completed, 400);
     assert_eq!(server.total_output_tokens, client.total_output_tokens);
@@ -200,6 +236,6 @@ async fn proxy_and_client_agree_per_request_and_in_the_table() {
             );
         }
     }
-    proxy.shutdown().await;
-    sim.shutdown().await;
+    proxy_rt.block_on(proxy.shutdown());
+    sim_rt.block_on(sim.shutdown());
 }

@@ -277,3 +277,49 @@ async fn simulator_exports_vllm_named_itl_and_ttft() {
     assert!((value(&m, "vllm:time_to_first_token_seconds_sum", &labels) - 0.030).abs() < 1e-9);
     sim.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn warmups_are_sent_first_and_left_out_of_the_results() {
+    let sim = sim(exact_sim(30.0, 10.0)).await;
+    let mut args = BenchArgs::new(&sim.base_url(), MODEL);
+    args.num_prompts = 2;
+    args.num_warmups = 3;
+    args.max_concurrency = Some(1);
+    args.random_input_len = 8;
+    args.random_output_len = 4;
+    args.disable_tqdm = true;
+    let result = bench::run(&args).await.unwrap();
+    assert_eq!(result.requests.len(), 2);
+    assert!(
+        result
+            .requests
+            .iter()
+            .all(|r| r.success && !r.request_id.contains("warmup"))
+    );
+    // One request at a time: one kept-alive connection carries them all.
+    assert!(
+        result
+            .requests
+            .iter()
+            .all(|r| r.local_addr == result.requests[0].local_addr)
+    );
+    let m = send(
+        &client(),
+        http::Method::GET,
+        &format!("{}/metrics", sim.base_url()),
+        "",
+        &[],
+    )
+    .await;
+    let m = String::from_utf8(m.body.to_vec()).unwrap();
+    // Five requests reached the server, each with a first token.
+    assert_eq!(
+        value(
+            &m,
+            "vllm:time_to_first_token_seconds_count",
+            &[("model_name", MODEL)]
+        ),
+        5.0
+    );
+    sim.shutdown().await;
+}

@@ -103,6 +103,10 @@ pub struct BenchArgs {
     /// Extra request header `Name: value` (repeatable), e.g. an Authorization header.
     #[arg(long = "header")]
     pub headers: Vec<String>,
+    /// Requests sent before the measured run (the first prompt, at most `--max-concurrency` at
+    /// a time) and left out of the results: they open the connections the run then reuses.
+    #[arg(long, default_value_t = 0)]
+    pub num_warmups: usize,
     /// No progress bar.
     #[arg(long)]
     pub disable_tqdm: bool,
@@ -363,9 +367,27 @@ fn request_body(args: &BenchArgs, chat: bool, s: &Sample) -> Bytes {
     Bytes::from(body.to_string())
 }
 
-/// Runs the workload and returns every request's measurement. Prints a progress bar unless
-/// `--disable-tqdm` (or stderr is not a terminal).
+/// The connection pool of a run: it keeps up to `--max-concurrency` idle connections, so runs
+/// that share it (see [`run_with`]) reuse the connections the earlier ones opened.
+pub fn client(args: &BenchArgs) -> Result<UpstreamClient, BenchError> {
+    let mut config = Config::default();
+    config.upstream.pool_max_idle = args.max_concurrency.unwrap_or(args.num_prompts).max(1);
+    build_client(&config).map_err(|e| BenchError::Usage(e.to_string()))
+}
+
+/// Runs the workload on a pool of its own ([`client`]) and returns every request's
+/// measurement.
 pub async fn run(args: &BenchArgs) -> Result<BenchResult, BenchError> {
+    run_with(&client(args)?, args).await
+}
+
+/// Sends `--num-warmups` requests, then runs the workload on `client`, and returns every
+/// measured request's result. Prints a progress bar unless `--disable-tqdm` (or stderr is not a
+/// terminal).
+pub async fn run_with(
+    client: &UpstreamClient,
+    args: &BenchArgs,
+) -> Result<BenchResult, BenchError> {
     let goodput = parse_goodput(&args.goodput)?;
     let positive = |v: f64| v > 0.0;
     if !positive(args.burstiness) || !positive(args.request_rate) {
@@ -394,16 +416,35 @@ pub async fn run(args: &BenchArgs) -> Result<BenchResult, BenchError> {
     }
     let chat = args.endpoint.contains("chat");
     let samples = workload(args)?;
-    let mut config = Config::default();
-    config.upstream.pool_max_idle = args.max_concurrency.unwrap_or(samples.len()).max(1);
-    let client = build_client(&config).map_err(|e| BenchError::Usage(e.to_string()))?;
     let limit = args.max_concurrency.map(|n| Arc::new(Semaphore::new(n)));
+    let nonce: u32 = rand::random();
+    if let Some(first) = samples.first().filter(|_| args.num_warmups > 0) {
+        let body = request_body(args, chat, first);
+        let mut warmups = tokio::task::JoinSet::new();
+        for i in 0..args.num_warmups {
+            let (client, url, headers, body, limit) = (
+                client.clone(),
+                url.clone(),
+                headers.clone(),
+                body.clone(),
+                limit.clone(),
+            );
+            warmups.spawn(async move {
+                let _permit = match &limit {
+                    Some(s) => Some(s.acquire().await.expect("the semaphore is never closed")),
+                    None => None,
+                };
+                let id = format!("tb-{nonce:08x}-warmup-{i}");
+                one_request(&client, url, headers, body, id, Instant::now(), false).await;
+            });
+        }
+        warmups.join_all().await;
+    }
     let progress = if args.disable_tqdm {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(samples.len() as u64)
     };
-    let nonce: u32 = rand::random();
     let mut gaps = SmallRng::seed_from_u64(args.seed);
     // Gamma with shape k and scale 1/(rate k) has mean 1/rate; k = 1 is a Poisson process.
     let gamma = args
