@@ -70,9 +70,9 @@ def main(out, write_doc=True):
         w("")
         w("#### Proxy CPU and memory (same runs)")
         w("")
-        w("| streams | target | CPU s per 1M chunks | vs nginx | RSS idle MiB | RSS peak MiB "
-          "| KiB per stream |")
-        w("|---|---|---|---|---|---|---|")
+        w("| streams | target | CPU s per 1M chunks | of it user space | vs nginx | RSS idle MiB "
+          "| RSS peak MiB | KiB per stream |")
+        w("|---|---|---|---|---|---|---|---|")
         for streams in sorted({k[0] for k in lat}):
             ng = med([r["cpu_s_per_m_chunks"] for r in lat.get((streams, "nginx"), [])])
             for t in TARGETS[1:]:
@@ -80,10 +80,11 @@ def main(out, write_doc=True):
                 if not rs:
                     continue
                 cpu = med([r["cpu_s_per_m_chunks"] for r in rs])
+                user = med([r.get("user_s_per_m_chunks") for r in rs])
                 base = med([r["rss_base_kib"] for r in rs])
                 peak = med([r["rss_peak_kib"] for r in rs])
                 per = med([(r["rss_peak_kib"] - r["rss_base_kib"]) / streams for r in rs])
-                w(f"| {streams:,} | {t} | {f(cpu, 2)} | "
+                w(f"| {streams:,} | {t} | {f(cpu, 2)} | {f(user, 2)} | "
                   f"{f(cpu / ng, 2) + '×' if cpu and ng else '–'} | {f(base / 1024)} | "
                   f"{f(peak / 1024)} | {f(per) if streams >= 1000 else ''} |")
         w("")

@@ -126,15 +126,20 @@ def children(pid):
 
 
 def cpu_ticks(pids):
-    total = 0
+    return sum(user_sys_ticks(pids))
+
+
+def user_sys_ticks(pids):
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
         except OSError:
             pass
-    return total
+    return user, system
 
 
 def rss_kib(pids):
@@ -251,11 +256,12 @@ def one_run(name, out, tag, n, conc, tokens, rate, chunk_latency=True, extra=())
     base_rss = rss_kib(pids)
     sampler = Sampler(pids)
     sampler.start()
-    c0, t0 = cpu_ticks(pids), time.time()
+    (u0, s0), t0 = user_sys_ticks(pids), time.time()
     res = bench(port, os.path.join(out, f"{tag}-{name}.json"), n, conc, tokens, rate,
                 chunk_latency, extra)
     wall = time.time() - t0
-    cpu = (cpu_ticks(pids) - c0) / TICKS
+    u1, s1 = user_sys_ticks(pids)
+    user, cpu = (u1 - u0) / TICKS, (u1 + s1 - u0 - s0) / TICKS
     sampler.stop_flag = True
     sampler.join()
     if p:
@@ -271,6 +277,7 @@ def one_run(name, out, tag, n, conc, tokens, rate, chunk_latency=True, extra=())
         "chunk_us": res.get("chunk_latency_us"),
         "proxy_cpu_s": cpu if pids else None,
         "cpu_s_per_m_chunks": cpu / chunks * 1e6 if pids and chunks else None,
+        "user_s_per_m_chunks": user / chunks * 1e6 if pids and chunks else None,
         "rss_base_kib": base_rss if pids else None,
         "rss_peak_kib": sampler.peak if pids else None,
     }
@@ -279,7 +286,7 @@ def one_run(name, out, tag, n, conc, tokens, rate, chunk_latency=True, extra=())
     lat = row["chunk_us"] or {}
     print(f"  {tag:<22} {name:<15} ok {row['completed']}/{n}  chunk p50 {lat.get('p50', 0):8.1f} "
           f"p99 {lat.get('p99', 0):9.1f} us  ttft p50 {row['ttft_p50_ms'] or 0:7.2f} ms  "
-          f"cpu {row['proxy_cpu_s'] or 0:6.2f} s  rss {row['rss_base_kib'] or 0}->"
+          f"cpu {row['proxy_cpu_s'] or 0:6.2f} s (user {user if pids else 0:5.2f})  rss {row['rss_base_kib'] or 0}->"
           f"{row['rss_peak_kib'] or 0} KiB", flush=True)
     return row
 

@@ -7,14 +7,22 @@
 //! connection's task) and the connection's socket readiness wakes the client task directly.
 //! When the response ends the connection goes back to the pool; when the body is dropped early
 //! (the client hung up) the connection is closed, which cancels the request upstream at once.
+//!
+//! The connection hands each chunk to the body through hyper's one-slot channel, and taking it
+//! from there wakes the connection "to read on". Polled from the client's task, that wake-up
+//! would poll the whole task a second time per chunk for nothing: the body returns the chunk,
+//! and its consumer polls again when it wants the next one. So the connection is polled with a
+//! [`Relay`] waker, muted while a chunk is taken.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
@@ -52,24 +60,56 @@ struct Conn {
     driver: Option<Driver>,
     /// Set once the driver has returned: the connection is closed.
     done: bool,
+    /// The waker the driver is polled with while a request uses the connection.
+    relay: Arc<Relay>,
+    /// `relay` as a waker, made once.
+    waker: Waker,
 }
 
 impl Conn {
-    /// Advances the connection; returns `true` once it has ended.
-    fn poll_driver(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.done
-            && let Some(driver) = &mut self.driver
-            && Pin::new(driver).poll(cx).is_ready()
-        {
-            self.done = true;
+    fn new(tx: http1::SendRequest<UpstreamBody>, driver: Driver) -> Conn {
+        let relay = Arc::new(Relay::default());
+        Conn {
+            tx,
+            driver: Some(driver),
+            done: false,
+            waker: Waker::from(relay.clone()),
+            relay,
         }
-        self.done
+    }
+
+    /// Advances the connection on behalf of the task of `cx`; returns `true` once it has ended.
+    fn poll_driver(&mut self, cx: &Context<'_>) -> bool {
+        self.relay.task.register(cx.waker());
+        self.relay.state.fetch_and(!STALE, Ordering::AcqRel);
+        let Conn {
+            driver,
+            done,
+            waker,
+            ..
+        } = self;
+        advance(driver, done, &mut Context::from_waker(waker))
     }
 
     /// Whether the connection can carry another request now (polls it once to settle).
     fn reusable(&mut self) -> bool {
-        !self.poll_driver(&mut Context::from_waker(Waker::noop())) && self.tx.is_ready()
+        !advance(
+            &mut self.driver,
+            &mut self.done,
+            &mut Context::from_waker(Waker::noop()),
+        ) && self.tx.is_ready()
     }
+}
+
+/// Polls `driver` unless it has ended; returns `done`, set once it has.
+fn advance(driver: &mut Option<Driver>, done: &mut bool, cx: &mut Context<'_>) -> bool {
+    if !*done
+        && let Some(driver) = driver
+        && Pin::new(driver).poll(cx).is_ready()
+    {
+        *done = true;
+    }
+    *done
 }
 
 struct Idle {
@@ -137,11 +177,7 @@ impl Pool {
             .await
             .map_err(SendError::Connect)?;
         let (tx, driver) = http1::handshake(io).await?;
-        let mut conn = Conn {
-            tx,
-            driver: Some(driver),
-            done: false,
-        };
+        let mut conn = Conn::new(tx, driver);
         let mut sent = std::pin::pin!(conn.tx.send_request(req));
         let response = drive(&mut conn, sent.as_mut()).await?;
         Ok(self.wrap(response, conn))
@@ -152,6 +188,8 @@ impl Pool {
         response: Response<Incoming>,
         conn: Conn,
     ) -> Response<UpstreamResponse> {
+        // Whatever the connection read along with the head, the body's first poll polls it.
+        conn.relay.state.fetch_or(STALE, Ordering::AcqRel);
         response.map(|body| UpstreamResponse {
             body,
             conn: Some(conn),
@@ -220,6 +258,50 @@ where
     .await
 }
 
+/// The waker a connection in use is polled with. It notes every wake-up (the connection has
+/// something to do: [`STALE`]) and passes it on to the task that polls the connection, except
+/// while muted: then it only notes it ([`MISSED`]).
+#[derive(Default)]
+struct Relay {
+    task: AtomicWaker,
+    state: AtomicU8,
+}
+
+const MUTED: u8 = 1;
+/// A wake-up came since the last [`Relay::mute`].
+const MISSED: u8 = 2;
+/// A wake-up came since the driver was last polled (or the response head has just arrived).
+const STALE: u8 = 4;
+
+impl Relay {
+    fn mute(&self) {
+        self.state.fetch_and(!MISSED, Ordering::AcqRel);
+        self.state.fetch_or(MUTED, Ordering::AcqRel);
+    }
+
+    /// Ends the muted stretch; returns whether a wake-up came during it.
+    fn unmute(&self) -> bool {
+        self.state.fetch_and(!MUTED, Ordering::AcqRel) & MISSED != 0
+    }
+
+    /// Whether the driver has been woken since it was last polled.
+    fn stale(&self) -> bool {
+        self.state.load(Ordering::Acquire) & STALE != 0
+    }
+}
+
+impl Wake for Relay {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.state.fetch_or(MISSED | STALE, Ordering::AcqRel) & MUTED == 0 {
+            self.task.wake();
+        }
+    }
+}
+
 /// A response body from the upstream; polling it drives the upstream connection. Returns the
 /// connection to the pool when dropped after the end of the body, closes it otherwise.
 pub struct UpstreamResponse {
@@ -227,6 +309,26 @@ pub struct UpstreamResponse {
     conn: Option<Conn>,
     pool: Arc<Pool>,
     ended: bool,
+}
+
+impl UpstreamResponse {
+    /// Takes what the connection has put into the body so far. A wake-up this causes is
+    /// dropped when a frame is returned (the consumer polls again for the next one) and passed
+    /// on when not (it may be the connection's socket, polled from another thread).
+    fn take(&mut self, cx: &Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // Only the connection, polled from here, puts data into `body`: a no-op waker for the
+        // body is enough.
+        let mut quiet = Context::from_waker(Waker::noop());
+        let Some(conn) = &self.conn else {
+            return Pin::new(&mut self.body).poll_frame(&mut quiet);
+        };
+        conn.relay.mute();
+        let polled = Pin::new(&mut self.body).poll_frame(&mut quiet);
+        if conn.relay.unmute() && polled.is_pending() {
+            cx.waker().wake_by_ref();
+        }
+        polled
+    }
 }
 
 impl Body for UpstreamResponse {
@@ -238,15 +340,13 @@ impl Body for UpstreamResponse {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        // Only the connection, polled right here, puts data into `body`: a no-op waker for the
-        // body is enough, and the real waker goes to the connection (socket and flow control).
-        let mut quiet = Context::from_waker(Waker::noop());
-        let mut polled = Pin::new(&mut this.body).poll_frame(&mut quiet);
+        let mut polled = this.take(cx);
+        // A driver that has not been woken since it was last polled has nothing new to give.
         if polled.is_pending()
-            && let Some(conn) = &mut this.conn
+            && let Some(conn) = this.conn.as_mut().filter(|c| c.relay.stale())
         {
             let closed = conn.poll_driver(cx);
-            polled = Pin::new(&mut this.body).poll_frame(&mut quiet);
+            polled = this.take(cx);
             if closed && polled.is_pending() {
                 // Nothing can feed the body any more; never wait forever.
                 return Poll::Ready(Some(Err("upstream connection closed mid-body".into())));
@@ -488,5 +588,54 @@ mod tests {
         let pool = pool(&uri, 8, Duration::from_secs(60));
         let error = pool.send(get(&uri)).await.unwrap_err();
         assert!(matches!(error, SendError::Connect(_)), "{error:?}");
+    }
+
+    /// An upstream that streams `n` chunks 20 ms apart, each in a write of its own.
+    async fn trickle(n: usize) -> Uri {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = socket.read(&mut buf).await.unwrap();
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            for _ in 0..n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                socket.write_all(b"5\r\nchunk\r\n").await.unwrap();
+            }
+            socket.write_all(b"0\r\n\r\n").await.unwrap();
+            let _ = socket.read(&mut buf).await;
+        });
+        uri
+    }
+
+    #[tokio::test]
+    async fn each_chunk_wakes_the_reader_once() {
+        let uri = trickle(10).await;
+        let pool = pool(&uri, 8, Duration::from_secs(60));
+        let mut body = pool.send(get(&uri)).await.unwrap().into_body();
+        let (mut chunks, mut polls) = (0, 0);
+        loop {
+            let frame = poll_fn(|cx| {
+                polls += 1;
+                Pin::new(&mut body).poll_frame(cx)
+            })
+            .await;
+            match frame {
+                Some(frame) => {
+                    chunks += usize::from(frame.unwrap().data_ref() == Some(&Bytes::from("chunk")))
+                }
+                None => break,
+            }
+        }
+        assert_eq!(chunks, 10, "every chunk arrives: no wake-up is lost");
+        // Per chunk: one poll that finds nothing yet, and the one its arrival wakes. Taking a
+        // chunk from hyper's body channel must not wake the reader a third time.
+        assert!(polls <= 2 * 10 + 3, "{polls} polls for 10 chunks");
     }
 }

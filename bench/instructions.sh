@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# User-space instructions the proxy executes per forwarded chunk, counted by callgrind.
+#
+# CPU seconds on a shared machine move by 10-20 % between runs; instruction counts do not, so
+# this is the figure to compare two builds by. Kernel work (the syscalls) is not counted.
+# The proxy runs under valgrind twice, for N and 2N requests of the same shape; the difference
+# divided by the extra chunks is the cost of one chunk, start-up and idle work cancelled out.
+#
+# Usage: bench/instructions.sh [tokentap|nginx] [--streams S] [--tokens T]
+# Everything on 127.0.0.1; every process it starts is stopped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=${1:-tokentap}
+[ $# -gt 0 ] && shift
+streams=100 tokens=50
+while [ $# -gt 0 ]; do
+  case $1 in
+    --streams) streams=$2; shift 2 ;;
+    --tokens) tokens=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+cargo build --release --quiet
+B=target/release/tokentap
+MODEL=Qwen/Qwen2.5-7B-Instruct
+d=$(mktemp -d)
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] && cp "$d"/cg.* "$KEEP"/; rm -rf "$d"' EXIT
+
+cat > "$d/sim.toml" <<T
+seed = 1
+[timing]
+ttft_base_ms = 10.0
+prefill_ms_per_1k_tokens = 0.0
+itl_ms = 50.0
+jitter = 0.0
+slowdown_per_seq = 0.0
+max_num_seqs = 100000
+T
+cat > "$d/tt.toml" <<T
+listen = "127.0.0.1:18080"
+admin_listen = "127.0.0.1:19464"
+[upstream]
+url = "http://127.0.0.1:18000"
+pool_max_idle = 20000
+[telemetry]
+models = ["$MODEL"]
+T
+sed -e "s|@DIR@|$d|" -e "s|@PORT@|18080|" -e "s|@UPSTREAM@|127.0.0.1:18000|" bench/nginx.conf \
+  > "$d/nginx.conf"
+
+TOKENTAP_LOG=warn taskset -c 0 $B simulate --config "$d/sim.toml" --listen 127.0.0.1:18000 \
+  2>/dev/null &
+pids+=($!)
+
+wait_port() {
+  for _ in $(seq 1 600); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on $1" >&2
+  exit 1
+}
+
+# Instructions the proxy executes while `requests` requests of `tokens` tokens pass through it.
+count() {
+  local requests=$1 out="$d/cg.$1"
+  case $target in
+    tokentap)
+      TOKENTAP_LOG=warn taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$out" \
+        $B serve --config "$d/tt.toml" 2>/dev/null &
+      ;;
+    nginx)
+      taskset -c 1 valgrind --tool=callgrind --trace-children=yes \
+        --callgrind-out-file="$out.%p" nginx -p "$d" -c "$d/nginx.conf" 2>/dev/null &
+      ;;
+  esac
+  local proxy=$!
+  wait_port 18080
+  taskset -c 0 $B bench --base-url http://127.0.0.1:18080 --model "$MODEL" \
+    --num-prompts "$requests" --max-concurrency "$streams" --random-input-len 16 \
+    --random-output-len "$tokens" --ignore-eos --disable-tqdm > "$d/bench.$requests"
+  if [ "$target" = nginx ]; then
+    kill -QUIT "$(cat "$d/nginx.pid")"
+  else
+    kill -TERM $proxy
+  fi
+  wait $proxy || true
+  grep -h '^summary:' "$out"* | awk '{s += $2} END {print s}'
+}
+
+wait_port 18000
+n=$((streams * 2))
+a=$(count $n)
+b=$(count $((2 * n)))
+chunks=$((n * tokens))
+echo "$target: $streams streams x $tokens tokens; $n requests: $a instructions, $((2 * n)): $b"
+echo "$target: $(( (b - a) / chunks )) instructions per chunk"
