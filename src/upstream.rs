@@ -38,8 +38,81 @@ use tower_service::Service;
 use crate::observe::BoxError;
 use crate::proxy::UpstreamBody;
 
-type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 type Driver = http1::Connection<Io, UpstreamBody>;
+
+/// An upstream connection's socket. A TLS session is about a kilobyte of state: boxed, it costs
+/// plain-TCP connections (the usual case next to vLLM) nothing.
+enum Io {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<MaybeHttpsStream<TokioIo<TcpStream>>>),
+}
+
+impl From<MaybeHttpsStream<TokioIo<TcpStream>>> for Io {
+    fn from(stream: MaybeHttpsStream<TokioIo<TcpStream>>) -> Io {
+        match stream {
+            MaybeHttpsStream::Http(tcp) => Io::Plain(tcp),
+            tls => Io::Tls(Box::new(tls)),
+        }
+    }
+}
+
+impl hyper::rt::Read for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Why a request could not be sent or got no response head.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +249,7 @@ impl Pool {
             .call(self.uri.clone())
             .await
             .map_err(SendError::Connect)?;
-        let (tx, driver) = http1::handshake(io).await?;
+        let (tx, driver) = http1::handshake(Io::from(io)).await?;
         let mut conn = Conn::new(tx, driver);
         let mut sent = std::pin::pin!(conn.tx.send_request(req));
         let response = drive(&mut conn, sent.as_mut()).await?;
@@ -267,6 +340,9 @@ struct Relay {
     state: AtomicU8,
 }
 
+/// Chunks up to this size are copied out of the connection's read buffer (see `poll_frame`).
+const SMALL_CHUNK: usize = 2048;
+
 const MUTED: u8 = 1;
 /// A wake-up came since the last [`Relay::mute`].
 const MISSED: u8 = 2;
@@ -352,6 +428,13 @@ impl Body for UpstreamResponse {
                 return Poll::Ready(Some(Err("upstream connection closed mid-body".into())));
             }
         }
+        // A small chunk is a slice of the connection's read buffer: handed on as it is, it would
+        // keep that buffer shared until written, and hyper's next read would allocate a new one.
+        let polled = polled.map_ok(|frame| match frame.into_data() {
+            Ok(data) if data.len() <= SMALL_CHUNK => Frame::data(Bytes::copy_from_slice(&data)),
+            Ok(data) => Frame::data(data),
+            Err(frame) => frame,
+        });
         // hyper drops a body after its trailers without asking for the end.
         if let Poll::Ready(None) = polled {
             this.ended = true;
