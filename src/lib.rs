@@ -238,10 +238,7 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
         config.telemetry.discover_models,
         secs(config.telemetry.model_refresh_secs),
     ));
-    let handler = move |req, remote| {
-        let proxy = proxy.clone();
-        async move { proxy.handle(req, remote).await }
-    };
+    let handler = move |req, remote| proxy.clone().handle(req, remote);
     server::serve(listener, handler, shutdown, grace, "proxy").await;
     poller.abort();
     upkeep.abort();

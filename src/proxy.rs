@@ -227,8 +227,13 @@ impl Proxy {
         self.pool.send(req).await
     }
 
-    /// Proxies one request from the client at `remote`.
-    pub async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<ProxyBody> {
+    /// Proxies one request from the client at `remote`. Takes the proxy by `Arc` so that the
+    /// future is the whole per-request state: the server keeps it in one box per connection.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+    ) -> Response<ProxyBody> {
         let t0 = Instant::now();
         let (mut parts, body) = req.into_parts();
         let endpoint = Endpoint::from_path(parts.uri.path());

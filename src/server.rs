@@ -57,9 +57,8 @@ pub async fn serve<H, Fut, B>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req, remote).await) }
+        let service = service_fn(move |req| Answer {
+            response: handler(req, remote),
         });
         let (h1, h2, watcher) = (h1.clone(), h2.clone(), graceful.watcher());
         let mut drain_rx = drain_rx.clone();
@@ -71,9 +70,9 @@ pub async fn serve<H, Fut, B>(
                 _ = drain_rx.wait_for(|draining| *draining) => return,
             };
             let result = if h2_prior {
-                watcher
-                    .watch(h2.serve_connection(TokioIo::new(stream), service))
-                    .await
+                // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1 one's, and inline it
+                // would size every connection's task.
+                Box::pin(watcher.watch(h2.serve_connection(TokioIo::new(stream), service))).await
             } else {
                 watcher
                     .watch(h1.serve_connection(TokioIo::new(stream), service))
@@ -94,6 +93,26 @@ pub async fn serve<H, Fut, B>(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!(listener = name, "all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!(listener = name, "grace period over; closing remaining connections"),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The handler's future as a service's: its response as `Ok`. No async block around it, so
+    /// that hyper boxes exactly the handler's state.
+    struct Answer<F> {
+        #[pin]
+        response: F,
+    }
+}
+
+impl<F: Future> Future for Answer<F> {
+    type Output = Result<F::Output, Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.project().response.poll(cx).map(Ok)
     }
 }
 
