@@ -9,6 +9,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokentap::config::{Config, LogFormat};
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Transparent streaming proxy for vLLM / OpenAI-compatible servers with TTFT/TPOT/ITL/E2EL telemetry.
 #[derive(Debug, Parser)]
 #[command(name = "tokentap", version, about)]
