@@ -6,7 +6,7 @@
 # The proxy runs under valgrind twice, for N and 2N requests of the same shape; the difference
 # divided by the extra chunks is the cost of one chunk, start-up and idle work cancelled out.
 #
-# Usage: bench/instructions.sh [tokentap|nginx] [--streams S] [--tokens T]
+# Usage: bench/instructions.sh [tokentap|tokentap-notel|nginx] [--streams S] [--tokens T]
 # Everything on 127.0.0.1; every process it starts is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +43,8 @@ admin_listen = "127.0.0.1:19464"
 [upstream]
 url = "http://127.0.0.1:18000"
 pool_max_idle = 20000
+[proxy]
+telemetry_enabled = $([ "$target" = tokentap-notel ] && echo false || echo true)
 [telemetry]
 models = ["$MODEL"]
 T
@@ -66,7 +68,7 @@ wait_port() {
 count() {
   local requests=$1 out="$d/cg.$1"
   case $target in
-    tokentap)
+    tokentap | tokentap-notel)
       TOKENTAP_LOG=warn taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$out" \
         $B serve --config "$d/tt.toml" 2>/dev/null &
       ;;

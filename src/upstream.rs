@@ -417,10 +417,15 @@ impl Body for UpstreamResponse {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let mut polled = this.take(cx);
-        // A driver that has not been woken since it was last polled has nothing new to give.
         if polled.is_pending()
-            && let Some(conn) = this.conn.as_mut().filter(|c| c.relay.stale())
+            && let Some(conn) = &mut this.conn
         {
+            // Wake-ups reach this task from here on, and a driver that has not been woken since
+            // it was last polled has nothing new to give.
+            conn.relay.task.register(cx.waker());
+            if !conn.relay.stale() {
+                return Poll::Pending;
+            }
             let closed = conn.poll_driver(cx);
             polled = this.take(cx);
             if closed && polled.is_pending() {
