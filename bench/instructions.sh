@@ -22,32 +22,13 @@ while [ $# -gt 0 ]; do
 done
 cargo build --release --quiet
 B=target/release/tokentap
-MODEL=Qwen/Qwen2.5-7B-Instruct
 d=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] && cp "$d"/cg.* "$KEEP"/; rm -rf "$d"' EXIT
 
-cat > "$d/sim.toml" <<T
-seed = 1
-[timing]
-ttft_base_ms = 10.0
-prefill_ms_per_1k_tokens = 0.0
-itl_ms = 50.0
-jitter = 0.0
-slowdown_per_seq = 0.0
-max_num_seqs = 100000
-T
-cat > "$d/tt.toml" <<T
-listen = "127.0.0.1:18080"
-admin_listen = "127.0.0.1:19464"
-[upstream]
-url = "http://127.0.0.1:18000"
-pool_max_idle = 20000
-[proxy]
-telemetry_enabled = $([ "$target" = tokentap-notel ] && echo false || echo true)
-[telemetry]
-models = ["$MODEL"]
-T
+. bench/configs.sh
+sim_config "$d/sim.toml" 50.0
+proxy_config "$d/tt.toml" "$([ "$target" = tokentap-notel ] && echo false || echo true)"
 sed -e "s|@DIR@|$d|" -e "s|@PORT@|18080|" -e "s|@UPSTREAM@|127.0.0.1:18000|" bench/nginx.conf \
   > "$d/nginx.conf"
 

@@ -6,30 +6,14 @@ cd "$(dirname "$0")/.."
 cargo build --release --quiet
 d=$(mktemp -d)
 B=target/release/tokentap
-cat > "$d/sim.toml" <<T
-stamp_emit_time = true
-[timing]
-ttft_base_ms = 10.0
-prefill_ms_per_1k_tokens = 0.0
-itl_ms = 100.0
-jitter = 0.0
-slowdown_per_seq = 0.0
-max_num_seqs = 100000
-T
-cat > "$d/tt.toml" <<T
-listen = "127.0.0.1:18080"
-admin_listen = "127.0.0.1:19464"
-[upstream]
-url = "http://127.0.0.1:18000"
-pool_max_idle = 20000
-[telemetry]
-models = ["Qwen/Qwen2.5-7B-Instruct"]
-T
+. bench/configs.sh
+sim_config "$d/sim.toml" 100.0 true
+proxy_config "$d/tt.toml"
 TOKENTAP_LOG=warn taskset -c 0 $B simulate --config "$d/sim.toml" --listen 127.0.0.1:18000 2>/dev/null & sim=$!
 TOKENTAP_LOG=warn taskset -c 1 $B serve --config "$d/tt.toml" 2>/dev/null & tt=$!
 trap 'kill $sim $tt 2>/dev/null || true; rm -rf "$d"' EXIT
 sleep 1
-taskset -c 0 $B bench --base-url http://127.0.0.1:18080 --model Qwen/Qwen2.5-7B-Instruct \
+taskset -c 0 $B bench --base-url http://127.0.0.1:18080 --model "$MODEL" \
   --num-prompts 3000 --max-concurrency 1000 --request-rate 1000 --random-input-len 16 \
   --random-output-len 60 --ignore-eos --disable-tqdm > /dev/null &
 bench=$!
