@@ -21,6 +21,7 @@ use tokio::time::{Instant, Sleep};
 use crate::latency::{Latency, Observation};
 use crate::otel::RequestSpan;
 use crate::sse::{EventKind, SseParser, Usage};
+use crate::stats::ItlBatch;
 use crate::telemetry::{Finished, Outcome, RouteMetrics, Telemetry};
 
 /// Boxed error of proxied bodies.
@@ -73,6 +74,8 @@ pub struct Recorder {
     span: Option<RequestSpan>,
     /// The response's id and model have been handed to the span.
     meta_seen: bool,
+    /// ITL samples on their way to `/stats`.
+    itl: ItlBatch,
 }
 
 impl Recorder {
@@ -94,6 +97,7 @@ impl Recorder {
             mode: Mode::Opaque,
             meta_seen: span.is_none(),
             span,
+            itl: ItlBatch::default(),
         }
     }
 
@@ -141,6 +145,7 @@ impl Recorder {
         let route = &*self.route;
         let latency = &mut self.latency;
         let span = &mut self.span;
+        let itl = &mut self.itl;
         let meta_seen = &mut self.meta_seen;
         match &mut self.mode {
             Mode::Opaque => data,
@@ -163,7 +168,7 @@ impl Recorder {
                 let strip = *strip;
                 ends.clear();
                 parser.feed(&data, |event| {
-                    latency.on_event(event, now, |o| observe(route, span, o, now));
+                    latency.on_event(event, now, |o| observe(route, span, itl, o, now));
                     if !*meta_seen
                         && let (Some(span), Some(id), Some(model)) =
                             (span.as_mut(), event.id, event.model)
@@ -231,8 +236,11 @@ impl Recorder {
         self.report(outcome, now);
     }
 
-    fn report(self, outcome: Outcome, now: Instant) {
+    fn report(mut self, outcome: Outcome, now: Instant) {
         self.route.in_flight.decrement(1.0);
+        if let Some(stats) = &self.route.stats {
+            stats.flush_itl(&mut self.itl, now);
+        }
         let figures = self.latency.figures(now);
         if let Some(span) = self.span {
             span.finish(outcome, self.status, &figures);
@@ -252,8 +260,14 @@ impl Recorder {
     }
 }
 
-/// Records a figure the moment it is known.
-fn observe(route: &RouteMetrics, span: &mut Option<RequestSpan>, o: Observation, now: Instant) {
+/// Records a figure the moment it is known (an ITL sample in `/stats` a batch at a time).
+fn observe(
+    route: &RouteMetrics,
+    span: &mut Option<RequestSpan>,
+    itl: &mut ItlBatch,
+    o: Observation,
+    now: Instant,
+) {
     match o {
         Observation::FirstToken(d) => {
             route.ttft.record(d.as_secs_f64());
@@ -270,7 +284,7 @@ fn observe(route: &RouteMetrics, span: &mut Option<RequestSpan>, o: Observation,
         Observation::Itl(d) => {
             route.itl.record(d.as_secs_f64());
             if let Some(stats) = &route.stats {
-                stats.record_itl(d, now);
+                stats.record_itl(itl, d, now);
             }
         }
         Observation::TokensPerChunk(n) => route.tokens_per_chunk.record(n as f64),

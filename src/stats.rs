@@ -63,6 +63,18 @@ impl Slice {
     }
 }
 
+/// ITL samples in a batch: a stream records its ITLs this many at a time, so that `/stats`
+/// takes its lock once per batch instead of once per chunk. A sample lands in the window at
+/// most this many chunks late.
+pub const ITL_BATCH: usize = 16;
+
+/// A stream's ITL samples not recorded yet (see [`ModelStats::record_itl`]).
+#[derive(Debug, Default)]
+pub struct ItlBatch {
+    len: usize,
+    us: [u32; ITL_BATCH],
+}
+
 /// The recent requests of one model.
 #[derive(Debug)]
 pub struct ModelStats {
@@ -98,9 +110,27 @@ impl ModelStats {
         f(slice);
     }
 
-    /// Records one ITL sample, as it happens.
-    pub fn record_itl(&self, itl: Duration, now: Instant) {
-        self.with_slice(now, |s| record(&mut s.hist[Figure::Itl as usize], itl));
+    /// Adds one ITL sample to a stream's `batch`; records the batch when it is full.
+    pub fn record_itl(&self, batch: &mut ItlBatch, itl: Duration, now: Instant) {
+        batch.us[batch.len] = micros(itl) as u32;
+        batch.len += 1;
+        if batch.len == ITL_BATCH {
+            self.flush_itl(batch, now);
+        }
+    }
+
+    /// Records the samples waiting in `batch` (at the end of a stream, or when it is full).
+    pub fn flush_itl(&self, batch: &mut ItlBatch, now: Instant) {
+        if batch.len == 0 {
+            return;
+        }
+        self.with_slice(now, |s| {
+            for &us in &batch.us[..batch.len] {
+                // Saturating: a count that would overflow u32 keeps its maximum.
+                let _ = s.hist[Figure::Itl as usize].record(u64::from(us));
+            }
+        });
+        batch.len = 0;
     }
 
     /// Records a request that ended ok at `now`, with its figures.
@@ -165,9 +195,13 @@ impl ModelStats {
 }
 
 fn record(h: &mut Histogram<u32>, d: Duration) {
-    let us = (d.as_micros() as u64).clamp(1, MAX_US);
     // Saturating: a count that would overflow u32 keeps its maximum.
-    let _ = h.record(us);
+    let _ = h.record(micros(d));
+}
+
+/// `d` in whole microseconds, within the histograms' bounds (which fit a `u32`).
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).clamp(1, MAX_US)
 }
 
 /// Mean, median and percentiles of one figure, milliseconds.
@@ -409,10 +443,15 @@ mod tests {
         let stats = Stats::new(Duration::from_secs(100));
         let m = stats.model(&Arc::from("m"));
         let t0 = Instant::now();
+        let mut batch = ItlBatch::default();
         for i in 1..=100u64 {
             m.record_request(&figures(i, i + 99, 100), t0, Instant::now());
-            m.record_itl(Duration::from_millis(20), Instant::now());
+            m.record_itl(&mut batch, Duration::from_millis(20), Instant::now());
         }
+        // Six full batches are in; the last four samples wait for the end of their stream.
+        let r = stats.report(Instant::now(), &[50.0]);
+        assert_eq!(r.models["m"].itl_ms.count, 96);
+        m.flush_itl(&mut batch, Instant::now());
         advance(Duration::from_secs(10)).await;
         let r = stats.report(Instant::now(), &[50.0, 99.0]);
         let s = &r.models["m"];
