@@ -12,7 +12,8 @@
 //! from there wakes the connection "to read on". Polled from the client's task, that wake-up
 //! would poll the whole task a second time per chunk for nothing: the body returns the chunk,
 //! and its consumer polls again when it wants the next one. So the connection is polled with a
-//! [`Relay`] waker, muted while a chunk is taken.
+//! [`Relay`] waker, muted while a chunk is taken, which also remembers whether the connection
+//! has been woken since its last poll: one that has not is not polled again.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -340,9 +341,7 @@ struct Relay {
     state: AtomicU8,
 }
 
-/// Chunks up to this size are copied out of the connection's read buffer (see `poll_frame`).
-const SMALL_CHUNK: usize = 2048;
-
+/// Wake-ups are noted, not passed on.
 const MUTED: u8 = 1;
 /// A wake-up came since the last [`Relay::mute`].
 const MISSED: u8 = 2;
@@ -406,6 +405,9 @@ impl UpstreamResponse {
         polled
     }
 }
+
+/// Chunks up to this size are copied out of the connection's read buffer (see `poll_frame`).
+const SMALL_CHUNK: usize = 2048;
 
 impl Body for UpstreamResponse {
     type Data = Bytes;
