@@ -7,16 +7,18 @@
 # divided by the extra chunks is the cost of one chunk, start-up and idle work cancelled out.
 #
 # Usage: bench/instructions.sh [tokentap|tokentap-notel|nginx] [--streams S] [--tokens T]
+#        [--itl MS] (simulator inter-token time, default 50; 0 sends chunks back to back)
 # Everything on 127.0.0.1; every process it starts is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-tokentap}
 [ $# -gt 0 ] && shift
-streams=100 tokens=50
+streams=100 tokens=50 itl=50.0
 while [ $# -gt 0 ]; do
   case $1 in
     --streams) streams=$2; shift 2 ;;
     --tokens) tokens=$2; shift 2 ;;
+    --itl) itl=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -27,7 +29,7 @@ pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] && cp "$d"/cg.* "$KEEP"/; rm -rf "$d"' EXIT
 
 . bench/configs.sh
-sim_config "$d/sim.toml" 50.0
+sim_config "$d/sim.toml" "$itl"
 proxy_config "$d/tt.toml" "$([ "$target" = tokentap-notel ] && echo false || echo true)"
 sed -e "s|@DIR@|$d|" -e "s|@PORT@|18080|" -e "s|@UPSTREAM@|127.0.0.1:18000|" bench/nginx.conf \
   > "$d/nginx.conf"
@@ -69,7 +71,7 @@ count() {
     kill -TERM $proxy
   fi
   wait $proxy || true
-  grep -h '^summary:' "$out"* | awk '{s += $2} END {print s}'
+  grep -h '^summary:' "$out"* | awk '{s += $2} END {printf "%d\n", s}'
 }
 
 wait_port 18000
@@ -77,5 +79,5 @@ n=$((streams * 2))
 a=$(count $n)
 b=$(count $((2 * n)))
 chunks=$((n * tokens))
-echo "$target: $streams streams x $tokens tokens; $n requests: $a instructions, $((2 * n)): $b"
+echo "$target: $streams streams x $tokens tokens, ITL $itl ms; $n requests: $a instructions, $((2 * n)): $b"
 echo "$target: $(( (b - a) / chunks )) instructions per chunk"

@@ -41,6 +41,11 @@ use crate::proxy::UpstreamBody;
 
 type Driver = http1::Connection<Io, UpstreamBody>;
 
+/// Most bytes an upstream connection reads at once. hyper doubles its read buffer after every
+/// read that fills it, up to ~400 KiB by default: an upstream that streams faster than the
+/// client reads would grow every connection's buffer that far, for nothing.
+const UPSTREAM_READ_MAX: usize = 64 * 1024;
+
 /// An upstream connection's socket. A TLS session is about a kilobyte of state: boxed, it costs
 /// plain-TCP connections (the usual case next to vLLM) nothing.
 enum Io {
@@ -250,7 +255,10 @@ impl Pool {
             .call(self.uri.clone())
             .await
             .map_err(SendError::Connect)?;
-        let (tx, driver) = http1::handshake(Io::from(io)).await?;
+        let (tx, driver) = http1::Builder::new()
+            .max_buf_size(UPSTREAM_READ_MAX)
+            .handshake(Io::from(io))
+            .await?;
         let mut conn = Conn::new(tx, driver);
         let mut sent = std::pin::pin!(conn.tx.send_request(req));
         let response = drive(&mut conn, sent.as_mut()).await?;

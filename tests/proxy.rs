@@ -552,6 +552,44 @@ async fn a_slow_client_slows_the_upstream_instead_of_filling_memory() {
 }
 
 #[tokio::test]
+async fn large_bodies_pass_both_ways_unchanged() {
+    // An upstream that echoes the request body: several MiB cross the proxy in both
+    // directions, in many reads, on an inspected endpoint (chat) and a passed-through one.
+    let addr = upstream(|req: Request<Incoming>| {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(req.into_body())
+            .unwrap()
+    })
+    .await;
+    let mut config = proxy_config(&format!("http://{addr}"));
+    config.telemetry.discover_models = false;
+    let proxy = tokentap::start(config).await.unwrap();
+    let mut big = Vec::with_capacity(3 << 20);
+    let mut x: u32 = 1;
+    while big.len() < 3 << 20 {
+        x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        big.push(b'a' + (x >> 27) as u8 % 26);
+    }
+    for path in ["/v1/chat/completions", "/v1/embeddings"] {
+        let r = post(
+            &client(),
+            &format!("http://{}{path}", proxy.addr()),
+            std::str::from_utf8(&big).unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{path}");
+        assert!(
+            r.body == big,
+            "{path}: {} bytes back for {}",
+            r.body.len(),
+            big.len()
+        );
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn headers_are_cleaned_and_forwarded() {
     let seen = Arc::new(std::sync::Mutex::new(None::<(http::HeaderMap, Bytes)>));
     let s = seen.clone();
