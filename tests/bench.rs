@@ -258,15 +258,7 @@ async fn simulator_exports_vllm_named_itl_and_ttft() {
     )
     .await;
     assert_eq!(r.status, 200);
-    let m = send(
-        &client(),
-        http::Method::GET,
-        &format!("{}/metrics", sim.base_url()),
-        "",
-        &[],
-    )
-    .await;
-    let m = String::from_utf8(m.body.to_vec()).unwrap();
+    let m = scrape_sim(&sim).await;
     let labels = [("model_name", MODEL)];
     // Role chunk and first token go out together, then four more tokens 20 ms apart.
     assert_eq!(
@@ -303,15 +295,7 @@ async fn warmups_are_sent_first_and_left_out_of_the_results() {
             .iter()
             .all(|r| r.local_addr == result.requests[0].local_addr)
     );
-    let m = send(
-        &client(),
-        http::Method::GET,
-        &format!("{}/metrics", sim.base_url()),
-        "",
-        &[],
-    )
-    .await;
-    let m = String::from_utf8(m.body.to_vec()).unwrap();
+    let m = scrape_sim(&sim).await;
     // Five requests reached the server, each with a first token.
     assert_eq!(
         value(

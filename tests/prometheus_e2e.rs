@@ -806,17 +806,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
     let admin = proxy.admin_addr().unwrap();
     let base = format!("http://{}", proxy.addr());
     let sim_target = sim.base_url().trim_start_matches("http://").to_owned();
-    let sim_exports_itl = send(
-        &client(),
-        Method::GET,
-        &format!("{}/metrics", sim.base_url()),
-        "",
-        &[],
-    )
-    .await
-    .body
-    .windows(VLLM_ITL.len())
-    .any(|w| w == VLLM_ITL.as_bytes());
+    let sim_exports_itl = scrape_sim(&sim).await.contains(VLLM_ITL);
 
     let prom = start_prometheus(&admin.to_string(), &sim_target).await;
     wait_for_scrapes(&prom, unix_now()).await;

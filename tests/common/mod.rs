@@ -104,6 +104,20 @@ pub async fn scrape(admin: SocketAddr) -> String {
     String::from_utf8(r.body.to_vec()).unwrap()
 }
 
+/// The simulator's `vllm:` metrics text.
+pub async fn scrape_sim(sim: &Simulator) -> String {
+    let r = send(
+        &client(),
+        Method::GET,
+        &format!("{}/metrics", sim.base_url()),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    String::from_utf8(r.body.to_vec()).unwrap()
+}
+
 /// One sample of the Prometheus text format.
 #[derive(Debug)]
 pub struct Sample {
