@@ -29,6 +29,9 @@ pub struct Config {
     pub slo: SloConfig,
     /// OpenTelemetry tracing (off unless enabled).
     pub tracing: crate::otel::TracingConfig,
+    /// Worker threads, fixed at start-up; `None`: one per CPU the process may run on (see
+    /// [`crate::runtime`]).
+    pub workers: Option<usize>,
 }
 
 impl Default for Config {
@@ -41,6 +44,7 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             slo: SloConfig::default(),
             tracing: crate::otel::TracingConfig::default(),
+            workers: None,
         }
     }
 }
@@ -262,6 +266,12 @@ impl Config {
 
     /// Checks values that parse but cannot work; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers == Some(0) {
+            return Err(ConfigError::Invalid {
+                field: "workers",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
         let uri: http::Uri = self
             .upstream
             .url
@@ -437,6 +447,7 @@ mod tests {
                 "[upstream]\nca_file = \"/nonexistent.pem\"",
                 "upstream.ca_file",
             ),
+            ("workers = 0", "workers"),
         ] {
             let err = Config::parse(text).unwrap_err();
             assert!(err.to_string().contains(field), "{text}: {err}");

@@ -118,10 +118,8 @@ fn main() -> ExitCode {
         _ => None,
     };
     init_logging(log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = serve_config.as_ref().and_then(|c| c.workers);
+    let runtime = match tokentap::runtime(workers) {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("tokentap: cannot start the async runtime: {error}");
