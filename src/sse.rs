@@ -653,18 +653,89 @@ mod fast {
         }
     }
 
-    /// The start of an earlier payload, up to its `choices` member, and the fields read there.
+    /// An earlier payload, where its `choices` member starts and the fields read before it, and
+    /// what reading it gave.
     ///
     /// The scanner decides everything before a position from the bytes before it, so a payload
     /// that starts with the same bytes reaches that position in the same state and is read on
     /// from there. Every chunk of a vLLM stream repeats its `id`, `object`, `created` and
-    /// `model`, which are most of its bytes.
+    /// `model`, which are most of its bytes; most chunks differ from the one before only in
+    /// the text of their content string, and then they read exactly like it (see [`Template`]).
     #[derive(Debug, Clone, Default)]
     pub(super) struct Prefix {
-        /// The bytes, kept only when they are UTF-8 so that `id` and `model` can be read from
-        /// them without checking them again.
+        /// The payload, kept only when it is UTF-8 so that `id` and `model` can be read from
+        /// it without checking them again.
         pub(super) text: String,
+        /// Where its `choices` member starts; 0 when there is nothing to resume from.
+        at: usize,
+        /// The fields read before `at`.
         fields: Fields,
+        template: Option<Template>,
+    }
+
+    /// Where the first content string of a payload is (`delta.content` or `text` of a choice),
+    /// and everything reading the payload gave. A payload that differs only inside that string,
+    /// with a valid string there that is empty exactly when the old one was, gives the same:
+    /// the scanner reads that string only to check it and to see whether it is empty.
+    #[derive(Debug, Clone, Default)]
+    struct Template {
+        /// Positions of its opening and closing quotes.
+        open: usize,
+        close: usize,
+        /// The top-level fields read, `id` and `model` before `open`.
+        fields: Fields,
+        choices: Vec<ChoiceInfo>,
+    }
+
+    impl Prefix {
+        /// Whether `json` is read on from the remembered state (tests count them).
+        #[cfg(test)]
+        pub(super) fn resumes(&self, json: &[u8]) -> bool {
+            self.at > 0 && json.starts_with(&self.text.as_bytes()[..self.at])
+        }
+
+        /// Whether `json` is answered from the template (tests count them).
+        #[cfg(test)]
+        pub(super) fn templated(&self, json: &[u8]) -> bool {
+            self.resumes(json) && self.template.as_ref().is_some_and(|t| self.fits(json, t))
+        }
+
+        /// Whether `json` differs from the remembered payload only inside its template's
+        /// string (`json` is known to start with the first `at` bytes).
+        fn fits(&self, json: &[u8], t: &Template) -> bool {
+            let old = self.text.as_bytes();
+            if json.get(self.at..=t.open) != old.get(self.at..=t.open) {
+                return false;
+            }
+            let mut s = Scan {
+                b: json,
+                i: t.open,
+                var: None,
+            };
+            let Some((start, end, _)) = s.string() else {
+                return false;
+            };
+            (end == start) == (t.close == t.open + 1)
+                && json.get(end..) == old.get(t.close..)
+                && (json[start..end].is_ascii() || std::str::from_utf8(&json[start..end]).is_ok())
+        }
+
+        /// The template of a payload just read (`None` without a content string, or with `id`
+        /// or `model` after it).
+        fn template(
+            var: Option<(usize, usize)>,
+            f: Fields,
+            choices: &[ChoiceInfo],
+        ) -> Option<Template> {
+            let (open, close) = var?;
+            let before = |r: Option<(usize, usize)>| r.is_none_or(|(_, end)| end < open);
+            (before(f.id) && before(f.model)).then(|| Template {
+                open,
+                close,
+                fields: f,
+                choices: choices.to_vec(),
+            })
+        }
     }
 
     /// Nesting beyond this is left to serde (whose limit is 128).
@@ -673,34 +744,54 @@ mod fast {
     struct Scan<'a> {
         b: &'a [u8],
         i: usize,
+        /// The opening and closing quotes of the first content string read (see [`Template`]).
+        var: Option<(usize, usize)>,
     }
 
     /// Reads `json` (which starts with `{`), pushing token choices into `choices`. With a
-    /// `prefix`, a payload that starts like the one it remembers is read from where it ends,
-    /// and one that does not is remembered in its place.
+    /// `prefix`, a payload that fits its template gives what that one gave, one that starts like
+    /// the payload it remembers is read from where its `choices` start (and remembered), and
+    /// any other is read whole and remembered.
     pub(super) fn top<'a>(
         json: &'a [u8],
         choices: &mut Vec<ChoiceInfo>,
         prefix: Option<&'a mut Prefix>,
     ) -> Option<Top<'a>> {
-        let mut f = Fields::default();
-        let known = match prefix {
-            Some(p) if !p.text.is_empty() && json.starts_with(p.text.as_bytes()) => {
-                let p: &'a Prefix = p;
-                f = p.fields;
+        match prefix {
+            Some(p) if p.at > 0 && json.starts_with(&p.text.as_bytes()[..p.at]) => {
+                if p.template.as_ref().is_some_and(|t| p.fits(json, t)) {
+                    let p: &'a Prefix = p;
+                    let t = p.template.as_ref()?;
+                    choices.extend_from_slice(&t.choices);
+                    return top_of(json, &p.text[..t.open], &t.fields);
+                }
+                let mut f = p.fields;
                 let mut s = Scan {
                     b: json,
-                    i: p.text.len(),
+                    i: p.at,
+                    var: None,
                 };
                 s.members(|s, _, key| f.read(s, key, choices))?;
-                p.text.as_str()
+                // The same start: only the rest needs checking to remember this payload.
+                if let Ok(rest) = std::str::from_utf8(&json[p.at..]) {
+                    p.text.truncate(p.at);
+                    p.text.push_str(rest);
+                    p.template = Prefix::template(s.var, f, choices);
+                }
+                let p: &'a Prefix = p;
+                top_of(json, &p.text[..p.at], &f)
             }
             prefix => {
                 // Where the `choices` member starts, and the fields read before it; only after
                 // a comma, as the first member's position depends on the byte there (`{}`).
                 let mut mark = None;
                 let mut first = true;
-                let mut s = Scan { b: json, i: 0 };
+                let mut f = Fields::default();
+                let mut s = Scan {
+                    b: json,
+                    i: 0,
+                    var: None,
+                };
                 s.object_at(|s, at, key| {
                     let after_comma = !std::mem::replace(&mut first, false);
                     if key == b"choices" && after_comma {
@@ -708,16 +799,23 @@ mod fast {
                     }
                     f.read(s, key, choices)
                 })?;
-                if let (Some(p), Some((at, fields))) = (prefix, mark) {
-                    if let Ok(text) = std::str::from_utf8(json.get(..at)?) {
-                        p.text.clear();
-                        p.text.push_str(text);
-                        p.fields = fields;
-                    }
+                if let (Some(p), Some((at, fields))) = (prefix, mark)
+                    && let Ok(text) = std::str::from_utf8(json)
+                {
+                    p.text.clear();
+                    p.text.push_str(text);
+                    p.at = at;
+                    p.fields = fields;
+                    p.template = Prefix::template(s.var, f, choices);
                 }
-                ""
+                top_of(json, "", &f)
             }
-        };
+        }
+    }
+
+    /// What the top level of `json` carried, from the fields read; `known` is a start of `json`
+    /// already checked to be UTF-8.
+    fn top_of<'a>(json: &'a [u8], known: &'a str, f: &Fields) -> Option<Top<'a>> {
         Some(Top {
             usage: f.usage,
             error: f.error,
@@ -1041,6 +1139,15 @@ mod fast {
             Some(Some(v))
         }
 
+        /// Notes the value just read from `at` as the payload's content string (see [`Template`])
+        /// when it is a string and the first one.
+        #[inline]
+        fn note_var(&mut self, at: usize) {
+            if self.var.is_none() && self.b[at] == b'"' {
+                self.var = Some((at, self.i - 1));
+            }
+        }
+
         /// `choices`: `null` or an array of choice objects.
         fn choices(&mut self, choices: &mut Vec<ChoiceInfo>) -> Option<()> {
             match *self.b.get(self.i)? {
@@ -1083,7 +1190,11 @@ mod fast {
                         }
                     }
                     2 => delta_content = s.delta()?,
-                    4 => text = s.opt_raw()?,
+                    4 => {
+                        let at = s.i;
+                        text = s.opt_raw()?;
+                        s.note_var(at);
+                    }
                     _ => finish = s.opt_raw()?,
                 }
                 Some(())
@@ -1117,7 +1228,11 @@ mod fast {
                             return None;
                         }
                         seen |= bit;
+                        let at = s.i;
                         content |= non_empty(s.opt_raw()?);
+                        if bit == 1 {
+                            s.note_var(at);
+                        }
                         Some(())
                     })?;
                     Some(content)
@@ -1299,6 +1414,7 @@ mod tests {
         let mut accepted = 0;
         let mut checked = 0;
         let mut resumed = 0;
+        let mut templated = 0;
         for p in &payloads {
             let b = p.as_bytes();
             let mut variants: Vec<Vec<u8>> = vec![b.to_vec()];
@@ -1308,6 +1424,35 @@ mod tests {
                     let mut v = b.to_vec();
                     v[cut] = c;
                     variants.push(v);
+                }
+            }
+            // Other content strings in place of the first one, longer and shorter, valid or not.
+            let value = ["\"content\":", "\"text\":"]
+                .iter()
+                .filter_map(|k| p.find(k).map(|at| at + k.len()))
+                .min()
+                .map(|at| at + p[at..].len() - p[at..].trim_start().len())
+                .filter(|&at| b[at] == b'"');
+            if let Some(open) = value {
+                let close = open + 1 + p[open + 1..].find('"').unwrap();
+                let strings: [&[u8]; 14] = [
+                    b"\"\"",
+                    b"\"x\"",
+                    b"\" a much longer piece of text than before\"",
+                    b"\"a\\\"b\"",
+                    b"\"\\u00e9\\ud83d\\ude00\"",
+                    "\"é😀\"".as_bytes(),
+                    b"\"\xff\xfe\"",
+                    b"\"\xc3\"",
+                    b"\"bad\\q\"",
+                    b"\"\\u12\"",
+                    b"\"tab\there\"",
+                    b"\"unterminated",
+                    b"\"a\",\"b\"",
+                    b"null",
+                ];
+                for with in strings {
+                    variants.push([&b[..open], with, &b[close + 1..]].concat());
                 }
             }
             // What reading the unmutated payload remembers, for the variants to start from.
@@ -1320,7 +1465,8 @@ mod tests {
                 }
                 let fresh = read(t, None);
                 let mut prefix = primed.clone();
-                let resumes = !prefix.text.is_empty() && t.starts_with(prefix.text.as_bytes());
+                let resumes = prefix.resumes(t);
+                templated += usize::from(prefix.templated(t));
                 assert_eq!(
                     read(t, Some(&mut prefix)),
                     fresh,
@@ -1355,6 +1501,7 @@ mod tests {
         );
         assert!(checked > 1000, "{checked}");
         assert!(resumed > 1000, "{resumed}");
+        assert!(templated > 100, "{templated}");
     }
 
     #[test]
