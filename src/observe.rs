@@ -10,7 +10,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -379,6 +379,9 @@ pin_project! {
         // a timer on every frame would cost a timer-wheel update per chunk.
         #[pin]
         idle: Sleep,
+        // The waker `idle` was last polled with: until it fires or is reset it holds that
+        // waker, and polling it again for the same task would only register it again.
+        idle_waker: Option<Waker>,
         idle_timeout: Duration,
         last_frame: Instant,
         recorder: Option<Box<Recorder>>,
@@ -401,6 +404,7 @@ impl<B> TimedBody<B> {
         TimedBody {
             inner,
             idle: tokio::time::sleep_until(now + idle_timeout),
+            idle_waker: None,
             idle_timeout,
             last_frame: now,
             strips: recorder.strips(),
@@ -433,8 +437,19 @@ where
             let polled = this.inner.as_mut().poll_frame(cx);
             let frame = match polled {
                 Poll::Pending => {
+                    if !this.idle.is_elapsed()
+                        && this
+                            .idle_waker
+                            .as_ref()
+                            .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        return Poll::Pending;
+                    }
                     loop {
-                        ready!(this.idle.as_mut().poll(cx));
+                        if this.idle.as_mut().poll(cx).is_pending() {
+                            *this.idle_waker = Some(cx.waker().clone());
+                            return Poll::Pending;
+                        }
                         let deadline = *this.last_frame + *this.idle_timeout;
                         if deadline <= Instant::now() {
                             break;
