@@ -221,7 +221,8 @@ def start_proxy(name, out):
         cfg = os.path.join(d, f"{name}.toml")
         tt_config(cfg, port, admin, tel)
         env = dict(os.environ, TOKENTAP_LOG="warn")
-        p = start([BIN, "serve", "--config", cfg], PROXY_CPU, log, env)
+        # PROXY_BIN: another build as the proxy, against the same simulator and client (A/B).
+        p = start([os.environ.get("PROXY_BIN", BIN), "serve", "--config", cfg], PROXY_CPU, log, env)
         # The access log goes to stderr at info level; keep it (it is part of telemetry).
         wait_port(port)
         return p, [p.pid], port
