@@ -720,21 +720,20 @@ mod fast {
                 && (json[start..end].is_ascii() || std::str::from_utf8(&json[start..end]).is_ok())
         }
 
-        /// The template of a payload just read (`None` without a content string, or with `id`
-        /// or `model` after it).
-        fn template(
-            var: Option<(usize, usize)>,
-            f: Fields,
-            choices: &[ChoiceInfo],
-        ) -> Option<Template> {
-            let (open, close) = var?;
-            let before = |r: Option<(usize, usize)>| r.is_none_or(|(_, end)| end < open);
-            (before(f.id) && before(f.model)).then(|| Template {
-                open,
-                close,
-                fields: f,
-                choices: choices.to_vec(),
-            })
+        /// Remembers the template of the payload just read, reusing the old one's allocation
+        /// (none without a content string, or with `id` or `model` after it).
+        fn remember(&mut self, var: Option<(usize, usize)>, f: Fields, choices: &[ChoiceInfo]) {
+            let before =
+                |open: usize, r: Option<(usize, usize)>| r.is_none_or(|(_, end)| end < open);
+            match var {
+                Some((open, close)) if before(open, f.id) && before(open, f.model) => {
+                    let t = self.template.get_or_insert_with(Template::default);
+                    (t.open, t.close, t.fields) = (open, close, f);
+                    t.choices.clear();
+                    t.choices.extend_from_slice(choices);
+                }
+                _ => self.template = None,
+            }
         }
     }
 
@@ -776,7 +775,7 @@ mod fast {
                 if let Ok(rest) = std::str::from_utf8(&json[p.at..]) {
                     p.text.truncate(p.at);
                     p.text.push_str(rest);
-                    p.template = Prefix::template(s.var, f, choices);
+                    p.remember(s.var, f, choices);
                 }
                 let p: &'a Prefix = p;
                 top_of(json, &p.text[..p.at], &f)
@@ -806,7 +805,7 @@ mod fast {
                     p.text.push_str(text);
                     p.at = at;
                     p.fields = fields;
-                    p.template = Prefix::template(s.var, f, choices);
+                    p.remember(s.var, f, choices);
                 }
                 top_of(json, "", &f)
             }
