@@ -126,8 +126,7 @@ impl ModelStats {
         }
         self.with_slice(now, |s| {
             for &us in &batch.us[..batch.len] {
-                // Saturating: a count that would overflow u32 keeps its maximum.
-                let _ = s.hist[Figure::Itl as usize].record(u64::from(us));
+                record_us(&mut s.hist[Figure::Itl as usize], u64::from(us));
             }
         });
         batch.len = 0;
@@ -195,8 +194,12 @@ impl ModelStats {
 }
 
 fn record(h: &mut Histogram<u32>, d: Duration) {
+    record_us(h, micros(d));
+}
+
+fn record_us(h: &mut Histogram<u32>, us: u64) {
     // Saturating: a count that would overflow u32 keeps its maximum.
-    let _ = h.record(micros(d));
+    let _ = h.record(us);
 }
 
 /// `d` in whole microseconds, within the histograms' bounds (which fit a `u32`).
