@@ -19,6 +19,7 @@ pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod h1;
 pub mod inspect;
 pub mod latency;
 pub mod observe;

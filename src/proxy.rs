@@ -27,9 +27,9 @@ use crate::inspect::{self, Endpoint, RequestInfo};
 use crate::observe::{BoxError, Recorder, TimedBody};
 use crate::otel::{RequestSpan, RequestStart, Tracer};
 use crate::telemetry::{Outcome, Telemetry};
-use crate::upstream::{Pool, SendError, UpstreamResponse};
+use crate::upstream::{Pool, RequestBody, SendError, UpstreamResponse};
 
-/// Body sent upstream: the inspected (maybe rewritten) body, or the client's, streamed.
+/// Body of the requests an [`UpstreamClient`] sends.
 pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
 
 /// A pooled client for the upstream, for requests that are not proxied (`tokentap bench`).
@@ -222,7 +222,7 @@ impl Proxy {
         let req = Request::builder()
             .uri(path)
             .header(header::HOST, self.host.clone())
-            .body(Either::Left(Full::new(Bytes::new())))
+            .body(RequestBody::Bytes(Bytes::new()))
             .expect("static request parts are valid");
         self.pool.send(req).await
     }
@@ -251,8 +251,7 @@ impl Proxy {
             ..RequestInfo::default()
         };
         let mut injected = false;
-        let body: UpstreamBody = if self.telemetry_enabled && endpoint.inspects_body(&parts.method)
-        {
+        let body = if self.telemetry_enabled && endpoint.inspects_body(&parts.method) {
             match Limited::new(body, self.max_body).collect().await {
                 Ok(collected) => {
                     let mut bytes = collected.to_bytes();
@@ -266,7 +265,7 @@ impl Proxy {
                             .headers
                             .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
                     }
-                    Either::Left(Full::new(bytes))
+                    RequestBody::Bytes(bytes)
                 }
                 Err(error) => {
                     let span = self.span(&parts, endpoint, &info, t0);
@@ -295,7 +294,7 @@ impl Proxy {
                 }
             }
         } else {
-            Either::Right(body)
+            RequestBody::Stream(body)
         };
 
         let span = self.span(&parts, endpoint, &info, t0);

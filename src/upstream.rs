@@ -1,73 +1,76 @@
-//! Upstream connections: a pool of HTTP/1.1 connections that are driven by the request that
-//! uses them, not by a task of their own.
+//! Upstream connections: a pool of HTTP/1.1 connections that are read and written by the
+//! request that uses them, with the framing of [`crate::h1`].
 //!
 //! A response body from the upstream is read by the task that writes it to the client: when the
-//! client side polls [`UpstreamResponse`] for the next chunk, it polls the upstream connection
-//! itself, so each chunk costs one task wake-up instead of two (connection task, then the client
-//! connection's task) and the connection's socket readiness wakes the client task directly.
-//! When the response ends the connection goes back to the pool; when the body is dropped early
-//! (the client hung up) the connection is closed, which cancels the request upstream at once.
-//!
-//! The connection hands each chunk to the body through hyper's one-slot channel, and taking it
-//! from there wakes the connection "to read on". Polled from the client's task, that wake-up
-//! would poll the whole task a second time per chunk for nothing: the body returns the chunk,
-//! and its consumer polls again when it wants the next one. So the connection is polled with a
-//! [`Relay`] waker, muted while a chunk is taken, which also remembers whether the connection
-//! has been woken since its last poll: one that has not is not polled again.
+//! client side polls [`UpstreamResponse`] for the next chunk, it reads the upstream socket into
+//! the connection's buffer and decodes the chunk from there. A chunk costs one task wake-up (the
+//! socket's), no channel lies between a connection and its body, and chunks that arrive together
+//! are handed on back to back. When the response ends the connection goes back to the pool at
+//! once; when the body is dropped before its end (the client hung up) the connection is closed,
+//! which cancels the request upstream.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
-use atomic_waker::AtomicWaker;
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower_service::Service;
 
+use crate::h1::{self, BodyLength, Decoder, Encoding, Parsed, ResponseHead, Step};
 use crate::observe::BoxError;
-use crate::proxy::UpstreamBody;
 
-type Driver = http1::Connection<Io, UpstreamBody>;
+/// Bytes a connection reads at once (nginx reads upstream responses 4–8 KiB at a time).
+const READ_BUF: usize = 8 * 1024;
+/// Longest response head, chunk-size line or trailer section: the read buffer grows this far
+/// for one, and no further.
+const READ_MAX: usize = 64 * 1024;
+/// A request body up to this size goes out in the same write as the head.
+const INLINE_BODY: usize = 64 * 1024;
 
-/// Most bytes an upstream connection reads at once. hyper doubles its read buffer after every
-/// read that fills it, up to ~400 KiB by default: an upstream that streams faster than the
-/// client reads would grow every connection's buffer that far, for nothing.
-const UPSTREAM_READ_MAX: usize = 64 * 1024;
+/// A request body to send upstream.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// A body the proxy holds whole (read to be inspected, maybe rewritten).
+    Bytes(Bytes),
+    /// The client's body, streamed as it arrives.
+    Stream(Incoming),
+}
 
 /// An upstream connection's socket. A TLS session is about a kilobyte of state: boxed, it costs
 /// plain-TCP connections (the usual case next to vLLM) nothing.
 enum Io {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<MaybeHttpsStream<TokioIo<TcpStream>>>),
+    Plain(TcpStream),
+    Tls(Box<TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>),
 }
 
 impl From<MaybeHttpsStream<TokioIo<TcpStream>>> for Io {
     fn from(stream: MaybeHttpsStream<TokioIo<TcpStream>>) -> Io {
         match stream {
-            MaybeHttpsStream::Http(tcp) => Io::Plain(tcp),
-            tls => Io::Tls(Box::new(tls)),
+            MaybeHttpsStream::Http(tcp) => Io::Plain(tcp.into_inner()),
+            tls => Io::Tls(Box::new(TokioIo::new(tls))),
         }
     }
 }
 
-impl hyper::rt::Read for Io {
+impl AsyncRead for Io {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
@@ -75,44 +78,26 @@ impl hyper::rt::Read for Io {
     }
 }
 
-impl hyper::rt::Write for Io {
+impl AsyncWrite for Io {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_flush(cx),
             Io::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
@@ -126,69 +111,188 @@ pub enum SendError {
     /// No connection could be opened (refused, DNS, TLS, or `upstream.connect_timeout_secs`).
     #[error("connect: {0}")]
     Connect(#[source] BoxError),
-    /// The connection failed or closed before the response head arrived.
+    /// Reading or writing the connection failed.
+    #[error("connection to the upstream failed: {0}")]
+    Io(#[from] io::Error),
+    /// The upstream closed the connection before a response head.
+    #[error("the upstream closed the connection before sending a response")]
+    Closed,
+    /// The upstream's response is not valid HTTP/1.1.
     #[error(transparent)]
-    Http(#[from] hyper::Error),
+    Protocol(#[from] h1::Error),
+    /// The client's request body broke off while it was being sent.
+    #[error("reading the request body: {0}")]
+    Body(#[source] BoxError),
 }
 
-/// One HTTP/1.1 connection: the handle requests are sent with and the state machine that reads
-/// and writes its socket whenever it is polled.
+/// One HTTP/1.1 connection and the bytes read from it that are not consumed yet.
 struct Conn {
-    tx: http1::SendRequest<UpstreamBody>,
-    /// `None` once dropped after it returned (see [`drive`]).
-    driver: Option<Driver>,
-    /// Set once the driver has returned: the connection is closed.
-    done: bool,
-    /// The waker the driver is polled with while a request uses the connection.
-    relay: Arc<Relay>,
-    /// `relay` as a waker, made once.
-    waker: Waker,
+    io: Io,
+    buf: Box<[u8]>,
+    /// `buf[start..end]` is read and not yet consumed.
+    start: usize,
+    end: usize,
 }
 
 impl Conn {
-    fn new(tx: http1::SendRequest<UpstreamBody>, driver: Driver) -> Conn {
-        let relay = Arc::new(Relay::default());
+    fn new(io: Io) -> Conn {
         Conn {
-            tx,
-            driver: Some(driver),
-            done: false,
-            waker: Waker::from(relay.clone()),
-            relay,
+            io,
+            buf: vec![0; READ_BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
         }
     }
 
-    /// Advances the connection on behalf of the task of `cx`; returns `true` once it has ended.
-    fn poll_driver(&mut self, cx: &Context<'_>) -> bool {
-        self.relay.task.register(cx.waker());
-        self.relay.state.fetch_and(!STALE, Ordering::AcqRel);
-        let Conn {
-            driver,
-            done,
-            waker,
-            ..
-        } = self;
-        advance(driver, done, &mut Context::from_waker(waker))
+    fn unread(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
     }
 
-    /// Whether the connection can carry another request now (polls it once to settle).
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+            if self.buf.len() > READ_BUF {
+                self.buf = vec![0; READ_BUF].into_boxed_slice();
+            }
+        }
+    }
+
+    /// Reads more bytes after the unread ones; `Ok(0)` once the upstream has closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, SendError>> {
+        if self.buf.len() - self.end < 1024 && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        if self.end == self.buf.len() {
+            if self.buf.len() >= READ_MAX {
+                return Poll::Ready(Err(h1::Error::Framing(
+                    "response head, chunk-size line or trailers longer than 64 KiB",
+                )
+                .into()));
+            }
+            let mut bigger = vec![0; (self.buf.len() * 2).min(READ_MAX)].into_boxed_slice();
+            bigger[..self.end].copy_from_slice(&self.buf[..self.end]);
+            self.buf = bigger;
+        }
+        let mut read = ReadBuf::new(&mut self.buf[self.end..]);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        self.end += n;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes `out[*written..]` and flushes.
+    fn poll_write_all(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &[u8],
+        written: &mut usize,
+    ) -> Poll<io::Result<()>> {
+        write_all(&mut self.io, cx, out, written)
+    }
+
+    /// Reads until the final response head, skipping informational ones.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        method: &Method,
+    ) -> Poll<Result<Box<ResponseHead>, SendError>> {
+        loop {
+            match h1::parse_response_head(self.unread(), method)? {
+                Parsed::Informational(len) => self.consume(len),
+                Parsed::Head(len, head) => {
+                    self.consume(len);
+                    return Poll::Ready(Ok(head));
+                }
+                Parsed::Partial => {
+                    if ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Err(if self.start == self.end {
+                            SendError::Closed
+                        } else {
+                            h1::Error::Framing("the upstream closed the connection mid-head").into()
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the connection can carry another request now: nothing is left unread, and the
+    /// upstream has neither closed it nor sent anything unasked.
     fn reusable(&mut self) -> bool {
-        !advance(
-            &mut self.driver,
-            &mut self.done,
-            &mut Context::from_waker(Waker::noop()),
-        ) && self.tx.is_ready()
+        self.start == self.end
+            && self
+                .poll_fill(&mut Context::from_waker(Waker::noop()))
+                .is_pending()
     }
 }
 
-/// Polls `driver` unless it has ended; returns `done`, set once it has.
-fn advance(driver: &mut Option<Driver>, done: &mut bool, cx: &mut Context<'_>) -> bool {
-    if !*done
-        && let Some(driver) = driver
-        && Pin::new(driver).poll(cx).is_ready()
-    {
-        *done = true;
+fn write_all(
+    io: &mut Io,
+    cx: &mut Context<'_>,
+    out: &[u8],
+    written: &mut usize,
+) -> Poll<io::Result<()>> {
+    while *written < out.len() {
+        let n = ready!(Pin::new(&mut *io).poll_write(cx, &out[*written..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *written += n;
     }
-    *done
+    Pin::new(&mut *io).poll_flush(cx)
+}
+
+/// What of a request body is left to write: bytes already framed, and the client's body when
+/// it is streamed.
+struct BodyWriter {
+    out: Vec<u8>,
+    written: usize,
+    stream: Option<Incoming>,
+    chunked: bool,
+}
+
+impl BodyWriter {
+    /// Writes on until the body is all sent (`Ready(Ok)`), or the socket or the client's body
+    /// has to wait.
+    fn poll(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        loop {
+            if !self.out.is_empty() {
+                ready!(write_all(io, cx, &self.out, &mut self.written))?;
+                self.out.clear();
+                self.written = 0;
+            }
+            let Some(stream) = &mut self.stream else {
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(Pin::new(stream).poll_frame(cx)) {
+                None => {
+                    if self.chunked {
+                        h1::encode_last_chunk(None, &mut self.out);
+                    }
+                    self.stream = None;
+                }
+                Some(Err(error)) => return Poll::Ready(Err(SendError::Body(error.into()))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if self.chunked && !data.is_empty() => {
+                        h1::encode_chunk_size(data.len(), &mut self.out);
+                        self.out.extend_from_slice(&data);
+                        self.out.extend_from_slice(b"\r\n");
+                    }
+                    Ok(data) => self.out.extend_from_slice(&data),
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers()
+                            && self.chunked
+                        {
+                            h1::encode_last_chunk(Some(&trailers), &mut self.out);
+                            self.stream = None;
+                        }
+                    }
+                },
+            }
+        }
+    }
 }
 
 struct Idle {
@@ -214,6 +318,13 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// A failed exchange, and whether the request can go out again on another connection (nothing
+/// of it was written).
+struct Failed {
+    error: SendError,
+    unsent: bool,
+}
+
 impl Pool {
     /// A pool that connects to `uri` (scheme and authority) with `connector` and keeps at most
     /// `max_idle` idle connections for at most `idle_timeout`.
@@ -233,20 +344,51 @@ impl Pool {
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one, and waits
-    /// for the response head. A request that an idle connection closed before it was written is
-    /// retried on another connection; once written it is never sent twice.
+    /// for the response head. A request that an idle connection refused before any of it was
+    /// written is sent again on another connection; once written it is never sent twice.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<UpstreamBody>,
+        req: Request<RequestBody>,
     ) -> Result<Response<UpstreamResponse>, SendError> {
+        let (mut parts, body) = req.into_parts();
+        let length = match &body {
+            RequestBody::Bytes(bytes) if bytes.is_empty() => BodyLength::Empty,
+            RequestBody::Bytes(bytes) => BodyLength::Known(bytes.len() as u64),
+            RequestBody::Stream(stream) if stream.is_end_stream() => BodyLength::Empty,
+            RequestBody::Stream(stream) => stream
+                .size_hint()
+                .exact()
+                .map_or(BodyLength::Unknown, BodyLength::Known),
+        };
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut head = Vec::with_capacity(1024);
+        let encoding =
+            h1::encode_request_head(&parts.method, target, &mut parts.headers, length, &mut head);
+        let mut writer = match (body, encoding) {
+            (_, Encoding::Empty) => None,
+            (RequestBody::Bytes(bytes), _) if bytes.len() <= INLINE_BODY => {
+                head.extend_from_slice(&bytes);
+                None
+            }
+            (RequestBody::Bytes(bytes), _) => Some(BodyWriter {
+                out: bytes.into(),
+                written: 0,
+                stream: None,
+                chunked: false,
+            }),
+            (RequestBody::Stream(stream), encoding) => Some(BodyWriter {
+                out: Vec::new(),
+                written: 0,
+                stream: Some(stream),
+                chunked: encoding == Encoding::Chunked,
+            }),
+        };
+        let method = parts.method;
         while let Some(mut conn) = self.checkout() {
-            let mut sent = std::pin::pin!(conn.tx.try_send_request(req));
-            match drive(&mut conn, sent.as_mut()).await {
-                Ok(response) => return Ok(self.wrap(response, conn)),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(error.into_error().into()),
-                },
+            match exchange(&mut conn, &head, &method, &mut writer).await {
+                Ok(response) => return Ok(self.wrap(*response, conn, writer)),
+                Err(failed) if failed.unsent => {}
+                Err(failed) => return Err(failed.error),
             }
         }
         let io = self
@@ -255,29 +397,36 @@ impl Pool {
             .call(self.uri.clone())
             .await
             .map_err(SendError::Connect)?;
-        let (tx, driver) = http1::Builder::new()
-            .max_buf_size(UPSTREAM_READ_MAX)
-            .handshake(Io::from(io))
-            .await?;
-        let mut conn = Conn::new(tx, driver);
-        let mut sent = std::pin::pin!(conn.tx.send_request(req));
-        let response = drive(&mut conn, sent.as_mut()).await?;
-        Ok(self.wrap(response, conn))
+        let mut conn = Conn::new(Io::from(io));
+        let response = exchange(&mut conn, &head, &method, &mut writer)
+            .await
+            .map_err(|failed| failed.error)?;
+        Ok(self.wrap(*response, conn, writer))
     }
 
     fn wrap(
         self: &Arc<Self>,
-        response: Response<Incoming>,
+        head: ResponseHead,
         conn: Conn,
+        writer: Option<BodyWriter>,
     ) -> Response<UpstreamResponse> {
-        // Whatever the connection read along with the head, the body's first poll polls it.
-        conn.relay.state.fetch_or(STALE, Ordering::AcqRel);
-        response.map(|body| UpstreamResponse {
-            body,
+        let ResponseHead {
+            parts,
+            framing,
+            keep_alive,
+        } = head;
+        let mut body = UpstreamResponse {
             conn: Some(conn),
+            decoder: Decoder::new(framing),
+            writer,
+            keep_alive,
             pool: self.clone(),
             ended: false,
-        })
+        };
+        if body.decoder.is_end() {
+            body.finish();
+        }
+        Response::from_parts(parts, body)
     }
 
     /// The most recently used idle connection that is still open, dropping expired ones.
@@ -319,164 +468,145 @@ impl Pool {
     }
 }
 
-/// Polls the request future and its connection together until the response head arrives.
-async fn drive<F, T>(conn: &mut Conn, mut sent: Pin<&mut F>) -> T
-where
-    F: Future<Output = T>,
-{
+/// Writes the request head on `conn`, then writes the body (`writer`) while it waits for the
+/// response head. What is left of the body when the head arrives stays in `writer`.
+async fn exchange(
+    conn: &mut Conn,
+    head: &[u8],
+    method: &Method,
+    writer: &mut Option<BodyWriter>,
+) -> Result<Box<ResponseHead>, Failed> {
+    let mut written = 0;
+    if let Err(error) = poll_fn(|cx| conn.poll_write_all(cx, head, &mut written)).await {
+        return Err(Failed {
+            error: error.into(),
+            unsent: written == 0,
+        });
+    }
     poll_fn(|cx| {
-        if let Poll::Ready(out) = sent.as_mut().poll(cx) {
-            return Poll::Ready(out);
+        if let Poll::Ready(head) = conn.poll_head(cx, method) {
+            return Poll::Ready(head);
         }
-        if conn.poll_driver(cx) {
-            // The connection ended (say the upstream closed it while idle) maybe before it took
-            // the request: hyper answers queued requests only when the connection is dropped,
-            // handing an unwritten request back so that it can be retried.
-            conn.driver = None;
-            return sent.as_mut().poll(cx);
+        if let Some(body) = writer {
+            ready!(body.poll(&mut conn.io, cx))?;
+            *writer = None;
+            // Writing may have been all that was left to do before the head could arrive.
+            return conn.poll_head(cx, method);
         }
         Poll::Pending
     })
     .await
+    .map_err(|error| Failed {
+        error,
+        unsent: false,
+    })
 }
 
-/// The waker a connection in use is polled with. It notes every wake-up (the connection has
-/// something to do: [`STALE`]) and passes it on to the task that polls the connection, except
-/// while muted: then it only notes it ([`MISSED`]).
-#[derive(Default)]
-struct Relay {
-    task: AtomicWaker,
-    state: AtomicU8,
-}
-
-/// Wake-ups are noted, not passed on.
-const MUTED: u8 = 1;
-/// A wake-up came since the last [`Relay::mute`].
-const MISSED: u8 = 2;
-/// A wake-up came since the driver was last polled (or the response head has just arrived).
-const STALE: u8 = 4;
-
-impl Relay {
-    fn mute(&self) {
-        self.state.fetch_and(!MISSED, Ordering::AcqRel);
-        self.state.fetch_or(MUTED, Ordering::AcqRel);
-    }
-
-    /// Ends the muted stretch; returns whether a wake-up came during it.
-    fn unmute(&self) -> bool {
-        self.state.fetch_and(!MUTED, Ordering::AcqRel) & MISSED != 0
-    }
-
-    /// Whether the driver has been woken since it was last polled.
-    fn stale(&self) -> bool {
-        self.state.load(Ordering::Acquire) & STALE != 0
-    }
-}
-
-impl Wake for Relay {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if self.state.fetch_or(MISSED | STALE, Ordering::AcqRel) & MUTED == 0 {
-            self.task.wake();
-        }
-    }
-}
-
-/// A response body from the upstream; polling it drives the upstream connection. Returns the
-/// connection to the pool when dropped after the end of the body, closes it otherwise.
+/// A response body from the upstream; polling it reads the upstream connection (and writes
+/// what is left of the request body). The connection goes back to the pool as soon as the body
+/// has ended, and is closed if the body is dropped before.
 pub struct UpstreamResponse {
-    body: Incoming,
+    /// `None` once the body has ended or failed.
     conn: Option<Conn>,
+    decoder: Decoder,
+    writer: Option<BodyWriter>,
+    keep_alive: bool,
     pool: Arc<Pool>,
     ended: bool,
 }
 
 impl UpstreamResponse {
-    /// Takes what the connection has put into the body so far. A wake-up this causes is
-    /// dropped when a frame is returned (the consumer polls again for the next one) and passed
-    /// on when not (it may be the connection's socket, polled from another thread).
-    fn take(&mut self, cx: &Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        // Only the connection, polled from here, puts data into `body`: a no-op waker for the
-        // body is enough.
-        let mut quiet = Context::from_waker(Waker::noop());
-        let Some(conn) = &self.conn else {
-            return Pin::new(&mut self.body).poll_frame(&mut quiet);
-        };
-        conn.relay.mute();
-        let polled = Pin::new(&mut self.body).poll_frame(&mut quiet);
-        if conn.relay.unmute() && polled.is_pending() {
-            cx.waker().wake_by_ref();
+    /// The body has ended: the connection is pooled if it can carry another request.
+    fn finish(&mut self) {
+        self.ended = true;
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && self.writer.is_none()
+            && conn.start == conn.end
+        {
+            self.pool.put(conn);
         }
-        polled
+    }
+
+    fn fail(&mut self, error: SendError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        self.ended = true;
+        Poll::Ready(Some(Err(error.into())))
     }
 }
-
-/// Chunks up to this size are copied out of the connection's read buffer (see `poll_frame`).
-const SMALL_CHUNK: usize = 2048;
 
 impl Body for UpstreamResponse {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let mut polled = this.take(cx);
-        if polled.is_pending()
-            && let Some(conn) = &mut this.conn
-        {
-            // Wake-ups reach this task from here on, and a driver that has not been woken since
-            // it was last polled has nothing new to give.
-            conn.relay.task.register(cx.waker());
-            if !conn.relay.stale() {
-                return Poll::Pending;
-            }
-            let closed = conn.poll_driver(cx);
-            polled = this.take(cx);
-            if closed && polled.is_pending() {
-                // Nothing can feed the body any more; never wait forever.
-                return Poll::Ready(Some(Err("upstream connection closed mid-body".into())));
+        let this = self.get_mut();
+        let Some(conn) = &mut this.conn else {
+            return Poll::Ready(None);
+        };
+        if let Some(writer) = &mut this.writer {
+            match writer.poll(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => this.writer = None,
+                // The upstream has answered; it may not want the rest of the request. The
+                // connection is not reused.
+                Poll::Ready(Err(_)) => this.keep_alive = false,
+                Poll::Pending => {}
             }
         }
-        // A small chunk is a slice of the connection's read buffer: handed on as it is, it would
-        // keep that buffer shared until written, and hyper's next read would allocate a new one.
-        let polled = polled.map_ok(|frame| match frame.into_data() {
-            Ok(data) if data.len() <= SMALL_CHUNK => Frame::data(Bytes::copy_from_slice(&data)),
-            Ok(data) => Frame::data(data),
-            Err(frame) => frame,
-        });
-        // hyper drops a body after its trailers without asking for the end.
-        if let Poll::Ready(None) = polled {
-            this.ended = true;
-        } else if let Poll::Ready(Some(Ok(frame))) = &polled
-            && frame.is_trailers()
-        {
-            this.ended = true;
+        loop {
+            let (step, used) = match this.decoder.decode(conn.unread()) {
+                Ok(decoded) => decoded,
+                Err(error) => return this.fail(error.into()),
+            };
+            match step {
+                Step::Data { start, end } => {
+                    let data = Bytes::copy_from_slice(&conn.unread()[start..end]);
+                    conn.consume(used);
+                    if this.decoder.is_end() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Step::Trailers(trailers) => {
+                    conn.consume(used);
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Step::End => {
+                    conn.consume(used);
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Step::More => conn.consume(used),
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    return match this.decoder.eof() {
+                        Ok(()) => {
+                            this.keep_alive = false;
+                            this.finish();
+                            Poll::Ready(None)
+                        }
+                        Err(error) => this.fail(error.into()),
+                    };
+                }
+                Ok(_) => {}
+                Err(error) => return this.fail(error),
+            }
         }
-        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for UpstreamResponse {
-    fn drop(&mut self) {
-        if let Some(mut conn) = self.conn.take()
-            && (self.ended || self.body.is_end_stream())
-            && conn.reusable()
-        {
-            self.pool.put(conn);
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
         }
     }
 }
@@ -493,7 +623,7 @@ impl std::fmt::Debug for UpstreamResponse {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use http_body_util::{BodyExt, Either, Full};
+    use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -507,8 +637,10 @@ mod tests {
         ThenClose,
         /// A chunked body that never ends.
         Endless,
-        /// `ok`, then the upstream closes the idle connection 100 ms later.
-        IdleClose,
+        /// Two informational heads, then `ok` with a content length.
+        Informational,
+        /// `ok` without a length, ended by closing the connection.
+        UntilClose,
     }
 
     /// A raw HTTP/1.1 upstream on 127.0.0.1:0; counts connections, and closed connections.
@@ -537,22 +669,22 @@ mod tests {
                         }
                         buf.clear();
                         let reply: &[u8] = match answer {
-                            Answer::KeepAlive | Answer::ThenClose | Answer::IdleClose => {
+                            Answer::KeepAlive | Answer::ThenClose => {
                                 b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
                             }
                             Answer::Endless => {
                                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n"
                             }
+                            Answer::Informational => {
+                                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                            }
+                            Answer::UntilClose => b"HTTP/1.1 200 OK\r\n\r\nok",
                         };
                         if socket.write_all(reply).await.is_err() {
                             break;
                         }
                         match answer {
-                            Answer::ThenClose => break,
-                            Answer::IdleClose => {
-                                tokio::time::sleep(Duration::from_millis(100)).await;
-                                break;
-                            }
+                            Answer::ThenClose | Answer::UntilClose => break,
                             _ => {}
                         }
                     }
@@ -568,11 +700,11 @@ mod tests {
         Pool::new(connector, uri.clone(), max_idle, idle_timeout)
     }
 
-    fn get(uri: &Uri) -> Request<UpstreamBody> {
+    fn get(uri: &Uri) -> Request<RequestBody> {
         Request::builder()
             .uri("/")
             .header(http::header::HOST, uri.authority().unwrap().as_str())
-            .body(Either::Left(Full::new(Bytes::new())))
+            .body(RequestBody::Bytes(Bytes::new()))
             .unwrap()
     }
 
@@ -600,6 +732,52 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_pooled_as_soon_as_its_body_ends() {
+        let (uri, accepted, _) = upstream(Answer::KeepAlive).await;
+        let pool = pool(&uri, 8, Duration::from_secs(60));
+        let mut first = pool.send(get(&uri)).await.unwrap().into_body();
+        assert_eq!(first.size_hint().exact(), Some(2));
+        let data = first.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(data, "ok");
+        assert!(first.is_end_stream());
+        assert_eq!(
+            pool.idle_count(),
+            1,
+            "back in the pool before the body is dropped"
+        );
+        assert_eq!(body(&pool, &uri).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        drop(first);
+    }
+
+    #[tokio::test]
+    async fn informational_heads_are_skipped() {
+        let (uri, accepted, _) = upstream(Answer::Informational).await;
+        let pool = pool(&uri, 8, Duration::from_secs(60));
+        for _ in 0..2 {
+            let response = pool.send(get(&uri)).await.unwrap();
+            assert_eq!(response.status(), 200);
+            assert!(!response.headers().contains_key("link"));
+            assert_eq!(
+                response.into_body().collect().await.unwrap().to_bytes(),
+                "ok"
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_read_until_close_ends_there_and_its_connection_is_not_reused() {
+        let (uri, accepted, _) = upstream(Answer::UntilClose).await;
+        let pool = pool(&uri, 8, Duration::from_secs(60));
+        for _ in 0..2 {
+            assert_eq!(body(&pool, &uri).await, "ok");
+            assert_eq!(pool.idle_count(), 0);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
@@ -644,19 +822,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_on_a_connection_closed_after_checkout_comes_back_for_a_retry() {
-        let (uri, _, closed) = upstream(Answer::IdleClose).await;
+    async fn a_request_a_reset_connection_refused_is_sent_again_elsewhere() {
+        let (uri, accepted, closed) = upstream(Answer::KeepAlive).await;
         let pool = pool(&uri, 8, Duration::from_secs(60));
         assert_eq!(body(&pool, &uri).await, "ok");
         let mut conn = pool.checkout().expect("the connection was pooled");
-        eventually("the upstream closed", || closed.load(Ordering::SeqCst) == 1).await;
+        // The upstream resets the connection after the checkout found it open.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accept) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (server, _) = accept.unwrap();
+        let mut client = client.unwrap();
+        client.write_all(b"unread").await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let mut sent = std::pin::pin!(conn.tx.try_send_request(get(&uri)));
-        let result = tokio::time::timeout(Duration::from_secs(2), drive(&mut conn, sent.as_mut()))
+        drop(server); // with bytes unread: a reset, not a close
+        conn.io = Io::Plain(client);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let head = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        let failed = exchange(&mut conn, head, &Method::GET, &mut None)
             .await
-            .expect("the request is answered, not left queued on a closed connection");
-        let mut error = result.expect_err("the connection is closed");
-        assert!(error.take_message().is_some(), "unwritten, so given back");
+            .expect_err("the connection was reset");
+        assert!(failed.unsent, "nothing was written: {}", failed.error);
+        // And `send` does so by itself: the pooled connection is found dead, a new one is used.
+        pool.put(conn);
+        assert_eq!(body(&pool, &uri).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        eventually("the first connection closed", || {
+            closed.load(Ordering::SeqCst) == 1
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -994,3 +994,66 @@ async fn steady_chunks_keep_a_stream_alive_past_the_idle_timeout() {
     proxy.shutdown().await;
     sim.shutdown().await;
 }
+
+/// Sends `raw` to `addr` over a fresh connection and reads one response; returns its head and
+/// its decoded body.
+async fn raw_exchange(addr: std::net::SocketAddr, raw: &[u8]) -> (http::response::Parts, Vec<u8>) {
+    use tokentap::h1::{Decoder, Parsed, Step, parse_response_head};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(raw).await.unwrap();
+    let (mut buf, mut head, mut body) = (Vec::new(), None, Vec::new());
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = socket.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the proxy closed before the end of the response");
+        buf.extend_from_slice(&chunk[..n]);
+        if head.is_none()
+            && let Parsed::Head(len, parsed) = parse_response_head(&buf, &Method::POST).unwrap()
+        {
+            buf.drain(..len);
+            head = Some((parsed.parts, Decoder::new(parsed.framing)));
+        }
+        let Some((_, decoder)) = &mut head else {
+            continue;
+        };
+        loop {
+            let (step, used) = decoder.decode(&buf).unwrap();
+            if let Step::Data { start, end } = step {
+                body.extend_from_slice(&buf[start..end]);
+            }
+            buf.drain(..used);
+            if !matches!(step, Step::Data { .. }) {
+                break;
+            }
+        }
+        if decoder.is_end() {
+            return (head.unwrap().0, body);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_chunked_request_body_streams_to_the_upstream_chunked() {
+    let addr = upstream(|req: Request<Incoming>| {
+        let te = req.headers().get("transfer-encoding").cloned();
+        let mut response = Response::builder().header("content-type", "application/json");
+        if let Some(te) = te {
+            response = response.header("x-seen-transfer-encoding", te);
+        }
+        response.body(req.into_body()).unwrap()
+    })
+    .await;
+    let raw = b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n";
+    for telemetry in [true, false] {
+        let mut config = proxy_config(&format!("http://{addr}"));
+        config.telemetry.discover_models = false;
+        config.proxy.telemetry_enabled = telemetry;
+        let proxy = tokentap::start(config).await.unwrap();
+        let (head, body) = raw_exchange(proxy.addr(), raw).await;
+        assert_eq!(head.status, 200, "telemetry {telemetry}");
+        assert_eq!(head.headers["x-seen-transfer-encoding"], "chunked");
+        assert_eq!(body, b"hello world", "telemetry {telemetry}");
+        proxy.shutdown().await;
+    }
+}
