@@ -172,7 +172,10 @@ pub fn parse_response_head(buf: &[u8], method: &Method) -> Result<Parsed, Error>
         headers.append(name, value);
     }
     let framing = framing(status, method, version, &headers)?;
-    let keep_alive = framing != Framing::Close && keeps_alive(version, &headers);
+    // A message framed both ways may be read differently by another hop: not reused.
+    let both = headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.contains_key(header::CONTENT_LENGTH);
+    let keep_alive = framing != Framing::Close && !both && keeps_alive(version, &headers);
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
     parts.version = version;
@@ -572,6 +575,8 @@ mod tests {
             "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"
         ));
         assert!(!alive("HTTP/1.1 200 OK\r\n\r\n"), "read until close");
+        let both = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n";
+        assert!(!alive(both), "framed two ways");
     }
 
     #[test]
