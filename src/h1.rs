@@ -5,7 +5,9 @@
 //! has no body; `Transfer-Encoding` ending in `chunked` is chunked, any other transfer coding
 //! is read until the connection closes; otherwise `Content-Length` (all values equal) gives the
 //! length, and without either the body ends when the connection closes. Informational (1xx)
-//! heads are skipped. Chunk sizes and trailers are checked as hyper checks them.
+//! heads are skipped. A chunk-size line is hex digits, spaces or tabs, optional extensions and
+//! CRLF, as hyper reads it; connections are reused only after an HTTP/1.1 response that does
+//! not say `close`, as hyper's client reuses them.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -50,9 +52,11 @@ pub enum BodyLength {
 }
 
 /// Writes the head of a request for `target` (origin form) to `out` and returns how its body is
-/// to be framed. Framing headers follow the body, as hyper's client sets them: a valid
-/// `Content-Length` given by the caller is kept; a known length is added as one; a streamed
-/// body of unknown length is chunked, except for `GET`, `HEAD` and `CONNECT`, which send none.
+/// to be framed. Framing headers follow the body, as hyper's client sets them, except that a
+/// `Transfer-Encoding` from the caller is always dropped (it is hop-by-hop): a body of known
+/// length is sent with that length as `Content-Length`; a streamed one of unknown length keeps
+/// a valid `Content-Length` from the caller, or else is chunked, except for `GET`, `HEAD` and
+/// `CONNECT`, which send none.
 pub fn encode_request_head(
     method: &Method,
     target: &str,
@@ -64,8 +68,8 @@ pub fn encode_request_head(
     let given = content_length(headers).ok().flatten();
     let encoding = match (body, given) {
         (BodyLength::Empty, _) => Encoding::Empty,
-        (_, Some(len)) => Encoding::Length(len),
-        (BodyLength::Known(len), None) => {
+        (BodyLength::Unknown, Some(len)) => Encoding::Length(len),
+        (BodyLength::Known(len), _) => {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
             Encoding::Length(len)
         }
@@ -106,17 +110,9 @@ pub fn encode_chunk_size(len: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends the last chunk of a chunked body, with `trailers` if any.
-pub fn encode_last_chunk(trailers: Option<&HeaderMap>, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"0\r\n");
-    for (name, value) in trailers.into_iter().flatten() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-}
+/// The last chunk of a chunked request body. Trailers of the client's are not sent on: hyper's
+/// client sends only those a `Trailer` header announces, and the proxy strips that header.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 /// A response head, parsed.
 #[derive(Debug)]
@@ -175,7 +171,10 @@ pub fn parse_response_head(buf: &[u8], method: &Method) -> Result<Parsed, Error>
     // A message framed both ways may be read differently by another hop: not reused.
     let both = headers.contains_key(header::TRANSFER_ENCODING)
         && headers.contains_key(header::CONTENT_LENGTH);
-    let keep_alive = framing != Framing::Close && !both && keeps_alive(version, &headers);
+    // After a 2xx to CONNECT the connection is a tunnel, not HTTP any more.
+    let tunnel = *method == Method::CONNECT && status.is_success();
+    let keep_alive =
+        framing != Framing::Close && !both && !tunnel && keeps_alive(version, &headers);
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
     parts.version = version;
@@ -265,7 +264,8 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
     Ok(length)
 }
 
-/// Whether a response of `version` with `headers` leaves the connection open.
+/// Whether a response of `version` with `headers` leaves the connection open for the next
+/// request.
 fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
     let has = |token: &str| {
         headers
@@ -275,11 +275,8 @@ fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
-    if version == Version::HTTP_10 {
-        has("keep-alive")
-    } else {
-        !has("close")
-    }
+    // An HTTP/1.0 upstream would want the next request in HTTP/1.0, unchunked: not reused.
+    version != Version::HTTP_10 && !has("close")
 }
 
 /// Finds a response body's bytes in the bytes read after its head.
@@ -437,8 +434,14 @@ impl Decoder {
                         return Ok((Step::End, pos + 2));
                     }
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    return match httparse::parse_headers(rest, &mut fields)? {
+                    let parsed = httparse::parse_headers(rest, &mut fields)
+                        .map_err(|_| Error::Framing("invalid trailer section"))?;
+                    return match parsed {
                         httparse::Status::Partial => Ok((Step::More, pos)),
+                        httparse::Status::Complete((len, [])) => {
+                            self.state = State::Done;
+                            Ok((Step::End, pos + len))
+                        }
                         httparse::Status::Complete((len, fields)) => {
                             let mut trailers = HeaderMap::with_capacity(fields.len());
                             for field in fields {
@@ -490,7 +493,11 @@ fn chunk_size(line: &[u8]) -> Result<u64, Error> {
             .and_then(|s| s.checked_add(u64::from(value)))
             .ok_or(Error::Framing("chunk size too large"))?;
     }
-    let rest = line[digits..].trim_ascii_start();
+    let rest = &line[digits..];
+    let rest = &rest[rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count()..];
     if !(rest.is_empty() || rest.starts_with(b";")) || rest.contains(&b'\r') {
         return Err(Error::Framing("invalid chunk size"));
     }
@@ -571,9 +578,13 @@ mod tests {
             "HTTP/1.1 200 OK\r\nconnection: Close\r\ncontent-length: 0\r\n\r\n"
         ));
         assert!(!alive("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n"));
-        assert!(alive(
-            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"
-        ));
+        let http10 = "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n";
+        assert!(!alive(http10), "the next request would have to be HTTP/1.0");
+        let connect = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        assert!(
+            !head(connect, Method::CONNECT).unwrap().keep_alive,
+            "a tunnel"
+        );
         assert!(!alive("HTTP/1.1 200 OK\r\n\r\n"), "read until close");
         let both = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n";
         assert!(!alive(both), "framed two ways");
@@ -689,13 +700,14 @@ mod tests {
 
     #[test]
     fn broken_chunked_bodies_are_errors() {
-        let bad: [&[u8]; 7] = [
+        let bad: [&[u8]; 8] = [
             b"zz\r\nhello\r\n",
             b"5\nhello\r\n",
             b"5\r\nhelloXY",
             b"5 x\r\nhello\r\n",
             b"11111111111111111\r\n",
             b"5;a\rb\r\nhello\r\n",
+            b"5\r\r\nhello\r\n",
             b"0\r\nbad header\r\n\r\n",
         ];
         for wire in bad {
@@ -755,6 +767,17 @@ mod tests {
             "POST /v1/x?y=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 12\r\n\r\n"
         );
         assert_eq!(enc, Encoding::Length(12));
+        let stale = [("content-length", "99")];
+        let (head, enc) = request(Method::POST, &stale, BodyLength::Known(12));
+        assert_eq!(
+            head,
+            "POST /v1/x?y=1 HTTP/1.1\r\ncontent-length: 12\r\n\r\n"
+        );
+        assert_eq!(
+            enc,
+            Encoding::Length(12),
+            "a body of known length is sent with it"
+        );
         let (head, enc) = request(
             Method::POST,
             &[("content-length", "3")],
@@ -785,10 +808,5 @@ mod tests {
             encode_chunk_size(len, &mut out);
         }
         assert_eq!(out, b"1\r\nF\r\n10\r\nFF\r\n1000\r\n12345\r\n");
-        out.clear();
-        let mut trailers = HeaderMap::new();
-        trailers.insert("x-t", HeaderValue::from_static("1"));
-        encode_last_chunk(Some(&trailers), &mut out);
-        assert_eq!(out, b"0\r\nx-t: 1\r\n\r\n");
     }
 }

@@ -34,8 +34,8 @@ use crate::observe::BoxError;
 
 /// Bytes a connection reads at once (nginx reads upstream responses 4–8 KiB at a time).
 const READ_BUF: usize = 8 * 1024;
-/// Longest response head, chunk-size line or trailer section: the read buffer grows this far
-/// for one, and no further.
+/// Longest response head or trailer section: the read buffer grows this far for one, and no
+/// further.
 const READ_MAX: usize = 64 * 1024;
 /// A request body up to this size goes out in the same write as the head.
 const INLINE_BODY: usize = 64 * 1024;
@@ -167,7 +167,7 @@ impl Conn {
         if self.end == self.buf.len() {
             if self.buf.len() >= READ_MAX {
                 return Poll::Ready(Err(h1::Error::Framing(
-                    "response head, chunk-size line or trailers longer than 64 KiB",
+                    "response head or trailer section longer than 64 KiB",
                 )
                 .into()));
             }
@@ -251,6 +251,8 @@ struct BodyWriter {
     written: usize,
     stream: Option<Incoming>,
     chunked: bool,
+    /// Bytes of the stream the `Content-Length` sent still promises.
+    promised: Option<u64>,
 }
 
 impl BodyWriter {
@@ -268,28 +270,40 @@ impl BodyWriter {
             };
             match ready!(Pin::new(stream).poll_frame(cx)) {
                 None => {
+                    if self.promised.is_some_and(|left| left > 0) {
+                        return Poll::Ready(Err(SendError::Body(
+                            "the body ended before its Content-Length".into(),
+                        )));
+                    }
                     if self.chunked {
-                        h1::encode_last_chunk(None, &mut self.out);
+                        self.out.extend_from_slice(h1::LAST_CHUNK);
                     }
                     self.stream = None;
                 }
                 Some(Err(error)) => return Poll::Ready(Err(SendError::Body(error.into()))),
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) if self.chunked && !data.is_empty() => {
+                Some(Ok(frame)) => {
+                    // Trailers are not sent on (see `h1::LAST_CHUNK`).
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if let Some(left) = &mut self.promised {
+                        match left.checked_sub(data.len() as u64) {
+                            Some(rest) => *left = rest,
+                            None => {
+                                return Poll::Ready(Err(SendError::Body(
+                                    "the body is longer than its Content-Length".into(),
+                                )));
+                            }
+                        }
+                    }
+                    if self.chunked && !data.is_empty() {
                         h1::encode_chunk_size(data.len(), &mut self.out);
                         self.out.extend_from_slice(&data);
                         self.out.extend_from_slice(b"\r\n");
+                    } else {
+                        self.out.extend_from_slice(&data);
                     }
-                    Ok(data) => self.out.extend_from_slice(&data),
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers()
-                            && self.chunked
-                        {
-                            h1::encode_last_chunk(Some(&trailers), &mut self.out);
-                            self.stream = None;
-                        }
-                    }
-                },
+                }
             }
         }
     }
@@ -375,12 +389,17 @@ impl Pool {
                 written: 0,
                 stream: None,
                 chunked: false,
+                promised: None,
             }),
             (RequestBody::Stream(stream), encoding) => Some(BodyWriter {
                 out: Vec::new(),
                 written: 0,
                 stream: Some(stream),
                 chunked: encoding == Encoding::Chunked,
+                promised: match encoding {
+                    Encoding::Length(len) => Some(len),
+                    _ => None,
+                },
             }),
         };
         let method = parts.method;
@@ -550,9 +569,13 @@ impl Body for UpstreamResponse {
         if let Some(writer) = &mut this.writer {
             match writer.poll(&mut conn.io, cx) {
                 Poll::Ready(Ok(())) => this.writer = None,
-                // The upstream has answered; it may not want the rest of the request. The
-                // connection is not reused.
-                Poll::Ready(Err(_)) => this.keep_alive = false,
+                // The upstream has answered and may not want the rest of the request; what was
+                // written of it is not ended as if it were whole, and the connection is not
+                // reused.
+                Poll::Ready(Err(_)) => {
+                    this.writer = None;
+                    this.keep_alive = false;
+                }
                 Poll::Pending => {}
             }
         }
