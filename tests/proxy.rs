@@ -1057,3 +1057,78 @@ async fn a_chunked_request_body_streams_to_the_upstream_chunked() {
         proxy.shutdown().await;
     }
 }
+
+/// A raw upstream on 127.0.0.1:0 that answers every request with the `parts` of `reply`, 50 ms
+/// apart.
+async fn raw_upstream(reply: &'static [&'static [u8]]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                for part in reply {
+                    if socket.write_all(part).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // Hold the connection open a moment: the proxy must not wait for more.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_malformed_upstream_response_is_a_502_or_a_cut_stream() {
+    let bad_head = raw_upstream(&[b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\nhello"]).await;
+    let bad_chunk = raw_upstream(&[
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+          9\r\ndata: x\n\n\r\n",
+        b"zz\r\nnot a chunk\r\n",
+    ])
+    .await;
+    let mut config = proxy_config(&format!("http://{bad_head}"));
+    config.telemetry.discover_models = false;
+    let proxy = tokentap::start(config).await.unwrap();
+    let url = format!("http://{}/v1/chat/completions", proxy.addr());
+    let r = post(&client(), &url, &chat_body(4, true, "")).await;
+    assert_eq!(r.status, 502);
+    openai_error(&r.body, 502);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("Content-Length"),
+        "the error says what was wrong: {:?}",
+        r.body
+    );
+    proxy.shutdown().await;
+
+    let mut config = proxy_config(&format!("http://{bad_chunk}"));
+    config.telemetry.discover_models = false;
+    let proxy = tokentap::start(config).await.unwrap();
+    let url = format!("http://{}/v1/chat/completions", proxy.addr());
+    let req = Request::post(url)
+        .body(Full::new(Bytes::from(chat_body(4, true, ""))))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "data: x\n\n", "the good chunk is forwarded");
+    let rest = body.collect().await;
+    assert!(rest.is_err(), "the stream is cut, not ended cleanly");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let m = scrape(proxy.admin_addr().unwrap()).await;
+    assert_eq!(requests_total(&m, "upstream_disconnect", "200"), 1.0);
+    proxy.shutdown().await;
+}
