@@ -949,8 +949,104 @@ mod tests {
             }
         }
         assert_eq!(chunks, 10, "every chunk arrives: no wake-up is lost");
-        // Per chunk: one poll that finds nothing yet, and the one its arrival wakes. Taking a
-        // chunk from hyper's body channel must not wake the reader a third time.
+        // Per chunk: one poll that finds nothing yet, and the one its arrival wakes.
         assert!(polls <= 2 * 10 + 3, "{polls} polls for 10 chunks");
+    }
+
+    /// An upstream that sends `wire` once, in writes of the sizes `cuts` gives, flushing each.
+    async fn scripted(wire: Vec<u8>, cuts: Vec<usize>) -> Uri {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            socket.set_nodelay(true).unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = socket.read(&mut buf).await.unwrap();
+            let mut at = 0usize;
+            for cut in cuts.into_iter().chain([usize::MAX]) {
+                let end = at.saturating_add(cut).min(wire.len());
+                socket.write_all(&wire[at..end]).await.unwrap();
+                socket.flush().await.unwrap();
+                at = end;
+                if at == wire.len() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let _ = socket.read(&mut buf).await;
+        });
+        uri
+    }
+
+    /// A small deterministic generator (xorshift), so failures are reproducible.
+    fn numbers(mut x: u64) -> impl FnMut(usize) -> usize {
+        move |below| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % below as u64) as usize
+        }
+    }
+
+    #[tokio::test]
+    async fn long_heads_and_chunked_bodies_arrive_whole_whatever_the_writes() {
+        for seed in 1..=8u64 {
+            let mut next = numbers(seed);
+            // A head past the 8 KiB read buffer, then chunks of 1 B to 20 KiB with extensions,
+            // mostly tiny, so that reads often end inside a chunk-size line.
+            let mut wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n".to_vec();
+            wire.extend_from_slice(format!("x-long: {}\r\n\r\n", "v".repeat(12_000)).as_bytes());
+            let mut body = Vec::new();
+            for i in 0..3000 {
+                let len = if i % 300 == 0 {
+                    1 + next(20_000)
+                } else {
+                    1 + next(16)
+                };
+                let data: Vec<u8> = (0..len).map(|_| b'a' + next(26) as u8).collect();
+                wire.extend_from_slice(format!("{len:x}").as_bytes());
+                if i % 3 == 0 {
+                    wire.extend_from_slice(b";seq=1");
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(&data);
+                wire.extend_from_slice(b"\r\n");
+                body.extend_from_slice(&data);
+            }
+            wire.extend_from_slice(b"0\r\nx-trailer: t\r\n\r\n");
+            // Odd seeds: one write, so reads fill the buffer and leave partial size lines at
+            // its end. Even seeds: writes of 1 B to 3 KB.
+            let cuts: Vec<usize> = match seed % 2 {
+                1 => vec![],
+                _ => (0..wire.len() / 300).map(|_| 1 + next(3000)).collect(),
+            };
+            let uri = scripted(wire, cuts).await;
+            let pool = pool(&uri, 8, Duration::from_secs(60));
+            let response = pool.send(get(&uri)).await.unwrap();
+            assert_eq!(response.headers()["x-long"].len(), 12_000);
+            let collected = response.into_body().collect().await.unwrap();
+            assert_eq!(
+                collected.trailers().unwrap()["x-trailer"],
+                "t",
+                "seed {seed}"
+            );
+            assert!(
+                collected.to_bytes() == body,
+                "seed {seed}: the body differs"
+            );
+            assert_eq!(pool.idle_count(), 1, "seed {seed}: clean, so pooled");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_longer_than_64_kib_is_refused() {
+        let mut wire = b"HTTP/1.1 200 OK\r\n".to_vec();
+        wire.extend_from_slice(format!("x-long: {}\r\n\r\n", "v".repeat(70_000)).as_bytes());
+        let uri = scripted(wire, vec![]).await;
+        let pool = pool(&uri, 8, Duration::from_secs(60));
+        let error = pool.send(get(&uri)).await.unwrap_err();
+        assert!(error.to_string().contains("64 KiB"), "{error}");
     }
 }
