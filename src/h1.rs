@@ -6,8 +6,9 @@
 //! is read until the connection closes; otherwise `Content-Length` (all values equal) gives the
 //! length, and without either the body ends when the connection closes. Informational (1xx)
 //! heads are skipped. A chunk-size line is hex digits, spaces or tabs, optional extensions and
-//! CRLF, as hyper reads it; connections are reused only after an HTTP/1.1 response that does
-//! not say `close`, as hyper's client reuses them.
+//! CRLF, as hyper reads it. A connection is reused only after an HTTP/1.1 response that does
+//! not say `close` (hyper's client also reuses one after an HTTP/1.0 `keep-alive` and speaks
+//! HTTP/1.0 on it from then on; this code closes it instead).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
