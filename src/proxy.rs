@@ -259,11 +259,9 @@ impl Proxy {
                     if self.inject_usage
                         && let Some(rewritten) = inspect::inject_usage(&bytes, &info)
                     {
+                        // The upstream request's Content-Length is set from the body sent.
                         bytes = rewritten;
                         injected = true;
-                        parts
-                            .headers
-                            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
                     }
                     RequestBody::Bytes(bytes)
                 }

@@ -182,16 +182,6 @@ impl Conn {
         Poll::Ready(Ok(n))
     }
 
-    /// Writes `out[*written..]` and flushes.
-    fn poll_write_all(
-        &mut self,
-        cx: &mut Context<'_>,
-        out: &[u8],
-        written: &mut usize,
-    ) -> Poll<io::Result<()>> {
-        write_all(&mut self.io, cx, out, written)
-    }
-
     /// Reads until the final response head, skipping informational ones.
     fn poll_head(
         &mut self,
@@ -228,6 +218,7 @@ impl Conn {
     }
 }
 
+/// Writes `out[*written..]` and flushes.
 fn write_all(
     io: &mut Io,
     cx: &mut Context<'_>,
@@ -250,9 +241,8 @@ struct BodyWriter {
     out: Vec<u8>,
     written: usize,
     stream: Option<Incoming>,
-    chunked: bool,
-    /// Bytes of the stream the `Content-Length` sent still promises.
-    promised: Option<u64>,
+    /// How the stream is framed; for a `Content-Length`, the bytes it still promises.
+    framing: Encoding,
 }
 
 impl BodyWriter {
@@ -270,13 +260,14 @@ impl BodyWriter {
             };
             match ready!(Pin::new(stream).poll_frame(cx)) {
                 None => {
-                    if self.promised.is_some_and(|left| left > 0) {
-                        return Poll::Ready(Err(SendError::Body(
-                            "the body ended before its Content-Length".into(),
-                        )));
-                    }
-                    if self.chunked {
-                        self.out.extend_from_slice(h1::LAST_CHUNK);
+                    match self.framing {
+                        Encoding::Length(left) if left > 0 => {
+                            return Poll::Ready(Err(SendError::Body(
+                                "the body ended before its Content-Length".into(),
+                            )));
+                        }
+                        Encoding::Chunked => self.out.extend_from_slice(h1::LAST_CHUNK),
+                        _ => {}
                     }
                     self.stream = None;
                 }
@@ -286,22 +277,22 @@ impl BodyWriter {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
-                    if let Some(left) = &mut self.promised {
-                        match left.checked_sub(data.len() as u64) {
-                            Some(rest) => *left = rest,
-                            None => {
+                    match &mut self.framing {
+                        Encoding::Length(left) => {
+                            let Some(rest) = left.checked_sub(data.len() as u64) else {
                                 return Poll::Ready(Err(SendError::Body(
                                     "the body is longer than its Content-Length".into(),
                                 )));
-                            }
+                            };
+                            *left = rest;
+                            self.out.extend_from_slice(&data);
                         }
-                    }
-                    if self.chunked && !data.is_empty() {
-                        h1::encode_chunk_size(data.len(), &mut self.out);
-                        self.out.extend_from_slice(&data);
-                        self.out.extend_from_slice(b"\r\n");
-                    } else {
-                        self.out.extend_from_slice(&data);
+                        Encoding::Chunked if !data.is_empty() => {
+                            h1::encode_chunk_size(data.len(), &mut self.out);
+                            self.out.extend_from_slice(&data);
+                            self.out.extend_from_slice(b"\r\n");
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -388,18 +379,13 @@ impl Pool {
                 out: bytes.into(),
                 written: 0,
                 stream: None,
-                chunked: false,
-                promised: None,
+                framing: encoding,
             }),
-            (RequestBody::Stream(stream), encoding) => Some(BodyWriter {
+            (RequestBody::Stream(stream), framing) => Some(BodyWriter {
                 out: Vec::new(),
                 written: 0,
                 stream: Some(stream),
-                chunked: encoding == Encoding::Chunked,
-                promised: match encoding {
-                    Encoding::Length(len) => Some(len),
-                    _ => None,
-                },
+                framing,
             }),
         };
         let method = parts.method;
@@ -496,7 +482,7 @@ async fn exchange(
     writer: &mut Option<BodyWriter>,
 ) -> Result<Box<ResponseHead>, Failed> {
     let mut written = 0;
-    if let Err(error) = poll_fn(|cx| conn.poll_write_all(cx, head, &mut written)).await {
+    if let Err(error) = poll_fn(|cx| write_all(&mut conn.io, cx, head, &mut written)).await {
         return Err(Failed {
             error: error.into(),
             unsent: written == 0,
