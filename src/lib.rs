@@ -20,6 +20,7 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod h1;
+pub mod histogram;
 pub mod inspect;
 pub mod latency;
 pub mod observe;

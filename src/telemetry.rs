@@ -13,12 +13,11 @@ use std::time::Duration;
 use metrics::{
     Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit,
 };
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio::time::Instant;
 
 use crate::config::{BucketConfig, Config};
+use crate::histogram::Histograms;
 use crate::inspect::Endpoint;
 use crate::latency::{Figures, Slo};
 use crate::stats::{ModelStats, Stats};
@@ -275,6 +274,8 @@ type RouteKey = (Arc<str>, Endpoint);
 pub struct Telemetry {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Every histogram; counters and gauges are the exporter's.
+    histograms: Histograms,
     routes: Mutex<HashMap<RouteKey, Arc<RouteMetrics>>>,
     /// Allowed model label values.
     pub models: ModelLabels,
@@ -293,48 +294,31 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
-fn buckets(mut builder: PrometheusBuilder, names: &[&str], list: &[f64]) -> PrometheusBuilder {
-    if list.is_empty() {
-        return builder;
-    }
-    for name in names {
-        builder = builder
-            .set_buckets_for_metric(Matcher::Full((*name).to_owned()), list)
-            .expect("set_buckets_for_metric fails only on an empty list, checked above");
-    }
-    builder
-}
-
 impl Telemetry {
     /// Builds the registry with the configured buckets and describes every metric.
     pub fn new(config: &Config) -> Self {
         let b: &BucketConfig = &config.telemetry.buckets;
         let pick = |o: &Option<Vec<f64>>, d: &[f64]| o.clone().unwrap_or_else(|| d.to_vec());
-        let mut builder = PrometheusBuilder::new();
-        builder = buckets(
-            builder,
-            &[names::TTFT, names::TTFC],
-            &pick(&b.ttft, TTFT_BUCKETS),
+        let (ttft, itl, tpot) = (
+            pick(&b.ttft, TTFT_BUCKETS),
+            pick(&b.itl, ITL_BUCKETS),
+            pick(&b.tpot, ITL_BUCKETS),
         );
-        builder = buckets(builder, &[names::ITL], &pick(&b.itl, ITL_BUCKETS));
-        builder = buckets(builder, &[names::TPOT], &pick(&b.tpot, ITL_BUCKETS));
-        builder = buckets(
-            builder,
-            &[names::E2EL, names::HEADER_TIME],
-            &pick(&b.e2el, E2EL_BUCKETS),
-        );
-        builder = buckets(
-            builder,
-            &[
-                names::PROMPT_TOKENS,
-                names::GENERATION_TOKENS,
-                names::TOKENS_PER_CHUNK,
-            ],
-            &pick(&b.tokens, TOKEN_BUCKETS),
-        );
+        let (e2el, tokens) = (pick(&b.e2el, E2EL_BUCKETS), pick(&b.tokens, TOKEN_BUCKETS));
+        let bounds = |name: &str| -> &[f64] {
+            match name {
+                names::TTFT | names::TTFC => &ttft,
+                names::ITL => &itl,
+                names::TPOT => &tpot,
+                names::E2EL | names::HEADER_TIME => &e2el,
+                _ => &tokens,
+            }
+        };
+        let builder = PrometheusBuilder::new();
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        describe(&recorder);
+        let histograms = Histograms::default();
+        describe(&recorder, &histograms, bounds);
         let version = Label::new("version", env!("CARGO_PKG_VERSION"));
         recorder
             .register_gauge(
@@ -348,6 +332,7 @@ impl Telemetry {
         Telemetry {
             recorder,
             handle,
+            histograms,
             routes: Mutex::new(HashMap::new()),
             models: ModelLabels::new(&config.telemetry.models, config.telemetry.max_models),
             upstream: UpstreamHealth::new(crate::config::secs(config.telemetry.ready_window_secs)),
@@ -371,8 +356,10 @@ impl Telemetry {
             ]
         };
         let r = &self.recorder;
-        let h =
-            |name: &'static str| r.register_histogram(&Key::from_parts(name, labels()), &METADATA);
+        let h = |name: &'static str| {
+            self.histograms
+                .register(name, &[("model", &model), ("endpoint", endpoint.as_str())])
+        };
         let c =
             |name: &'static str| r.register_counter(&Key::from_parts(name, labels()), &METADATA);
         // Token figures exist only for chat and completions; other endpoints get no such series.
@@ -506,22 +493,27 @@ impl Telemetry {
     pub fn render(&self) -> String {
         self.ready_gauge
             .set(if self.upstream.ready() { 1.0 } else { 0.0 });
-        self.handle.render()
+        let mut out = self.handle.render();
+        self.histograms.render_into(&mut out);
+        out
     }
 
-    /// Moves recorded histogram samples into their buckets; run periodically so memory stays
-    /// bounded between scrapes.
+    /// Lets the exporter do its periodic housekeeping; run every few seconds. (Histograms,
+    /// which are not the exporter's, need none.)
     pub fn run_upkeep(&self) {
         self.handle.run_upkeep();
     }
 }
 
-fn describe(r: &PrometheusRecorder) {
+/// Gives every metric its help text; histograms also get their bucket bounds.
+fn describe<'a>(r: &PrometheusRecorder, h: &Histograms, bounds: impl Fn(&str) -> &'a [f64]) {
     let d = |name: &'static str, unit: Option<Unit>, help: &'static str, kind: char| {
+        if kind == 'h' {
+            return h.describe(name, help, bounds(name));
+        }
         let key = KeyName::from_const_str(name);
         let help = SharedString::const_str(help);
         match kind {
-            'h' => r.describe_histogram(key, unit, help),
             'c' => r.describe_counter(key, unit, help),
             _ => r.describe_gauge(key, unit, help),
         }
