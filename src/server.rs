@@ -40,7 +40,11 @@ pub async fn serve<H, Fut, B>(
     B: Body<Data = bytes::Bytes, Error = BoxError> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    let h1 = http1::Builder::new();
+    let mut h1 = http1::Builder::new();
+    // Copy each body frame behind its chunk-size line and write once, rather than queue the
+    // three pieces for `writev`: SSE frames are a few hundred bytes, and the queue's bookkeeping
+    // cost ~0.3k instructions per forwarded chunk, far more than the copy.
+    h1.writev(false);
     let h2 = http2::Builder::new(TokioExecutor::new());
     let drain = Drain::new();
     // Tells connections that have not sent their first bytes yet (so are not watched by
