@@ -332,36 +332,13 @@ mod tests {
         assert!(!sniff(&[b"P", b"OST / HTTP/1.1\r\n"]).await);
     }
 
-    #[tokio::test]
-    async fn a_connection_that_sent_nothing_does_not_hold_up_the_drain() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let handler = |_req: Request<Incoming>, _remote: SocketAddr| async {
-            Response::new(http_body_util::Empty::new().map_err(|never| match never {}))
-        };
-        let server = tokio::spawn(serve(
-            listener,
-            handler,
-            async {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(30),
-            "test",
-        ));
-        let _silent = TcpStream::connect(addr).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), server)
-            .await
-            .expect("drained without waiting for the silent connection")
-            .unwrap();
-    }
-
-    /// The drain wakes and closes keep-alive connections that sit idle between requests.
-    #[tokio::test]
-    async fn the_drain_closes_idle_keep_alive_connections() {
-        use tokio::io::AsyncReadExt;
+    /// A server answering every request with `ok`, with 30 s of grace: its address, the sender
+    /// that starts its drain, and its task.
+    async fn ok_server() -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -380,6 +357,26 @@ mod tests {
             Duration::from_secs(30),
             "test",
         ));
+        (addr, stop, server)
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sent_nothing_does_not_hold_up_the_drain() {
+        let (addr, stop, server) = ok_server().await;
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("drained without waiting for the silent connection")
+            .unwrap();
+    }
+
+    /// The drain wakes and closes keep-alive connections that sit idle between requests.
+    #[tokio::test]
+    async fn the_drain_closes_idle_keep_alive_connections() {
+        use tokio::io::AsyncReadExt;
+        let (addr, stop, server) = ok_server().await;
         let mut clients = Vec::new();
         for _ in 0..2 {
             let mut c = TcpStream::connect(addr).await.unwrap();
