@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, watch};
@@ -190,7 +191,7 @@ pin_project_lite::pin_project! {
 }
 
 impl<C: GracefulConnection> Future for Watched<C> {
-    type Output = Result<(), hyper::Error>;
+    type Output = C::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -212,39 +213,6 @@ impl<C: GracefulConnection> Future for Watched<C> {
             }
         }
         this.conn.poll(cx)
-    }
-}
-
-/// An HTTP/1.1 or HTTP/2 server connection, which can be told to finish and close.
-trait GracefulConnection: Future<Output = Result<(), hyper::Error>> {
-    /// Starts a graceful shutdown: no new requests; the one in hand runs to its end.
-    fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, S, B> GracefulConnection for http1::Connection<I, S>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    B: Body + 'static,
-    B::Error: Into<BoxError>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        http1::Connection::graceful_shutdown(self);
-    }
-}
-
-impl<I, S, B, E> GracefulConnection for http2::Connection<I, S, E>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    B: Body + 'static,
-    B::Error: Into<BoxError>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        http2::Connection::graceful_shutdown(self);
     }
 }
 
@@ -403,45 +371,28 @@ mod tests {
         }
     }
 
-    /// A drain that began before a watched connection was first polled still shuts it down.
+    /// A drain that began before a watched connection was first polled still shuts it down:
+    /// an idle HTTP/1.1 connection, whose client stays open and silent, ends only that way.
     #[tokio::test]
     async fn a_connection_watched_after_the_drain_began_is_shut_down() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
         let drain = Drain::new();
         let watcher = drain.watcher();
-        let probe = Probe::default();
-        let shut = probe.shut.clone();
         let stopping = tokio::spawn(drain.shutdown());
         tokio::task::yield_now().await;
-        tokio::time::timeout(Duration::from_secs(5), watcher.watch(probe))
+        let service = service_fn(|_req: Request<Incoming>| async {
+            Ok::<_, Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+        });
+        let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        tokio::time::timeout(Duration::from_secs(5), watcher.watch(conn))
             .await
             .expect("shut down")
             .unwrap();
-        assert!(shut.load(Ordering::SeqCst));
         stopping.await.unwrap();
-    }
-
-    /// A connection that stays pending until told to shut down.
-    #[derive(Default)]
-    struct Probe {
-        shut: Arc<AtomicBool>,
-    }
-
-    impl Future for Probe {
-        type Output = Result<(), hyper::Error>;
-
-        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
-            if self.shut.load(Ordering::SeqCst) {
-                Poll::Ready(Ok(()))
-            } else {
-                Poll::Pending
-            }
-        }
-    }
-
-    impl GracefulConnection for Probe {
-        fn graceful_shutdown(self: Pin<&mut Self>) {
-            self.shut.store(true, Ordering::SeqCst);
-        }
     }
 
     #[tokio::test]
