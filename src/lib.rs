@@ -31,6 +31,7 @@ pub mod simulate;
 pub mod sse;
 pub mod stats;
 pub mod telemetry;
+pub mod turn;
 pub mod upstream;
 
 use config::{Config, secs};

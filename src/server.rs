@@ -25,6 +25,7 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, watch};
 
 use crate::observe::BoxError;
+use crate::turn::Turn;
 
 /// Serves `handler` on `listener` until `shutdown` resolves, then stops accepting and waits up
 /// to `grace` for open connections to finish their requests. Accept errors (for example too many
@@ -212,6 +213,7 @@ impl<C: GracefulConnection> Future for Watched<C> {
                 this.conn.as_mut().graceful_shutdown();
             }
         }
+        let _turn = Turn::begin();
         this.conn.poll(cx)
     }
 }

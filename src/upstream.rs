@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
@@ -31,6 +32,7 @@ use tower_service::Service;
 
 use crate::h1::{self, BodyLength, Decoder, Encoding, Parsed, ResponseHead, Step};
 use crate::observe::BoxError;
+use crate::turn;
 
 /// Bytes a connection reads at once (nginx reads upstream responses 4–8 KiB at a time).
 const READ_BUF: usize = 8 * 1024;
@@ -427,6 +429,7 @@ impl Pool {
             keep_alive,
             pool: self.clone(),
             ended: false,
+            parked: None,
         };
         if body.decoder.is_end() {
             body.finish();
@@ -518,6 +521,8 @@ pub struct UpstreamResponse {
     keep_alive: bool,
     pool: Arc<Pool>,
     ended: bool,
+    /// The turn ([`crate::turn`]) in which the socket last had nothing to read.
+    parked: Option<NonZeroU64>,
 }
 
 impl UpstreamResponse {
@@ -552,6 +557,17 @@ impl Body for UpstreamResponse {
         let Some(conn) = &mut this.conn else {
             return Poll::Ready(None);
         };
+        // The socket was found empty earlier in this same poll of the connection's task, and
+        // has registered the task's waker: anything that came since has woken the task, which
+        // will be polled again in a new turn.
+        if this
+            .parked
+            .take()
+            .is_some_and(|t| Some(t) == turn::current())
+        {
+            this.parked = turn::current();
+            return Poll::Pending;
+        }
         if let Some(writer) = &mut this.writer {
             match writer.poll(&mut conn.io, cx) {
                 Poll::Ready(Ok(())) => this.writer = None,
@@ -591,7 +607,11 @@ impl Body for UpstreamResponse {
                 }
                 Step::More => conn.consume(used),
             }
-            match ready!(conn.poll_fill(cx)) {
+            let Poll::Ready(filled) = conn.poll_fill(cx) else {
+                this.parked = turn::current();
+                return Poll::Pending;
+            };
+            match filled {
                 Ok(0) => {
                     return match this.decoder.eof() {
                         Ok(()) => {
@@ -937,6 +957,36 @@ mod tests {
         assert_eq!(chunks, 10, "every chunk arrives: no wake-up is lost");
         // Per chunk: one poll that finds nothing yet, and the one its arrival wakes.
         assert!(polls <= 2 * 10 + 3, "{polls} polls for 10 chunks");
+    }
+
+    #[tokio::test]
+    async fn a_socket_found_empty_is_asked_again_only_in_a_new_turn() {
+        let uri = trickle(1).await;
+        let pool = pool(&uri, 8, Duration::from_secs(60));
+        let mut body = pool.send(get(&uri)).await.unwrap().into_body();
+        let mut poll_once = |body: &mut UpstreamResponse| {
+            let mut cx = Context::from_waker(Waker::noop());
+            match Pin::new(body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => Some(frame.into_data().unwrap()),
+                Poll::Pending => None,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        let turn = crate::turn::Turn::begin();
+        assert_eq!(poll_once(&mut body), None, "the chunk comes 20 ms later");
+        // The chunk arrives and the I/O driver marks the socket readable, all in this turn.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            poll_once(&mut body),
+            None,
+            "not asked again in the same turn"
+        );
+        drop(turn);
+        let _next = crate::turn::Turn::begin();
+        assert_eq!(poll_once(&mut body), Some(Bytes::from("chunk")));
+        drop(_next);
+        let end = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert!(end.is_none(), "the body ends");
     }
 
     /// An upstream that sends `wire` once, in writes of the sizes `cuts` gives, flushing each.
