@@ -964,7 +964,7 @@ mod tests {
         let uri = trickle(1).await;
         let pool = pool(&uri, 8, Duration::from_secs(60));
         let mut body = pool.send(get(&uri)).await.unwrap().into_body();
-        let mut poll_once = |body: &mut UpstreamResponse| {
+        let poll_once = |body: &mut UpstreamResponse| {
             let mut cx = Context::from_waker(Waker::noop());
             match Pin::new(body).poll_frame(&mut cx) {
                 Poll::Ready(Some(Ok(frame))) => Some(frame.into_data().unwrap()),
@@ -972,7 +972,7 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         };
-        let turn = crate::turn::Turn::begin();
+        let turn = turn::Turn::begin();
         assert_eq!(poll_once(&mut body), None, "the chunk comes 20 ms later");
         // The chunk arrives and the I/O driver marks the socket readable, all in this turn.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -982,7 +982,7 @@ mod tests {
             "not asked again in the same turn"
         );
         drop(turn);
-        let _next = crate::turn::Turn::begin();
+        let _next = turn::Turn::begin();
         assert_eq!(poll_once(&mut body), Some(Bytes::from("chunk")));
         drop(_next);
         let end = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
