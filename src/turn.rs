@@ -6,7 +6,7 @@
 //! nothing more. Nothing can have arrived for the body between two polls of one turn without
 //! waking the task (and a woken task is polled again, in a new turn), so a body that found its
 //! socket empty in this turn may answer `Pending` again without asking the socket: that saves
-//! a readiness check, a lock and the layers above it, about 6 % of the instructions per chunk.
+//! a readiness check, a lock and the layers above it: ~0.5k instructions, 7 % of those per chunk.
 //!
 //! Outside a connection's poll (an HTTP/2 stream runs in a task of its own) the turn is `None`,
 //! and nothing may be skipped.
