@@ -146,6 +146,15 @@ impl Conn {
         }
     }
 
+    /// Registers the task's waker for the socket's next bytes; `Ready` when it may have some
+    /// already (and always for TLS, whose session may hold bytes the socket no longer has).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.io {
+            Io::Plain(s) => s.poll_read_ready(cx).map(|_| ()),
+            Io::Tls(_) => Poll::Ready(()),
+        }
+    }
+
     fn unread(&self) -> &[u8] {
         &self.buf[self.start..self.end]
     }
@@ -592,6 +601,13 @@ impl Body for UpstreamResponse {
                     conn.consume(used);
                     if this.decoder.is_end() {
                         this.finish();
+                    } else if let Some(turn) = turn::current()
+                        && this.decoder.starves(conn.unread())
+                        && conn.poll_read_ready(cx).is_pending()
+                    {
+                        // The next poll, in this same turn, would only find the socket empty
+                        // and register the waker, which is done here: it is skipped instead.
+                        this.parked = Some(turn);
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -987,6 +1003,82 @@ mod tests {
         drop(_next);
         let end = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         assert!(end.is_none(), "the body ends");
+    }
+
+    /// An upstream that answers with a chunked head, then writes one piece of body per signal.
+    async fn stepped(pieces: Vec<&'static [u8]>) -> (Uri, tokio::sync::mpsc::UnboundedSender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let (go, mut steps) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = socket.read(&mut buf).await.unwrap();
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            for piece in pieces {
+                steps.recv().await.unwrap();
+                socket.write_all(piece).await.unwrap();
+            }
+            let _ = socket.read(&mut buf).await;
+        });
+        (uri, go)
+    }
+
+    fn poll_in_turn(body: &mut UpstreamResponse) -> Poll<Option<Bytes>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(body)
+            .poll_frame(&mut cx)
+            .map(|frame| frame.map(|f| f.unwrap().into_data().unwrap()))
+    }
+
+    #[tokio::test]
+    async fn a_chunk_that_empties_the_socket_registers_for_the_next_one_at_once() {
+        let (uri, go) = stepped(vec![b"5\r\nfirst\r\n", b"6\r\nsecond\r\n0\r\n\r\n"]).await;
+        let pool = pool(&uri, 8, Duration::from_secs(60));
+        let mut body = pool.send(get(&uri)).await.unwrap().into_body();
+        go.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let turn = turn::Turn::begin();
+        assert_eq!(
+            poll_in_turn(&mut body),
+            Poll::Ready(Some(Bytes::from("first")))
+        );
+        // The next piece arrives within the same turn: the body, registered when it took the
+        // first chunk, is not polled down to the socket again in this turn.
+        go.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(poll_in_turn(&mut body), Poll::Pending);
+        drop(turn);
+        let _next = turn::Turn::begin();
+        assert_eq!(
+            poll_in_turn(&mut body),
+            Poll::Ready(Some(Bytes::from("second")))
+        );
+        assert_eq!(poll_in_turn(&mut body), Poll::Ready(None));
+    }
+
+    #[tokio::test]
+    async fn chunks_read_together_are_handed_on_in_one_turn() {
+        let (uri, go) = stepped(vec![b"5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n"]).await;
+        let pool = pool(&uri, 8, Duration::from_secs(60));
+        let mut body = pool.send(get(&uri)).await.unwrap().into_body();
+        go.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _turn = turn::Turn::begin();
+        assert_eq!(
+            poll_in_turn(&mut body),
+            Poll::Ready(Some(Bytes::from("first")))
+        );
+        assert_eq!(
+            poll_in_turn(&mut body),
+            Poll::Ready(Some(Bytes::from("second")))
+        );
+        assert_eq!(poll_in_turn(&mut body), Poll::Ready(None));
     }
 
     /// An upstream that sends `wire` once, in writes of the sizes `cuts` gives, flushing each.
