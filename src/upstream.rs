@@ -566,9 +566,9 @@ impl Body for UpstreamResponse {
         let Some(conn) = &mut this.conn else {
             return Poll::Ready(None);
         };
-        // The socket was found empty earlier in this same poll of the connection's task, and
-        // has registered the task's waker: anything that came since has woken the task, which
-        // will be polled again in a new turn.
+        // Earlier in this same poll of the connection's task the socket was found empty, or
+        // registered for, with the task's waker: anything that came since has woken the task,
+        // which will be polled again in a new turn.
         if this
             .parked
             .take()
