@@ -927,6 +927,18 @@ mod tests {
         assert!(matches!(error, SendError::Connect(_)), "{error:?}");
     }
 
+    /// Accepts one connection, reads its request and answers with a chunked response head.
+    async fn chunked_head(listener: TcpListener) -> TcpStream {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = socket.read(&mut buf).await.unwrap();
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        socket
+    }
+
     /// An upstream that streams `n` chunks 20 ms apart, each in a write of its own.
     async fn trickle(n: usize) -> Uri {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -934,19 +946,13 @@ mod tests {
             .parse()
             .unwrap();
         tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 4096];
-            let _ = socket.read(&mut buf).await.unwrap();
-            socket
-                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                .await
-                .unwrap();
+            let mut socket = chunked_head(listener).await;
             for _ in 0..n {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 socket.write_all(b"5\r\nchunk\r\n").await.unwrap();
             }
             socket.write_all(b"0\r\n\r\n").await.unwrap();
-            let _ = socket.read(&mut buf).await;
+            let _ = socket.read(&mut [0u8; 64]).await;
         });
         uri
     }
@@ -1013,18 +1019,12 @@ mod tests {
             .unwrap();
         let (go, mut steps) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 4096];
-            let _ = socket.read(&mut buf).await.unwrap();
-            socket
-                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                .await
-                .unwrap();
+            let mut socket = chunked_head(listener).await;
             for piece in pieces {
                 steps.recv().await.unwrap();
                 socket.write_all(piece).await.unwrap();
             }
-            let _ = socket.read(&mut buf).await;
+            let _ = socket.read(&mut [0u8; 64]).await;
         });
         (uri, go)
     }
