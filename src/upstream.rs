@@ -530,7 +530,7 @@ pub struct UpstreamResponse {
     keep_alive: bool,
     pool: Arc<Pool>,
     ended: bool,
-    /// The turn ([`crate::turn`]) in which the socket last had nothing to read.
+    /// The turn ([`crate::turn`]) in which the socket was last found empty or registered for.
     parked: Option<NonZeroU64>,
 }
 
@@ -569,14 +569,11 @@ impl Body for UpstreamResponse {
         // Earlier in this same poll of the connection's task the socket was found empty, or
         // registered for, with the task's waker: anything that came since has woken the task,
         // which will be polled again in a new turn.
-        if this
-            .parked
-            .take()
-            .is_some_and(|t| Some(t) == turn::current())
-        {
-            this.parked = turn::current();
+        let turn = turn::current();
+        if turn.is_some() && this.parked == turn {
             return Poll::Pending;
         }
+        this.parked = None;
         if let Some(writer) = &mut this.writer {
             match writer.poll(&mut conn.io, cx) {
                 Poll::Ready(Ok(())) => this.writer = None,
@@ -601,13 +598,13 @@ impl Body for UpstreamResponse {
                     conn.consume(used);
                     if this.decoder.is_end() {
                         this.finish();
-                    } else if let Some(turn) = turn::current()
+                    } else if turn.is_some()
                         && this.decoder.starves(conn.unread())
                         && conn.poll_read_ready(cx).is_pending()
                     {
                         // The next poll, in this same turn, would only find the socket empty
                         // and register the waker, which is done here: it is skipped instead.
-                        this.parked = Some(turn);
+                        this.parked = turn;
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -624,7 +621,7 @@ impl Body for UpstreamResponse {
                 Step::More => conn.consume(used),
             }
             let Poll::Ready(filled) = conn.poll_fill(cx) else {
-                this.parked = turn::current();
+                this.parked = turn;
                 return Poll::Pending;
             };
             match filled {
@@ -981,36 +978,6 @@ mod tests {
         assert!(polls <= 2 * 10 + 3, "{polls} polls for 10 chunks");
     }
 
-    #[tokio::test]
-    async fn a_socket_found_empty_is_asked_again_only_in_a_new_turn() {
-        let uri = trickle(1).await;
-        let pool = pool(&uri, 8, Duration::from_secs(60));
-        let mut body = pool.send(get(&uri)).await.unwrap().into_body();
-        let poll_once = |body: &mut UpstreamResponse| {
-            let mut cx = Context::from_waker(Waker::noop());
-            match Pin::new(body).poll_frame(&mut cx) {
-                Poll::Ready(Some(Ok(frame))) => Some(frame.into_data().unwrap()),
-                Poll::Pending => None,
-                other => panic!("unexpected {other:?}"),
-            }
-        };
-        let turn = turn::Turn::begin();
-        assert_eq!(poll_once(&mut body), None, "the chunk comes 20 ms later");
-        // The chunk arrives and the I/O driver marks the socket readable, all in this turn.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(
-            poll_once(&mut body),
-            None,
-            "not asked again in the same turn"
-        );
-        drop(turn);
-        let _next = turn::Turn::begin();
-        assert_eq!(poll_once(&mut body), Some(Bytes::from("chunk")));
-        drop(_next);
-        let end = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
-        assert!(end.is_none(), "the body ends");
-    }
-
     /// An upstream that answers with a chunked head, then writes one piece of body per signal.
     async fn stepped(pieces: Vec<&'static [u8]>) -> (Uri, tokio::sync::mpsc::UnboundedSender<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1036,13 +1003,47 @@ mod tests {
             .map(|frame| frame.map(|f| f.unwrap().into_data().unwrap()))
     }
 
-    #[tokio::test]
-    async fn a_chunk_that_empties_the_socket_registers_for_the_next_one_at_once() {
-        let (uri, go) = stepped(vec![b"5\r\nfirst\r\n", b"6\r\nsecond\r\n0\r\n\r\n"]).await;
+    /// The body of a request to a [`stepped`] upstream, and the signal for its next piece.
+    async fn stepped_body(
+        pieces: Vec<&'static [u8]>,
+    ) -> (UpstreamResponse, tokio::sync::mpsc::UnboundedSender<()>) {
+        let (uri, go) = stepped(pieces).await;
         let pool = pool(&uri, 8, Duration::from_secs(60));
-        let mut body = pool.send(get(&uri)).await.unwrap().into_body();
+        (pool.send(get(&uri)).await.unwrap().into_body(), go)
+    }
+
+    /// Lets a [`stepped`] upstream write its next piece, and the I/O driver see it arrive.
+    async fn deliver(go: &tokio::sync::mpsc::UnboundedSender<()>) {
         go.send(()).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    #[tokio::test]
+    async fn a_socket_found_empty_is_asked_again_only_in_a_new_turn() {
+        let (mut body, go) = stepped_body(vec![b"5\r\nchunk\r\n0\r\n\r\n"]).await;
+        let turn = turn::Turn::begin();
+        assert_eq!(poll_in_turn(&mut body), Poll::Pending, "nothing sent yet");
+        // The chunk arrives and the I/O driver marks the socket readable, all in this turn.
+        deliver(&go).await;
+        assert_eq!(
+            poll_in_turn(&mut body),
+            Poll::Pending,
+            "not asked again in the same turn"
+        );
+        drop(turn);
+        let _next = turn::Turn::begin();
+        assert_eq!(
+            poll_in_turn(&mut body),
+            Poll::Ready(Some(Bytes::from("chunk")))
+        );
+        assert_eq!(poll_in_turn(&mut body), Poll::Ready(None), "the body ends");
+    }
+
+    #[tokio::test]
+    async fn a_chunk_that_empties_the_socket_registers_for_the_next_one_at_once() {
+        let (mut body, go) =
+            stepped_body(vec![b"5\r\nfirst\r\n", b"6\r\nsecond\r\n0\r\n\r\n"]).await;
+        deliver(&go).await;
         let turn = turn::Turn::begin();
         assert_eq!(
             poll_in_turn(&mut body),
@@ -1050,8 +1051,7 @@ mod tests {
         );
         // The next piece arrives within the same turn: the body, registered when it took the
         // first chunk, is not polled down to the socket again in this turn.
-        go.send(()).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        deliver(&go).await;
         assert_eq!(poll_in_turn(&mut body), Poll::Pending);
         drop(turn);
         let _next = turn::Turn::begin();
@@ -1064,11 +1064,8 @@ mod tests {
 
     #[tokio::test]
     async fn chunks_read_together_are_handed_on_in_one_turn() {
-        let (uri, go) = stepped(vec![b"5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n"]).await;
-        let pool = pool(&uri, 8, Duration::from_secs(60));
-        let mut body = pool.send(get(&uri)).await.unwrap().into_body();
-        go.send(()).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (mut body, go) = stepped_body(vec![b"5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n"]).await;
+        deliver(&go).await;
         let _turn = turn::Turn::begin();
         assert_eq!(
             poll_in_turn(&mut body),
