@@ -8,22 +8,26 @@
 #
 # Usage: bench/instructions.sh [tokentap|tokentap-notel|nginx] [--streams S] [--tokens T]
 #        [--itl MS] (simulator inter-token time, default 50; 0 sends chunks back to back)
+#        [--cache] (also simulate the caches: misses per chunk, first level and last level)
+# PROXY_BIN=/other/build/tokentap counts another build of the proxy (same simulator and client).
 # Everything on 127.0.0.1; every process it starts is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-tokentap}
 [ $# -gt 0 ] && shift
-streams=100 tokens=50 itl=50.0
+streams=100 tokens=50 itl=50.0 cache=()
 while [ $# -gt 0 ]; do
   case $1 in
     --streams) streams=$2; shift 2 ;;
     --tokens) tokens=$2; shift 2 ;;
     --itl) itl=$2; shift 2 ;;
+    --cache) cache=(--cache-sim=yes); shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 cargo build --release --quiet
 B=target/release/tokentap
+P=${PROXY_BIN:-$B}
 d=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] && cp "$d"/cg.* "$KEEP"/; rm -rf "$d"' EXIT
@@ -52,11 +56,11 @@ count() {
   local requests=$1 out="$d/cg.$1"
   case $target in
     tokentap | tokentap-notel)
-      TOKENTAP_LOG=warn taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$out" \
-        $B serve --config "$d/tt.toml" 2>/dev/null &
+      TOKENTAP_LOG=warn taskset -c 1 valgrind --tool=callgrind "${cache[@]}" --callgrind-out-file="$out" \
+        "$P" serve --config "$d/tt.toml" 2>/dev/null &
       ;;
     nginx)
-      taskset -c 1 valgrind --tool=callgrind --trace-children=yes \
+      taskset -c 1 valgrind --tool=callgrind "${cache[@]}" --trace-children=yes \
         --callgrind-out-file="$out.%p" nginx -p "$d" -c "$d/nginx.conf" 2>/dev/null &
       ;;
   esac
@@ -71,13 +75,24 @@ count() {
     kill -TERM $proxy
   fi
   wait $proxy || true
-  grep -h '^summary:' "$out"* | awk '{s += $2} END {printf "%d\n", s}'
+  # Every event callgrind counted, summed over the processes: Ir, and with --cache the misses.
+  grep -h '^summary:' "$out"* | awk '{for (i = 2; i <= NF; i++) s[i] += $i}
+    END {for (i = 2; i <= NF; i++) printf "%d ", s[i]; print ""}'
 }
+# The names of those events, in callgrind's order.
+events=$([ ${#cache[@]} -gt 0 ] && echo "Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw" || echo Ir)
 
 wait_port 18000
 n=$((streams * 2))
 a=$(count $n)
 b=$(count $((2 * n)))
 chunks=$((n * tokens))
-echo "$target: $streams streams x $tokens tokens, ITL $itl ms; $n requests: $a instructions, $((2 * n)): $b"
-echo "$target: $(( (b - a) / chunks )) instructions per chunk"
+echo "$target: $streams streams x $tokens tokens, ITL $itl ms; $n requests: $a, $((2 * n)): $b ($events)"
+read -ra as <<< "$a"
+read -ra bs <<< "$b"
+i=0
+for e in $events; do
+  awk -v a="${as[$i]}" -v b="${bs[$i]}" -v c="$chunks" -v e="$e" -v t="$target" \
+    'BEGIN {printf "%s: %s per chunk %.1f\n", t, e, (b - a) / c}'
+  i=$((i + 1))
+done
