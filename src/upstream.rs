@@ -3,9 +3,9 @@
 //!
 //! A response body from the upstream is read by the task that writes it to the client: when the
 //! client side polls [`UpstreamResponse`] for the next chunk, it reads the upstream socket into
-//! the connection's buffer and decodes the chunk from there. A chunk costs one task wake-up (the
-//! socket's), no channel lies between a connection and its body, and chunks that arrive together
-//! are handed on back to back. When the response ends the connection goes back to the pool at
+//! the connection's buffer and hands the chunk on as a slice of it, uncopied. A chunk costs one
+//! task wake-up (the socket's), no channel lies between a connection and its body, and chunks
+//! that arrive together are handed on back to back. When the response ends the connection goes back to the pool at
 //! once; when the body is dropped before its end (the client hung up) the connection is closed,
 //! which cancels the request upstream.
 
@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -130,19 +130,17 @@ pub enum SendError {
 /// One HTTP/1.1 connection and the bytes read from it that are not consumed yet.
 struct Conn {
     io: Io,
-    buf: Box<[u8]>,
-    /// `buf[start..end]` is read and not yet consumed.
-    start: usize,
-    end: usize,
+    /// Read and not yet consumed; reads go into the spare capacity behind it. A body chunk is
+    /// split off as a frame of its own (no copy); the buffer is reused once the frames read from
+    /// it are dropped, which for a forwarded chunk is when it has been written to the client.
+    buf: BytesMut,
 }
 
 impl Conn {
     fn new(io: Io) -> Conn {
         Conn {
             io,
-            buf: vec![0; READ_BUF].into_boxed_slice(),
-            start: 0,
-            end: 0,
+            buf: BytesMut::with_capacity(READ_BUF),
         }
     }
 
@@ -156,40 +154,53 @@ impl Conn {
     }
 
     fn unread(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
+        &self.buf
     }
 
     fn consume(&mut self, n: usize) {
-        self.start += n;
-        if self.start == self.end {
-            (self.start, self.end) = (0, 0);
-            if self.buf.len() > READ_BUF {
-                self.buf = vec![0; READ_BUF].into_boxed_slice();
-            }
+        self.buf.advance(n);
+        self.shrink_when_empty();
+    }
+
+    /// Takes the next `n` unread bytes as a frame, sharing the read buffer.
+    fn take(&mut self, n: usize) -> Bytes {
+        let data = self.buf.split_to(n).freeze();
+        self.shrink_when_empty();
+        data
+    }
+
+    /// A buffer grown for a long head goes back to the usual size once it is all consumed.
+    fn shrink_when_empty(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > READ_BUF {
+            self.buf = BytesMut::with_capacity(READ_BUF);
         }
     }
 
     /// Reads more bytes after the unread ones; `Ok(0)` once the upstream has closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, SendError>> {
-        if self.buf.len() - self.end < 1024 && self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            (self.start, self.end) = (0, self.end - self.start);
-        }
-        if self.end == self.buf.len() {
+        if self.buf.capacity() - self.buf.len() < 1024 {
             if self.buf.len() >= READ_MAX {
                 return Poll::Ready(Err(h1::Error::Framing(
                     "response head or trailer section longer than 64 KiB",
                 )
                 .into()));
             }
-            let mut bigger = vec![0; (self.buf.len() * 2).min(READ_MAX)].into_boxed_slice();
-            bigger[..self.end].copy_from_slice(&self.buf[..self.end]);
-            self.buf = bigger;
+            // A few unread bytes: room for a whole read again, made by moving them to the front
+            // of the buffer once no frame holds it, else in a new buffer. Unread bytes filling
+            // half of it or more (a long head): a buffer twice their size.
+            let len = self.buf.len();
+            let more = if len < READ_BUF / 2 {
+                READ_BUF - len
+            } else {
+                len
+            };
+            self.buf.reserve(more.min(READ_MAX - len));
         }
-        let mut read = ReadBuf::new(&mut self.buf[self.end..]);
-        ready!(Pin::new(&mut self.io).poll_read(cx, &mut read))?;
-        let n = read.filled().len();
-        self.end += n;
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
         Poll::Ready(Ok(n))
     }
 
@@ -208,7 +219,7 @@ impl Conn {
                 }
                 Parsed::Partial => {
                     if ready!(self.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Err(if self.start == self.end {
+                        return Poll::Ready(Err(if self.buf.is_empty() {
                             SendError::Closed
                         } else {
                             h1::Error::Framing("the upstream closed the connection mid-head").into()
@@ -222,7 +233,7 @@ impl Conn {
     /// Whether the connection can carry another request now: nothing is left unread, and the
     /// upstream has neither closed it nor sent anything unasked.
     fn reusable(&mut self) -> bool {
-        self.start == self.end
+        self.buf.is_empty()
             && self
                 .poll_fill(&mut Context::from_waker(Waker::noop()))
                 .is_pending()
@@ -541,7 +552,7 @@ impl UpstreamResponse {
         if let Some(conn) = self.conn.take()
             && self.keep_alive
             && self.writer.is_none()
-            && conn.start == conn.end
+            && conn.buf.is_empty()
         {
             self.pool.put(conn);
         }
@@ -594,8 +605,9 @@ impl Body for UpstreamResponse {
             };
             match step {
                 Step::Data { start, end } => {
-                    let data = Bytes::copy_from_slice(&conn.unread()[start..end]);
-                    conn.consume(used);
+                    conn.consume(start);
+                    let data = conn.take(end - start);
+                    conn.consume(used - end);
                     if this.decoder.is_end() {
                         this.finish();
                     } else if turn.is_some()
@@ -1163,6 +1175,53 @@ mod tests {
             );
             assert_eq!(pool.idle_count(), 1, "seed {seed}: clean, so pooled");
         }
+    }
+
+    /// Reads into `conn` until `n` more bytes are unread.
+    async fn fill(conn: &mut Conn, n: usize) {
+        let want = conn.unread().len() + n;
+        while conn.unread().len() < want {
+            assert_ne!(poll_fn(|cx| conn.poll_fill(cx)).await.unwrap(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn body_frames_are_the_read_buffer_itself_reused_once_they_are_dropped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut server = accepted.unwrap().0;
+        let mut conn = Conn::new(Io::Plain(client.unwrap()));
+        let base = conn.buf.as_ptr() as usize;
+        // 40 KB in frames of 200 B, each dropped at once (as when it is written to the client):
+        // all are read into the one 8 KiB buffer and handed on without a copy.
+        for i in 0..200u8 {
+            server.write_all(&[i; 200]).await.unwrap();
+            fill(&mut conn, 200).await;
+            let frame = conn.take(200);
+            assert!(
+                (base..base + READ_BUF).contains(&(frame.as_ptr() as usize)),
+                "frame {i} is not in the connection's first buffer"
+            );
+            assert!(frame.iter().all(|&b| b == i), "frame {i}");
+        }
+        assert!(conn.buf.capacity() <= READ_BUF);
+        // Frames held while the connection reads on (a slow client): their bytes stay theirs.
+        let mut held = Vec::new();
+        for i in 0..100u8 {
+            server.write_all(&[i; 200]).await.unwrap();
+            fill(&mut conn, 200).await;
+            held.push(conn.take(200));
+        }
+        for (i, frame) in held.iter().enumerate() {
+            assert!(frame.iter().all(|&b| b == i as u8), "held frame {i}");
+        }
+        // A long head grows the buffer; once consumed it is back to the usual size.
+        server.write_all(&[b'h'; 20_000]).await.unwrap();
+        fill(&mut conn, 20_000).await;
+        assert!(conn.buf.capacity() >= 20_000);
+        conn.consume(20_000);
+        assert!(conn.buf.capacity() <= READ_BUF);
     }
 
     #[tokio::test]
