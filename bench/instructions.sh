@@ -66,6 +66,13 @@ count() {
   esac
   local proxy=$!
   wait_port 18080
+  # Start-up and the first requests are not counted: on its first use quanta (the metrics
+  # exporter's clock) calibrates for a bounded time, not a bounded number of steps, so under
+  # valgrind its count differs from run to run by more than a change per chunk could show.
+  taskset -c 0 $B bench --base-url http://127.0.0.1:18080 --model "$MODEL" --num-prompts 2 \
+    --max-concurrency 2 --random-input-len 16 --random-output-len 2 --ignore-eos \
+    --disable-tqdm > /dev/null
+  callgrind_control --zero >/dev/null
   taskset -c 0 $B bench --base-url http://127.0.0.1:18080 --model "$MODEL" \
     --num-prompts "$requests" --max-concurrency "$streams" --random-input-len 16 \
     --random-output-len "$tokens" --ignore-eos --disable-tqdm > "$d/bench.$requests"
