@@ -5,9 +5,9 @@
 //! client side polls [`UpstreamResponse`] for the next chunk, it reads the upstream socket into
 //! the connection's buffer and hands the chunk on as a slice of it, uncopied. A chunk costs one
 //! task wake-up (the socket's), no channel lies between a connection and its body, and chunks
-//! that arrive together are handed on back to back. When the response ends the connection goes back to the pool at
-//! once; when the body is dropped before its end (the client hung up) the connection is closed,
-//! which cancels the request upstream.
+//! that arrive together are handed on back to back. When the response ends the connection goes
+//! back to the pool at once; when the body is dropped before its end (the client hung up) the
+//! connection is closed, which cancels the request upstream.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
