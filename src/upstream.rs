@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::num::NonZeroU64;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
@@ -162,11 +163,14 @@ impl Conn {
         self.shrink_when_empty();
     }
 
-    /// Takes the next `n` unread bytes as a frame, sharing the read buffer.
-    fn take(&mut self, n: usize) -> Bytes {
-        let data = self.buf.split_to(n).freeze();
+    /// Consumes `used` unread bytes and returns `data` of them as a frame that shares the read
+    /// buffer (the chunk's data between its framing).
+    fn take(&mut self, data: Range<usize>, used: usize) -> Bytes {
+        self.buf.advance(data.start);
+        let frame = self.buf.split_to(data.len()).freeze();
+        self.buf.advance(used - data.end);
         self.shrink_when_empty();
-        data
+        frame
     }
 
     /// A buffer grown for a long head goes back to the usual size once it is all consumed.
@@ -605,9 +609,7 @@ impl Body for UpstreamResponse {
             };
             match step {
                 Step::Data { start, end } => {
-                    conn.consume(start);
-                    let data = conn.take(end - start);
-                    conn.consume(used - end);
+                    let data = conn.take(start..end, used);
                     if this.decoder.is_end() {
                         this.finish();
                     } else if turn.is_some()
@@ -1198,7 +1200,7 @@ mod tests {
         for i in 0..200u8 {
             server.write_all(&[i; 200]).await.unwrap();
             fill(&mut conn, 200).await;
-            let frame = conn.take(200);
+            let frame = conn.take(0..200, 200);
             assert!(
                 (base..base + READ_BUF).contains(&(frame.as_ptr() as usize)),
                 "frame {i} is not in the connection's first buffer"
@@ -1211,7 +1213,7 @@ mod tests {
         for i in 0..100u8 {
             server.write_all(&[i; 200]).await.unwrap();
             fill(&mut conn, 200).await;
-            held.push(conn.take(200));
+            held.push(conn.take(0..200, 200));
         }
         for (i, frame) in held.iter().enumerate() {
             assert!(frame.iter().all(|&b| b == i as u8), "held frame {i}");
