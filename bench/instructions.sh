@@ -51,6 +51,13 @@ wait_port() {
   exit 1
 }
 
+# Sends `requests` requests of `tokens` tokens through the proxy, at most `streams` at once.
+load() {
+  taskset -c 0 $B bench --base-url http://127.0.0.1:18080 --model "$MODEL" --num-prompts "$1" \
+    --max-concurrency "$2" --random-input-len 16 --random-output-len "$3" --ignore-eos \
+    --disable-tqdm
+}
+
 # Instructions the proxy executes while `requests` requests of `tokens` tokens pass through it.
 count() {
   local requests=$1 out="$d/cg.$1"
@@ -69,13 +76,9 @@ count() {
   # Start-up and the first requests are not counted: on its first use quanta (the metrics
   # exporter's clock) calibrates for a bounded time, not a bounded number of steps, so under
   # valgrind its count differs from run to run by more than a change per chunk could show.
-  taskset -c 0 $B bench --base-url http://127.0.0.1:18080 --model "$MODEL" --num-prompts 2 \
-    --max-concurrency 2 --random-input-len 16 --random-output-len 2 --ignore-eos \
-    --disable-tqdm > /dev/null
+  load 2 2 2 > /dev/null
   callgrind_control --zero >/dev/null
-  taskset -c 0 $B bench --base-url http://127.0.0.1:18080 --model "$MODEL" \
-    --num-prompts "$requests" --max-concurrency "$streams" --random-input-len 16 \
-    --random-output-len "$tokens" --ignore-eos --disable-tqdm > "$d/bench.$requests"
+  load "$requests" "$streams" "$tokens" > "$d/bench.$requests"
   if [ "$target" = nginx ]; then
     kill -QUIT "$(cat "$d/nginx.pid")"
   else
