@@ -26,6 +26,7 @@ pub mod latency;
 pub mod observe;
 pub mod otel;
 pub mod proxy;
+pub mod serve_h1;
 pub mod server;
 pub mod simulate;
 pub mod sse;
@@ -239,7 +240,7 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
     let (admin_stop, admin_stopped) = oneshot::channel::<()>();
     let admin_task = admin.map(|listener| {
         let telemetry = telemetry.clone();
-        let handler = move |req: Request<hyper::body::Incoming>, _remote| {
+        let handler = move |req: Request<server::ClientBody>, _remote| {
             let response = admin::handle(&telemetry, &req);
             async move { response.map(|b| b.map_err(|never| match never {}).boxed()) }
         };

@@ -26,6 +26,7 @@ use crate::config::{Config, secs};
 use crate::inspect::{self, Endpoint, RequestInfo};
 use crate::observe::{BoxError, Recorder, TimedBody};
 use crate::otel::{RequestSpan, RequestStart, Tracer};
+use crate::server::ClientBody;
 use crate::telemetry::{Outcome, Telemetry};
 use crate::upstream::{Pool, RequestBody, SendError, UpstreamResponse};
 
@@ -231,7 +232,7 @@ impl Proxy {
     /// future is the whole per-request state: the server keeps it in one box per connection.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         remote: SocketAddr,
     ) -> Response<ProxyBody> {
         let t0 = Instant::now();

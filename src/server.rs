@@ -1,8 +1,9 @@
 //! Accept loop: HTTP/1.1 (keep-alive) and HTTP/2 without TLS on one port, graceful drain.
 //!
 //! The protocol is chosen by peeking at the first bytes of a connection (HTTP/2 starts with the
-//! `PRI * HTTP/2.0` preface, which is not a valid HTTP/1.1 request), so hyper then reads the
-//! whole request from the socket itself: no bytes are read ahead and replayed.
+//! `PRI * HTTP/2.0` preface, which is not a valid HTTP/1.1 request), so the connection's server
+//! then reads the whole request from the socket itself: no bytes are read ahead and replayed.
+//! HTTP/1.1 connections are served by [`crate::serve_h1`], HTTP/2 ones by hyper.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
@@ -25,7 +26,52 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, watch};
 
 use crate::observe::BoxError;
-use crate::turn::Turn;
+use crate::serve_h1::{self, H1Body};
+use crate::turn::{Turn, Turns};
+
+/// The body of a client's request: read from its HTTP/1.1 connection, or an HTTP/2 stream's.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// A request on an HTTP/1.1 connection.
+    H1(H1Body),
+    /// A request on an HTTP/2 connection.
+    H2(Incoming),
+}
+
+impl From<H1Body> for ClientBody {
+    fn from(body: H1Body) -> ClientBody {
+        ClientBody::H1(body)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::H1(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::H1(body) => body.is_end_stream(),
+            ClientBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ClientBody::H1(body) => body.size_hint(),
+            ClientBody::H2(body) => body.size_hint(),
+        }
+    }
+}
 
 /// Serves `handler` on `listener` until `shutdown` resolves, then stops accepting and waits up
 /// to `grace` for open connections to finish their requests. Accept errors (for example too many
@@ -37,16 +83,11 @@ pub async fn serve<H, Fut, B>(
     grace: Duration,
     name: &'static str,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + Sync + 'static,
+    H: Fn(Request<ClientBody>, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body<Data = bytes::Bytes, Error = BoxError> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    let mut h1 = http1::Builder::new();
-    // Copy each body frame behind its chunk-size line and write once, rather than queue the
-    // three pieces for `writev`: SSE frames are a few hundred bytes, and the queue's bookkeeping
-    // cost ~0.3k instructions per forwarded chunk, far more than the copy.
-    h1.writev(false);
     let h2 = http2::Builder::new(TokioExecutor::new());
     let drain = Drain::new();
     // Tells connections that have not sent their first bytes yet (so are not watched by
@@ -67,10 +108,7 @@ pub async fn serve<H, Fut, B>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = service_fn(move |req| Answer {
-            response: handler(req, remote),
-        });
-        let (h1, h2, watcher) = (h1.clone(), h2.clone(), drain.watcher());
+        let (h2, watcher) = (h2.clone(), drain.watcher());
         let mut drain_rx = drain_rx.clone();
         // No tracing span around the connection: entering it on every poll costs ~1 % of the
         // CPU per forwarded chunk; the one log line below names the connection instead.
@@ -79,14 +117,27 @@ pub async fn serve<H, Fut, B>(
                 h2_prior = is_http2(&stream) => h2_prior,
                 _ = drain_rx.wait_for(|draining| *draining) => return,
             };
-            let result = if h2_prior {
+            let result: Result<(), BoxError> = if h2_prior {
+                let service = service_fn(move |req: Request<Incoming>| Answer {
+                    response: handler(req.map(ClientBody::H2), remote),
+                });
                 // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1 one's, and inline it
                 // would size every connection's task.
-                Box::pin(watcher.watch(h2.serve_connection(TokioIo::new(stream), service))).await
-            } else {
-                watcher
-                    .watch(h1.serve_connection(TokioIo::new(stream), service))
+                Box::pin(watcher.watch(h2.serve_connection(TokioIo::new(stream), service)))
                     .await
+                    .map_err(Into::into)
+            } else {
+                let Watcher { signal, alive } = watcher;
+                let served = serve_h1::serve_connection(
+                    stream,
+                    remote,
+                    &*handler,
+                    &signal.draining,
+                    &signal.notify,
+                );
+                let result = Turns::new(served).await;
+                drop(alive);
+                result.map_err(Into::into)
             };
             if let Err(error) = result {
                 tracing::debug!(listener = name, %remote, %error, "connection ended with an error");
@@ -312,7 +363,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let handler = |_req: Request<Incoming>, _remote: SocketAddr| async {
+        let handler = |_req: Request<ClientBody>, _remote: SocketAddr| async {
             Response::new(
                 http_body_util::Full::new(bytes::Bytes::from_static(b"ok"))
                     .map_err(|never| match never {}),
@@ -389,7 +440,8 @@ mod tests {
         let service = service_fn(|_req: Request<Incoming>| async {
             Ok::<_, Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
         });
-        let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service);
         tokio::time::timeout(Duration::from_secs(5), watcher.watch(conn))
             .await
             .expect("shut down")

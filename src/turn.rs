@@ -13,8 +13,11 @@
 //! and nothing may be skipped.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::num::NonZeroU64;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 /// Turns are numbered across threads: a task may be polled on another worker next time, and
 /// must not meet its old number there.
@@ -41,6 +44,30 @@ impl Turn {
         Turn {
             outer: CURRENT.replace(n),
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future each poll of which is a turn of its own: what a connection's task polls.
+    pub struct Turns<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> Turns<F> {
+    /// Wraps `inner`.
+    pub fn new(inner: F) -> Self {
+        Turns { inner }
+    }
+}
+
+impl<F: Future> Future for Turns<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let _turn = Turn::begin();
+        self.project().inner.poll(cx)
     }
 }
 

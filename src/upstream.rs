@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
+use crate::server::ClientBody;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
@@ -49,7 +49,7 @@ pub enum RequestBody {
     /// A body the proxy holds whole (read to be inspected, maybe rewritten).
     Bytes(Bytes),
     /// The client's body, streamed as it arrives.
-    Stream(Incoming),
+    Stream(ClientBody),
 }
 
 /// An upstream connection's socket. A TLS session is about a kilobyte of state: boxed, it costs
@@ -266,7 +266,7 @@ fn write_all(
 struct BodyWriter {
     out: Vec<u8>,
     written: usize,
-    stream: Option<Incoming>,
+    stream: Option<ClientBody>,
     /// How the stream is framed; for a `Content-Length`, the bytes it still promises.
     framing: Encoding,
 }
@@ -297,7 +297,7 @@ impl BodyWriter {
                     }
                     self.stream = None;
                 }
-                Some(Err(error)) => return Poll::Ready(Err(SendError::Body(error.into()))),
+                Some(Err(error)) => return Poll::Ready(Err(SendError::Body(error))),
                 Some(Ok(frame)) => {
                     // Trailers are not sent on (see `h1::LAST_CHUNK`).
                     let Ok(data) = frame.into_data() else {
