@@ -149,7 +149,10 @@ impl Shared {
             }
             match self.poll_read(cx, &mut inbound.buf, MAX_HEAD) {
                 Poll::Pending => return false,
-                Poll::Ready(Ok(0) | Err(_)) => return true,
+                // A client that sent its next requests and then closed its side still gets
+                // their answers.
+                Poll::Ready(Ok(0)) => return inbound.buf.is_empty(),
+                Poll::Ready(Err(_)) => return true,
                 Poll::Ready(Ok(_)) => {}
             }
         }
@@ -212,7 +215,9 @@ impl Body for H1Body {
                 }
                 Step::More => inbound.buf.advance(used),
             }
-            match ready!(shared.poll_read(cx, &mut inbound.buf, usize::MAX)) {
+            // What is held undecoded is at most a chunk-size line or a trailer section:
+            // bounded like a head.
+            match ready!(shared.poll_read(cx, &mut inbound.buf, MAX_HEAD)) {
                 Ok(0) => {
                     this.ended = true;
                     return Poll::Ready(Some(Err(
@@ -328,7 +333,7 @@ pub fn parse_request_head(buf: &mut BytesMut) -> Result<Option<RequestHead>, Hea
             .map_err(|_| HeadError::Invalid("field value"))?;
         headers.append(name, value);
     }
-    let framing = request_framing(version, &mut headers)?;
+    let (framing, smuggled_length) = request_framing(version, &mut headers)?;
     let has = |name: HeaderName, token: &str| {
         headers
             .get_all(name)
@@ -337,11 +342,13 @@ pub fn parse_request_head(buf: &mut BytesMut) -> Result<Option<RequestHead>, Hea
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
-    let keep_alive = if version == Version::HTTP_10 {
-        has(header::CONNECTION, "keep-alive")
-    } else {
-        !has(header::CONNECTION, "close")
-    };
+    // A request framed both ways is answered and the connection closed (RFC 9112 §6.1).
+    let keep_alive = !smuggled_length
+        && if version == Version::HTTP_10 {
+            has(header::CONNECTION, "keep-alive")
+        } else {
+            !has(header::CONNECTION, "close")
+        };
     let expect_continue = version == Version::HTTP_11
         && headers
             .get(header::EXPECT)
@@ -406,9 +413,12 @@ fn locate_with<'b>(
 }
 
 /// How a request body is framed (RFC 9112 §6.3): chunked when `Transfer-Encoding` ends in
-/// `chunked` (a `Content-Length` beside it is dropped), any other transfer coding is refused,
-/// else `Content-Length` (all values equal), else no body.
-fn request_framing(version: Version, headers: &mut HeaderMap) -> Result<Framing, HeadError> {
+/// `chunked` (a `Content-Length` beside it is dropped, and reported), any other transfer coding
+/// is refused, else `Content-Length` (all values equal), else no body.
+fn request_framing(
+    version: Version,
+    headers: &mut HeaderMap,
+) -> Result<(Framing, bool), HeadError> {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         if version == Version::HTTP_10 {
             return Err(HeadError::Invalid(
@@ -427,8 +437,8 @@ fn request_framing(version: Version, headers: &mut HeaderMap) -> Result<Framing,
                 "Transfer-Encoding does not end in chunked",
             ));
         }
-        headers.remove(header::CONTENT_LENGTH);
-        return Ok(Framing::Chunked);
+        let both = headers.remove(header::CONTENT_LENGTH).is_some();
+        return Ok((Framing::Chunked, both));
     }
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
@@ -444,13 +454,13 @@ fn request_framing(version: Version, headers: &mut HeaderMap) -> Result<Framing,
             length = Some(n);
         }
     }
-    Ok(Framing::Length(length.unwrap_or(0)))
+    Ok((Framing::Length(length.unwrap_or(0)), false))
 }
 
 /// How the response body is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Out {
-    /// No body is written (`HEAD`, 1xx, 204, 304); what the body hands over is dropped.
+    /// No body is written (`HEAD`, 1xx, 204, 304): the body is dropped unpolled.
     None,
     /// Exactly this many bytes are left.
     Length(u64),
@@ -479,7 +489,13 @@ fn encode_response_head(
 ) -> (Out, bool) {
     let headers = &mut parts.headers;
     let status = parts.status;
-    let mut keep_alive = asked.keep_alive;
+    let mut keep_alive = asked.keep_alive
+        && !headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("close"));
     let bodiless = asked.method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -492,6 +508,12 @@ fn encode_response_head(
     let out_framing = if bodiless {
         if status == StatusCode::NO_CONTENT || status.is_informational() {
             headers.remove(header::CONTENT_LENGTH);
+        } else if asked.method == Method::HEAD
+            && !headers.contains_key(header::CONTENT_LENGTH)
+            && let Some(len) = if empty { Some(0) } else { hint.exact() }
+        {
+            // The length a GET would have had, as hyper writes it.
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
         Out::None
     } else if let Some(len) = given {
@@ -685,9 +707,17 @@ where
         };
 
         let (mut parts, body) = response.into_parts();
+        // A request body the handler dropped unread leaves the next request's start unknown:
+        // this is the last response, and it says so.
+        let unread = Arc::strong_count(&shared) == 1 && !shared.inbound().decoder.is_end();
         let asked = Asked {
-            keep_alive: asked.keep_alive && !draining(),
+            keep_alive: asked.keep_alive && !unread && !draining(),
             ..asked
+        };
+        let declared = if asked.trailers {
+            declared_trailers(&parts.headers)
+        } else {
+            Vec::new()
         };
         out.clear();
         let (framing, mut keep_alive) = encode_response_head(
@@ -697,14 +727,14 @@ where
             body.is_end_stream(),
             &mut out,
         );
-        write_body(&shared, body, framing, asked.trailers, &mut out).await?;
+        write_body(&shared, body, framing, &declared, &mut out).await?;
         if out.capacity() > WRITE_BATCH * 2 {
             out = Vec::with_capacity(1024);
         }
         // A request body left unread (or still held) makes the next request's start unknown.
         keep_alive &= Arc::strong_count(&shared) == 1 && shared.inbound().decoder.is_end();
         if !keep_alive || draining() {
-            close(shared).await;
+            close(shared, false).await;
             return Ok(());
         }
         shared.inbound().continue_left = 0;
@@ -712,12 +742,14 @@ where
 }
 
 /// Writes the response body after the head in `out`, frame by frame as the body hands them
-/// over, and returns once it has all been written.
+/// over, and returns once it has all been written; trailers named in `declared` go out after a
+/// chunked body. The body is dropped unpolled when no body may be written, and is not polled
+/// again once its `Content-Length` is reached.
 async fn write_body<B>(
     shared: &Arc<Shared>,
     body: B,
     framing: Out,
-    trailers_wanted: bool,
+    declared: &[HeaderName],
     out: &mut Vec<u8>,
 ) -> Result<(), ConnError>
 where
@@ -726,7 +758,7 @@ where
     let mut body = pin!(body);
     let mut written = 0;
     let mut left = framing;
-    let mut ended = false;
+    let mut ended = framing == Out::None;
     let mut trailers = None;
     poll_fn(|cx| {
         loop {
@@ -739,12 +771,19 @@ where
                                 if let Err(error) = append(&mut left, &data, out) {
                                     return Poll::Ready(Err(error));
                                 }
+                                ended = left == Out::Length(0);
                             }
                             Err(frame) => {
-                                if let Ok(t) = frame.into_trailers()
-                                    && trailers_wanted
+                                if let Ok(all) = frame.into_trailers()
+                                    && left == Out::Chunked
                                 {
-                                    trailers = Some(t);
+                                    let mut kept = HeaderMap::new();
+                                    for name in declared {
+                                        for value in all.get_all(name) {
+                                            kept.append(name.clone(), value.clone());
+                                        }
+                                    }
+                                    trailers = Some(kept);
                                 }
                             }
                         }
@@ -789,6 +828,29 @@ where
         }
     })
     .await
+}
+
+/// The trailer fields a response's `Trailer` header announces, as hyper sends them: none that
+/// frame or route the message.
+fn declared_trailers(headers: &HeaderMap) -> Vec<HeaderName> {
+    const FORBIDDEN: [HeaderName; 8] = [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::HOST,
+        header::TRAILER,
+        header::TE,
+        header::CONNECTION,
+    ];
+    headers
+        .get_all(header::TRAILER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !FORBIDDEN.contains(name))
+        .collect()
 }
 
 /// Adds a data frame to `out` as the body is framed.
@@ -847,22 +909,23 @@ async fn answer_bad_head(shared: Arc<Shared>, error: &HeadError, out: &mut Vec<u
         .await
         .is_ok()
     {
-        close(shared).await;
+        close(shared, true).await;
     }
 }
 
 /// Closes the connection after its last response. When the client may still be sending (a
-/// request body or a pipelined request left unread, or a head that could not be read) the
+/// request body or a pipelined request left unread, or after a head that could not be read:
+/// `linger`) the
 /// write side is shut first and what comes is read and dropped for up to `LINGER`: closing a
 /// socket with unread bytes resets the connection, and the reset can destroy the response
 /// before the client has read it (nginx's `lingering_close`).
-async fn close(shared: Arc<Shared>) {
+async fn close(shared: Arc<Shared>, linger: bool) {
     let Ok(shared) = Arc::try_unwrap(shared) else {
         return;
     };
     let Shared { mut io, inbound } = shared;
     let inbound = inbound.into_inner().unwrap_or_else(|e| e.into_inner());
-    if inbound.buf.is_empty() && inbound.decoder.is_end() {
+    if !linger && inbound.buf.is_empty() && inbound.decoder.is_end() {
         return;
     }
     if tokio::io::AsyncWriteExt::shutdown(&mut io).await.is_err() {
@@ -1193,11 +1256,17 @@ mod tests {
         let got = text(&read_until(&mut c, |g| g.ends_with(b"not sent")).await);
         assert_eq!(count(got.as_bytes(), "HTTP/1.1 "), 3, "{got}");
         assert_eq!(got.matches("not sent").count(), 1, "{got}");
+        let (head, rest) = got.split_once("\r\n\r\n").unwrap();
         assert!(
-            got.contains("content-length: 8\r\n"),
-            "HEAD keeps its length: {got}"
+            head.contains("content-length: 8\r\n"),
+            "HEAD has its length: {got}"
         );
-        assert!(got.contains("204 No Content\r\n"), "{got}");
+        let (no_content, _) = rest.split_once("\r\n\r\n").unwrap();
+        assert!(
+            no_content.starts_with("HTTP/1.1 204 No Content\r\n"),
+            "{got}"
+        );
+        assert!(!no_content.contains("content-length"), "{got}");
     }
 
     #[tokio::test]
@@ -1295,6 +1364,117 @@ mod tests {
         drain.1.notify_waiters();
         let rest = read_until(&mut c, |_| false).await;
         assert!(rest.is_empty(), "closed without another answer");
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_framed_both_ways_is_answered_then_the_connection_closes() {
+        let (addr, _drain, task) = serve_one(echo).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let got = text(&read_until(&mut c, |_| false).await);
+        assert!(
+            got.ends_with("POST /x hi"),
+            "the chunked body is the body: {got}"
+        );
+        assert!(got.contains("connection: close\r\n"), "{got}");
+        assert!(!got.contains("smuggled"), "{got}");
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_body_left_unread_makes_the_answer_the_last_and_says_so() {
+        let (addr, _drain, task) = serve_one(|_req: Request<H1Body>, _| async {
+            let mut response = Response::new(full("too large"));
+            *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            response
+        })
+        .await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"POST / HTTP/1.1\r\nContent-Length: 100000\r\n\r\nsome of it")
+            .await
+            .unwrap();
+        let got = text(&read_until(&mut c, |g| g.ends_with(b"too large")).await);
+        assert!(got.starts_with("HTTP/1.1 413 "), "{got}");
+        assert!(got.contains("connection: close\r\n"), "{got}");
+        // The client sends on; the server reads and drops it, then the connection ends.
+        c.write_all(&[b'x'; 4096]).await.unwrap();
+        c.shutdown().await.unwrap();
+        assert!(read_until(&mut c, |_| false).await.is_empty());
+        task.await.unwrap().unwrap();
+    }
+
+    /// A body of `frames`, each ready at once.
+    struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    #[tokio::test]
+    async fn only_trailers_the_response_declares_go_to_a_client_that_takes_them() {
+        let (addr, _drain, _task) = serve_one(|req: Request<H1Body>, _| async move {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-checksum", HeaderValue::from_static("abc"));
+            trailers.insert("x-other", HeaderValue::from_static("no"));
+            let frames = Frames(
+                [
+                    Frame::data(Bytes::from_static(b"body")),
+                    Frame::trailers(trailers),
+                ]
+                .into(),
+            );
+            let mut response = Response::new(frames.boxed_unsync());
+            if req.uri().path() == "/declared" {
+                response
+                    .headers_mut()
+                    .insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+            }
+            response
+        })
+        .await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /declared HTTP/1.1\r\nTE: trailers\r\n\r\n")
+            .await
+            .unwrap();
+        let got = text(&read_until(&mut c, |g| g.ends_with(b"abc\r\n\r\n")).await);
+        assert!(
+            got.ends_with("4\r\nbody\r\n0\r\nx-checksum: abc\r\n\r\n"),
+            "{got}"
+        );
+        c.write_all(b"GET /undeclared HTTP/1.1\r\nTE: trailers\r\n\r\n")
+            .await
+            .unwrap();
+        let got = text(&read_until(&mut c, |g| g.ends_with(b"0\r\n\r\n")).await);
+        assert!(got.ends_with("4\r\nbody\r\n0\r\n\r\n"), "{got}");
+        assert!(!got.contains("x-other"), "{got}");
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_sent_before_a_half_close_are_all_answered() {
+        let (addr, _drain, task) = serve_one(|req: Request<H1Body>, remote| async move {
+            // Slow enough that the client's close arrives while the first is in hand.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            echo(req, remote).await
+        })
+        .await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        c.shutdown().await.unwrap();
+        let got = text(&read_until(&mut c, |_| false).await);
+        assert!(got.contains("GET /1 ") && got.ends_with("GET /2 "), "{got}");
         task.await.unwrap().unwrap();
     }
 }
