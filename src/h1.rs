@@ -245,28 +245,39 @@ fn framing(
                 "Transfer-Encoding in an HTTP/1.0 response from the upstream",
             ));
         }
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim);
-        return Ok(match last {
-            Some(coding) if coding.eq_ignore_ascii_case("chunked") => Framing::Chunked,
-            _ => Framing::Close,
+        return Ok(if ends_in_chunked(headers) {
+            Framing::Chunked
+        } else {
+            Framing::Close
         });
     }
-    Ok(match content_length(headers)? {
+    let length = content_length(headers)
+        .map_err(|_| Error::Framing("invalid Content-Length in the upstream's response"))?;
+    Ok(match length {
         Some(len) => Framing::Length(len),
         None => Framing::Close,
     })
 }
 
+/// Whether the last transfer coding `Transfer-Encoding` names is `chunked`.
+pub fn ends_in_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// A `Content-Length` that is not one number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidLength;
+
 /// The `Content-Length`, if any: every value (and comma-separated item) must be the same
 /// number.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
-    let invalid = Error::Framing("invalid Content-Length in the upstream's response");
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, InvalidLength> {
+    let invalid = InvalidLength;
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for item in value.as_bytes().split(|&b| b == b',') {
@@ -287,16 +298,18 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
 /// Whether a response of `version` with `headers` leaves the connection open for the next
 /// request.
 fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
     // An HTTP/1.0 upstream would want the next request in HTTP/1.0, unchunked: not reused.
-    version != Version::HTTP_10 && !has("close")
+    version != Version::HTTP_10 && !has_token(headers, header::CONNECTION, "close")
+}
+
+/// Whether a comma-separated header (`Connection`, `TE`) lists `token`, in any case.
+pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Finds a response body's bytes in the bytes read after its head.

@@ -334,14 +334,7 @@ pub fn parse_request_head(buf: &mut BytesMut) -> Result<Option<RequestHead>, Hea
         headers.append(name, value);
     }
     let (framing, smuggled_length) = request_framing(version, &mut headers)?;
-    let has = |name: HeaderName, token: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
+    let has = |name: HeaderName, token: &str| h1::has_token(&headers, name, token);
     // A request framed both ways is answered and the connection closed (RFC 9112 §6.1).
     let keep_alive = !smuggled_length
         && if version == Version::HTTP_10 {
@@ -425,14 +418,7 @@ fn request_framing(
                 "Transfer-Encoding in an HTTP/1.0 request",
             ));
         }
-        let chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
-        if !chunked {
+        if !h1::ends_in_chunked(headers) {
             return Err(HeadError::Invalid(
                 "Transfer-Encoding does not end in chunked",
             ));
@@ -440,20 +426,8 @@ fn request_framing(
         let both = headers.remove(header::CONTENT_LENGTH).is_some();
         return Ok((Framing::Chunked, both));
     }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-                return Err(HeadError::Invalid("Content-Length"));
-            }
-            let n = item.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(HeadError::Invalid("Content-Length values differ"));
-            }
-            length = Some(n);
-        }
-    }
+    let length = h1::content_length(headers)
+        .map_err(|_| HeadError::Invalid("Content-Length values differ or are not numbers"))?;
     Ok((Framing::Length(length.unwrap_or(0)), false))
 }
 
@@ -489,13 +463,7 @@ fn encode_response_head(
 ) -> (Out, bool) {
     let headers = &mut parts.headers;
     let status = parts.status;
-    let mut keep_alive = asked.keep_alive
-        && !headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("close"));
+    let mut keep_alive = asked.keep_alive && !h1::has_token(headers, header::CONNECTION, "close");
     let bodiless = asked.method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
