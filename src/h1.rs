@@ -383,6 +383,14 @@ impl Decoder {
         }
     }
 
+    /// The body's size hint: exact when the framing tells the bytes left.
+    pub fn size_hint(&self) -> http_body::SizeHint {
+        match self.remaining() {
+            Some(n) => http_body::SizeHint::with_exact(n),
+            None => http_body::SizeHint::default(),
+        }
+    }
+
     /// Bytes left, when the framing tells.
     pub fn remaining(&self) -> Option<u64> {
         match self.state {

@@ -241,10 +241,7 @@ impl Body for H1Body {
         if self.ended {
             return SizeHint::with_exact(0);
         }
-        match self.shared.inbound().decoder.remaining() {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
+        self.shared.inbound().decoder.size_hint()
     }
 }
 
@@ -1018,6 +1015,34 @@ mod tests {
         }
     }
 
+    /// A body fed by the sender it comes with; the receiver tells when it is dropped.
+    fn channel_body() -> (mpsc::Sender<Bytes>, oneshot::Receiver<()>, ChanBody) {
+        let (tx, rx) = mpsc::channel(4);
+        let (dropped_tx, dropped) = oneshot::channel();
+        let body = ChanBody {
+            rx,
+            _dropped: dropped_tx,
+        };
+        (tx, dropped, body)
+    }
+
+    /// A connection whose first request is answered with a [`channel_body`].
+    async fn serve_stream() -> (
+        SocketAddr,
+        mpsc::Sender<Bytes>,
+        oneshot::Receiver<()>,
+        tokio::task::JoinHandle<Result<(), ConnError>>,
+    ) {
+        let (tx, dropped, body) = channel_body();
+        let body = Mutex::new(Some(body));
+        let (addr, _drain, task) = serve_one(move |_req, _| {
+            let body = body.lock().unwrap().take().unwrap();
+            async move { Response::new(body.boxed_unsync()) }
+        })
+        .await;
+        (addr, tx, dropped, task)
+    }
+
     type TestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
     fn full(body: impl Into<Bytes>) -> TestBody {
@@ -1121,17 +1146,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_streamed_response_is_chunked_and_each_frame_goes_out_at_once() {
-        let (tx, rx) = mpsc::channel::<Bytes>(4);
-        let (dropped_tx, dropped) = oneshot::channel();
-        let body = Mutex::new(Some(ChanBody {
-            rx,
-            _dropped: dropped_tx,
-        }));
-        let (addr, _drain, task) = serve_one(move |_req, _| {
-            let body = body.lock().unwrap().take().unwrap();
-            async move { Response::new(body.boxed_unsync()) }
-        })
-        .await;
+        let (addr, tx, dropped, task) = serve_stream().await;
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(b"GET /s HTTP/1.1\r\n\r\n").await.unwrap();
         let got = text(&read_until(&mut c, |g| g.ends_with(b"\r\n\r\n")).await);
@@ -1154,12 +1169,8 @@ mod tests {
 
     #[tokio::test]
     async fn http10_clients_get_http10_answers_and_a_close_delimited_stream() {
-        let (tx, rx) = mpsc::channel::<Bytes>(4);
-        let (dropped_tx, _dropped) = oneshot::channel();
-        let body = Mutex::new(Some(ChanBody {
-            rx,
-            _dropped: dropped_tx,
-        }));
+        let (tx, _dropped, body) = channel_body();
+        let body = Mutex::new(Some(body));
         let (addr, _drain, task) = serve_one(move |req, remote| {
             let body = if req.uri().path() == "/stream" {
                 body.lock().unwrap().take().map(|b| b.boxed_unsync())
@@ -1281,17 +1292,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_hangs_up_mid_stream_drops_the_body() {
-        let (tx, rx) = mpsc::channel::<Bytes>(4);
-        let (dropped_tx, dropped) = oneshot::channel();
-        let body = Mutex::new(Some(ChanBody {
-            rx,
-            _dropped: dropped_tx,
-        }));
-        let (addr, _drain, task) = serve_one(move |_req, _| {
-            let body = body.lock().unwrap().take().unwrap();
-            async move { Response::new(body.boxed_unsync()) }
-        })
-        .await;
+        let (addr, tx, dropped, task) = serve_stream().await;
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         tx.send(Bytes::from_static(b"one")).await.unwrap();
