@@ -27,7 +27,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::observe::BoxError;
 use crate::serve_h1::{self, H1Body};
-use crate::turn::{Turn, Turns};
+use crate::turn::Turns;
 
 /// The body of a client's request: read from its HTTP/1.1 connection, or an HTTP/2 stream's.
 #[derive(Debug)]
@@ -264,7 +264,6 @@ impl<C: GracefulConnection> Future for Watched<C> {
                 this.conn.as_mut().graceful_shutdown();
             }
         }
-        let _turn = Turn::begin();
         this.conn.poll(cx)
     }
 }

@@ -1,13 +1,12 @@
 //! A number for each poll of a client connection's task, so that a response body can tell
 //! that it is polled again within the same poll of its connection.
 //!
-//! hyper's HTTP/1.1 server polls a response body three times per forwarded chunk: once for the
-//! chunk and twice more in the same poll of the connection. Nothing can arrive for the body
+//! A client connection ([`crate::serve_h1`]) polls the response body again after each chunk, to
+//! write the frames that are ready together in one write. Nothing can arrive for the body
 //! between two polls of one turn without waking the task (and a woken task is polled again, in
 //! a new turn), so a body that has registered the task for its socket's next bytes in this
 //! turn (the upstream body does so when it hands on a chunk that empties its buffer) may answer
-//! `Pending` again without asking the socket. That saves a readiness check, a lock and the
-//! layers above it twice per chunk: ~0.9k instructions, 14 % of those per chunk.
+//! `Pending` again without asking the socket: no readiness check, lock or layers above it.
 //!
 //! Outside a connection's poll (an HTTP/2 stream runs in a task of its own) the turn is `None`,
 //! and nothing may be skipped.
