@@ -25,13 +25,14 @@ use std::ops::Range;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -102,8 +103,23 @@ impl Shared {
             }
             // `try_read_buf` reads into all the spare capacity: bounded by `limit` with a
             // separate buffer only when it matters, which a well-behaved client never makes.
-            match self.io.try_read_buf(buf) {
+            // A read that did not fill it drained the socket: its readiness is cleared (by
+            // answering `WouldBlock` to `try_io`), as tokio's own `poll_read` does, so that the
+            // next look at the socket waits for the client instead of reading it in vain.
+            let spare = buf.capacity() - buf.len();
+            let mut read = 0;
+            let result = self.io.try_io(Interest::READABLE, || {
+                read = self.io.try_read_buf(buf)?;
+                if 0 < read && read < spare {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(read)
+            });
+            match result {
                 Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => {
+                    return Poll::Ready(Ok(read));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -132,14 +148,29 @@ impl Shared {
     /// Whether the client has hung up, judged while the response has nothing to write. Bytes it
     /// sent meanwhile (the next pipelined request) are kept; once `MAX_HEAD` of them are held
     /// the socket is no longer watched. The request body's own reads tell while it is alive.
-    fn hung_up(self: &Arc<Self>, cx: &mut Context<'_>) -> bool {
+    ///
+    /// `watching` is the waker the socket was last left waiting with by this call: tokio keeps
+    /// it until the socket turns readable, so while it is the task's and the socket is not
+    /// readable nothing is registered again.
+    fn hung_up(self: &Arc<Self>, cx: &mut Context<'_>, watching: &mut Option<Waker>) -> bool {
         if Arc::strong_count(self) > 1 {
+            // The request body may read, and wait on, the socket meanwhile.
+            *watching = None;
             return false;
         }
+        if watching.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+            && self.io.try_io(Interest::READABLE, || Ok(())).is_err()
+        {
+            return false;
+        }
+        *watching = None;
         loop {
             // Readiness first: the usual answer (nothing came) takes no lock.
             match self.io.poll_read_ready(cx) {
-                Poll::Pending => return false,
+                Poll::Pending => {
+                    *watching = Some(cx.waker().clone());
+                    return false;
+                }
                 Poll::Ready(Err(_)) => return true,
                 Poll::Ready(Ok(())) => {}
             }
@@ -148,7 +179,10 @@ impl Shared {
                 return false;
             }
             match self.poll_read(cx, &mut inbound.buf, MAX_HEAD) {
-                Poll::Pending => return false,
+                Poll::Pending => {
+                    *watching = Some(cx.waker().clone());
+                    return false;
+                }
                 // A client that sent its next requests and then closed its side still gets
                 // their answers.
                 Poll::Ready(Ok(0)) => return inbound.buf.is_empty(),
@@ -656,11 +690,12 @@ where
 
         let response = {
             let mut answer = pin!(handler(request, remote));
+            let mut watching = None;
             poll_fn(|cx| {
                 if let Poll::Ready(response) = answer.as_mut().poll(cx) {
                     return Poll::Ready(Some(response));
                 }
-                if shared.hung_up(cx) {
+                if shared.hung_up(cx, &mut watching) {
                     return Poll::Ready(None);
                 }
                 Poll::Pending
@@ -725,6 +760,7 @@ where
     let mut left = framing;
     let mut ended = framing == Out::None;
     let mut trailers = None;
+    let mut watching = None;
     poll_fn(|cx| {
         loop {
             let mut waiting = false;
@@ -786,7 +822,7 @@ where
             if ended {
                 return Poll::Ready(Ok(()));
             }
-            if shared.hung_up(cx) {
+            if shared.hung_up(cx, &mut watching) {
                 return Poll::Ready(Err(ConnError::Io(io::ErrorKind::ConnectionReset.into())));
             }
             return Poll::Pending;
@@ -1291,12 +1327,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_head_sent_in_pieces_is_read_as_they_come() {
+        // Each piece is a read that does not fill the buffer, after which the socket counts as
+        // drained until the client sends more.
+        let (addr, _drain, task) = serve_one(echo).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        for piece in [
+            "POST /p HTTP/1.1\r\nHost: x\r\n",
+            "Content-Length: 2\r\n",
+            "\r\nhi",
+        ] {
+            c.write_all(piece.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = read_until(&mut c, |g| g.ends_with(b"POST /p hi")).await;
+        assert!(
+            text(&got).starts_with("HTTP/1.1 200 OK\r\n"),
+            "{}",
+            text(&got)
+        );
+        drop(c);
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn a_client_that_hangs_up_mid_stream_drops_the_body() {
         let (addr, tx, dropped, task) = serve_stream().await;
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        tx.send(Bytes::from_static(b"one")).await.unwrap();
-        read_until(&mut c, |g| g.ends_with(b"one\r\n")).await;
+        // Several frames, each read before the next: between them the connection waits with
+        // the hang-up watch it set up for the first.
+        for frame in ["one", "two", "three"] {
+            tx.send(Bytes::from(frame)).await.unwrap();
+            let end = format!("{frame}\r\n");
+            read_until(&mut c, |g| g.ends_with(end.as_bytes())).await;
+        }
         drop(c);
         tokio::time::timeout(Duration::from_secs(5), dropped)
             .await
