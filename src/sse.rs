@@ -802,6 +802,9 @@ mod fast {
                     && let Ok(text) = std::str::from_utf8(json)
                 {
                     p.text.clear();
+                    // Room for the longer content strings of the chunks to come: they replace
+                    // this text without growing it.
+                    p.text.reserve(text.len() + 128);
                     p.text.push_str(text);
                     p.at = at;
                     p.fields = fields;
