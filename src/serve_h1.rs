@@ -357,7 +357,9 @@ pub fn parse_request_head(buf: &mut BytesMut) -> Result<Option<RequestHead>, Hea
     } else {
         Version::HTTP_11
     };
-    let mut headers = HeaderMap::with_capacity(layout.fields.len());
+    // Room for the fields a proxy adds (`X-Forwarded-*`, `traceparent`, `tracestate`) without
+    // growing the map, which rehashes every field.
+    let mut headers = HeaderMap::with_capacity(layout.fields.len() + 4);
     for (name, value) in layout.fields {
         let name = HeaderName::from_bytes(&head[name]).map_err(|_| HeadError::Invalid("field"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value))
