@@ -596,8 +596,9 @@ fn non_empty(raw: Option<&[u8]>) -> bool {
 /// strictly as `serde_json` does (strings, escapes, numbers, literals, nesting). Whenever the
 /// input is not one it is sure to read exactly like the serde path (malformed JSON, a duplicate
 /// or escaped key, a field of an unexpected type, deep nesting), it returns `None` and
-/// [`classify`] falls back to serde, so both always agree.
-mod fast {
+/// [`classify`] falls back to serde, so both always agree. Its [`fast::Scan`] reads request
+/// bodies for `inspect` the same way.
+pub(crate) mod fast {
     use super::{ChoiceInfo, Usage, finish_reason, non_empty};
 
     /// What the top level carried.
@@ -740,7 +741,8 @@ mod fast {
     /// Nesting beyond this is left to serde (whose limit is 128).
     const MAX_DEPTH: u32 = 64;
 
-    struct Scan<'a> {
+    /// A position in a JSON text, read forwards.
+    pub(crate) struct Scan<'a> {
         b: &'a [u8],
         i: usize,
         /// The opening and closing quotes of the first content string read (see [`Template`]).
@@ -877,6 +879,17 @@ mod fast {
     }
 
     impl<'a> Scan<'a> {
+        /// A scanner at the start of `b`.
+        pub(crate) fn new(b: &'a [u8]) -> Self {
+            Scan { b, i: 0, var: None }
+        }
+
+        /// Whether only whitespace is left (serde's check for trailing characters).
+        pub(crate) fn at_end(&mut self) -> bool {
+            self.ws();
+            self.i == self.b.len()
+        }
+
         #[inline]
         fn ws(&mut self) {
             while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.b.get(self.i) {
@@ -885,14 +898,14 @@ mod fast {
         }
 
         #[inline]
-        fn peek(&mut self) -> Option<u8> {
+        pub(crate) fn peek(&mut self) -> Option<u8> {
             self.ws();
             self.b.get(self.i).copied()
         }
 
         /// `{ "key": value, … }`; `field` reads each value (the scanner is just past the `:`).
         #[inline]
-        fn object(
+        pub(crate) fn object(
             &mut self,
             mut field: impl FnMut(&mut Self, &'a [u8]) -> Option<()>,
         ) -> Option<()> {
@@ -949,7 +962,7 @@ mod fast {
         /// A string at `self.i` (on its opening quote): the range of its contents, and whether
         /// it had no escapes.
         #[inline]
-        fn string(&mut self) -> Option<(usize, usize, bool)> {
+        pub(crate) fn string(&mut self) -> Option<(usize, usize, bool)> {
             let b = self.b;
             let start = self.i + 1;
             let mut i = start;
@@ -997,7 +1010,7 @@ mod fast {
         }
 
         /// Skips one value (the scanner is on its first byte), checking its syntax.
-        fn value(&mut self, depth: u32) -> Option<()> {
+        pub(crate) fn value(&mut self, depth: u32) -> Option<()> {
             match *self.b.get(self.i)? {
                 b'"' => self.string().map(|_| ()),
                 b'{' => {
@@ -1074,7 +1087,7 @@ mod fast {
             }
         }
 
-        fn literal(&mut self, lit: &[u8]) -> Option<()> {
+        pub(crate) fn literal(&mut self, lit: &[u8]) -> Option<()> {
             if self.b.get(self.i..self.i + lit.len())? != lit {
                 return None;
             }
@@ -1120,7 +1133,7 @@ mod fast {
 
         /// `null` or a plain non-negative integer that fits in a `u64` (anything else is left
         /// to serde, which knows which other spellings it accepts).
-        fn opt_uint(&mut self) -> Option<Option<u64>> {
+        pub(crate) fn opt_uint(&mut self) -> Option<Option<u64>> {
             if self.b.get(self.i) == Some(&b'n') {
                 self.literal(b"null")?;
                 return Some(None);
