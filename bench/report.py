@@ -88,14 +88,22 @@ def main(out, write_doc=True):
                   f"{f(cpu / ng, 2) + '×' if cpu and ng else '–'} | {f(base / 1024)} | "
                   f"{f(peak / 1024)} | {f(per) if streams >= 1000 else ''} |")
         w("")
-        w("Telemetry's own cost (tokentap − tokentap-notel, share of tokentap's CPU per chunk):")
+        w("Telemetry's own cost (tokentap − tokentap-notel, share of tokentap's CPU per chunk; "
+          "then the same for user time alone, as telemetry makes no syscalls of its own):")
         w("")
         for streams in sorted({k[0] for k in lat}):
-            on = med([r["cpu_s_per_m_chunks"] for r in lat.get((streams, "tokentap"), [])])
-            off = med([r["cpu_s_per_m_chunks"] for r in lat.get((streams, "tokentap-notel"), [])])
+            on_rows = lat.get((streams, "tokentap"), [])
+            off_rows = lat.get((streams, "tokentap-notel"), [])
+            on = med([r["cpu_s_per_m_chunks"] for r in on_rows])
+            off = med([r["cpu_s_per_m_chunks"] for r in off_rows])
+            on_u = med([r.get("user_s_per_m_chunks") for r in on_rows])
+            off_u = med([r.get("user_s_per_m_chunks") for r in off_rows])
             if on and off:
+                user = (f"; user time {f(on_u, 2)} vs {f(off_u, 2)} → "
+                        f"{f((on_u - off_u) / on * 100)} %" if on_u is not None
+                        and off_u is not None else "")
                 w(f"- {streams:,} streams: {f(on, 2)} vs {f(off, 2)} s per 1M chunks → "
-                  f"{f((on - off) / on * 100)} %")
+                  f"{f((on - off) / on * 100)} %{user}")
         w("")
 
     sat = defaultdict(list)

@@ -302,12 +302,22 @@ def start_sim(out, itl_ms, stamp=True, ttft_ms=10.0):
     return p
 
 
+def order(r):
+    """The targets in the order repeat `r` runs them: direct first, the proxies rotated by one
+    per repeat, so that no proxy always runs at the same point (right after the simulator
+    started, or after another proxy's thousands of connections)."""
+    head = [t for t in TARGETS if t == "direct"]
+    rest = [t for t in TARGETS if t != "direct"]
+    k = r % len(rest) if rest else 0
+    return head + rest[k:] + rest[:k]
+
+
 def latency_suite(out, levels, repeats):
     for conc, itl, tokens, rate, n in levels:
         print(f"{conc} streams, ITL {itl} ms, {tokens} tokens, {n} requests", flush=True)
         sim = start_sim(out, itl)
         for r in range(repeats):
-            for name in TARGETS:
+            for name in order(r):
                 one_run(name, out, f"lat-c{conc}-r{r}", n, conc, tokens, rate)
         stop(sim)
 
@@ -318,7 +328,7 @@ def saturation_suite(out, repeats, quick):
     print(f"saturation: {streams} streams x {tokens} tokens, ITL 0", flush=True)
     sim = start_sim(out, 0.0, stamp=False, ttft_ms=0.0)
     for r in range(repeats):
-        for name in TARGETS:
+        for name in order(r):
             one_run(name, out, f"sat-r{r}", streams, streams, tokens, None, chunk_latency=False)
     stop(sim)
 
@@ -337,7 +347,7 @@ def rps_suite(out, repeats, quick):
         f.write(WRK_LUA)
     sim = start_sim(out, 0.0, stamp=False, ttft_ms=0.0)
     for r in range(repeats):
-        for name in TARGETS:
+        for name in order(r):
             p, pids, port = start_proxy(name, out)
             time.sleep(0.3)
             c0, t0 = cpu_ticks(pids), time.time()
