@@ -146,6 +146,9 @@ impl SseParser {
 
     /// Feeds the next frame; `on_event` is called for each event the frame completes, in order.
     pub fn feed(&mut self, frame: &[u8], mut on_event: impl FnMut(&Event<'_>)) {
+        if self.one_templated_event(frame, &mut on_event) {
+            return;
+        }
         let mut pos = 0;
         if self.skip_lf && !frame.is_empty() {
             self.skip_lf = false;
@@ -188,6 +191,42 @@ impl SseParser {
             self.data.extend_from_slice(&frame[start..end]);
             self.state = Data::Buffered;
         }
+    }
+
+    /// Reports `frame` when it is exactly one event, `data: `, a payload that fits the template
+    /// of the payloads before it, and a blank line: most chunks of a stream after its first
+    /// events. Such a payload has no line break (the template's text has none, and its content
+    /// string none unescaped), so reading it line by line would report the same event; this
+    /// skips that reading. False, having changed nothing, for any other frame.
+    fn one_templated_event(&mut self, frame: &[u8], on_event: &mut impl FnMut(&Event<'_>)) -> bool {
+        if self.in_block || self.skip_lf || !self.line.is_empty() {
+            return false;
+        }
+        let Some(payload) = frame
+            .strip_prefix(b"data: ")
+            .and_then(|rest| rest.strip_suffix(b"\n\n"))
+        else {
+            return false;
+        };
+        self.choices.clear();
+        let Some(top) = fast::templated(payload, &mut self.choices, &self.prefix) else {
+            return false;
+        };
+        let c = classified(top.error, top.usage, top.id, top.model, &mut self.choices);
+        on_event(&Event {
+            kind: c.kind,
+            choices: if c.kind == EventKind::Token {
+                &self.choices
+            } else {
+                &[]
+            },
+            usage: c.usage,
+            end: frame.len(),
+            id: c.id,
+            model: c.model,
+            data: payload,
+        });
+        true
     }
 
     /// True when bytes of an event that never got its blank line are pending: at end of stream
@@ -669,6 +708,9 @@ pub(crate) mod fast {
         pub(super) text: String,
         /// Where its `choices` member starts; 0 when there is nothing to resume from.
         at: usize,
+        /// The text has no line break (`\n` or `\r`), so neither has a payload that fits its
+        /// template (see [`templated`]).
+        single_line: bool,
         /// The fields read before `at`.
         fields: Fields,
         template: Option<Template>,
@@ -777,6 +819,7 @@ pub(crate) mod fast {
                 if let Ok(rest) = std::str::from_utf8(&json[p.at..]) {
                     p.text.truncate(p.at);
                     p.text.push_str(rest);
+                    p.single_line = memchr::memchr2(b'\n', b'\r', p.text.as_bytes()).is_none();
                     p.remember(s.var, f, choices);
                 }
                 let p: &'a Prefix = p;
@@ -808,6 +851,7 @@ pub(crate) mod fast {
                     // this text without growing it.
                     p.text.reserve(text.len() + 128);
                     p.text.push_str(text);
+                    p.single_line = memchr::memchr2(b'\n', b'\r', text.as_bytes()).is_none();
                     p.at = at;
                     p.fields = fields;
                     p.remember(s.var, f, choices);
@@ -815,6 +859,24 @@ pub(crate) mod fast {
                 top_of(json, "", &f)
             }
         }
+    }
+
+    /// What `json` carried when it fits the template of the payload `p` remembers and that
+    /// payload had no line break: then `json` has none either. `None` for any other payload.
+    pub(super) fn templated<'a>(
+        json: &'a [u8],
+        choices: &mut Vec<ChoiceInfo>,
+        p: &'a Prefix,
+    ) -> Option<Top<'a>> {
+        if !p.single_line || p.at == 0 || !json.starts_with(&p.text.as_bytes()[..p.at]) {
+            return None;
+        }
+        let t = p.template.as_ref()?;
+        if !p.fits(json, t) {
+            return None;
+        }
+        choices.extend_from_slice(&t.choices);
+        top_of(json, &p.text[..t.open], &t.fields)
     }
 
     /// What the top level of `json` carried, from the fields read; `known` is a start of `json`
@@ -1537,6 +1599,77 @@ mod tests {
             assert_eq!(seen, want, "split at {cut}");
             assert!(!partial);
         }
+    }
+
+    /// A frame that is one event fitting the template is reported as reading it line by line
+    /// reports it: the same events, ends, ids and data, whatever frames carried the stream.
+    #[test]
+    fn one_event_frames_read_as_the_whole_stream() {
+        let token = |text: &str| TOKEN.replace(r#"" hello\n\"x\"""#, text);
+        let events = [
+            ROLE.to_owned(),
+            TOKEN.to_owned(),
+            token(r#""a""#),
+            token(r#""longer text, \u00e9""#),
+            token(r#""b""#),
+            // Empty where the template's is not: read, not answered from the template.
+            token(r#""""#),
+            FINISH.to_owned(),
+            USAGE.to_owned(),
+        ];
+        let frames: Vec<String> = events.iter().map(|e| format!("{e}\n\n")).collect();
+        let whole = frames.concat();
+        let read = |frames: &[&[u8]]| {
+            let mut p = SseParser::new();
+            let mut seen = Vec::new();
+            let mut base = 0;
+            let mut templated = 0;
+            for f in frames {
+                let fits = f
+                    .strip_prefix(b"data: ")
+                    .and_then(|r| r.strip_suffix(b"\n\n"))
+                    .is_some_and(|d| fast::templated(d, &mut Vec::new(), &p.prefix).is_some());
+                templated += usize::from(fits);
+                p.feed(f, |e| {
+                    seen.push((
+                        e.kind,
+                        e.choices.to_vec(),
+                        e.usage,
+                        base + e.end,
+                        e.id.map(str::to_owned),
+                        e.model.map(str::to_owned),
+                        e.data.to_vec(),
+                    ))
+                });
+                base += f.len();
+            }
+            (seen, templated)
+        };
+        let one: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes()).collect();
+        let (by_event, templated) = read(&one);
+        assert_eq!(templated, 3, "the frames that fit the template");
+        assert_eq!(by_event, read(&[whole.as_bytes()]).0);
+        assert_eq!(by_event.len(), events.len());
+    }
+
+    /// A remembered payload whose data came in two lines has a line break in it, and a frame
+    /// with the same bytes is two lines again, not one event that fits it.
+    #[test]
+    fn a_payload_with_a_line_break_is_not_a_template() {
+        let split = TOKEN.replace(r#","choices""#, "\ndata: \"choices\"");
+        let again = TOKEN.replace(r#","choices""#, ",\n\"choices\"");
+        let frames = [
+            format!("{ROLE}\n\n"),
+            format!("{}\n\n", split.replacen("\ndata: ", ",\ndata: ", 1)),
+            format!("{again}\n\n"),
+        ];
+        let frames: Vec<&[u8]> = frames.iter().map(|f| f.as_bytes()).collect();
+        let kinds: Vec<EventKind> = run(&frames).0.iter().map(|e| e.kind).collect();
+        // The third frame's data is its first line only, which is not JSON.
+        assert_eq!(
+            kinds,
+            [EventKind::Token, EventKind::Token, EventKind::Other]
+        );
     }
 
     #[test]
