@@ -95,6 +95,25 @@ pub struct Event<'a> {
     pub data: &'a [u8],
 }
 
+impl<'a> Event<'a> {
+    /// The event classified as `c`, whose choices (for a token event) are in `choices`.
+    fn of(c: Classified<'a>, choices: &'a [ChoiceInfo], end: usize, data: &'a [u8]) -> Self {
+        Event {
+            kind: c.kind,
+            choices: if c.kind == EventKind::Token {
+                choices
+            } else {
+                &[]
+            },
+            usage: c.usage,
+            end,
+            id: c.id,
+            model: c.model,
+            data,
+        }
+    }
+}
+
 /// Where the current event's data is while its lines arrive.
 #[derive(Debug, Clone, Copy)]
 enum Data {
@@ -213,19 +232,7 @@ impl SseParser {
             return false;
         };
         let c = classified(top.error, top.usage, top.id, top.model, &mut self.choices);
-        on_event(&Event {
-            kind: c.kind,
-            choices: if c.kind == EventKind::Token {
-                &self.choices
-            } else {
-                &[]
-            },
-            usage: c.usage,
-            end: frame.len(),
-            id: c.id,
-            model: c.model,
-            data: payload,
-        });
+        on_event(&Event::of(c, &self.choices, frame.len(), payload));
         true
     }
 
@@ -314,19 +321,12 @@ impl SseParser {
             None => Classified::of(EventKind::NoData),
             Some(payload) => classify_in(payload, &mut self.choices, Some(&mut self.prefix)),
         };
-        on_event(&Event {
-            kind: c.kind,
-            choices: if c.kind == EventKind::Token {
-                &self.choices
-            } else {
-                &[]
-            },
-            usage: c.usage,
+        on_event(&Event::of(
+            c,
+            &self.choices,
             end,
-            id: c.id,
-            model: c.model,
-            data: payload.unwrap_or_default(),
-        });
+            payload.unwrap_or_default(),
+        ));
         self.data = data;
         self.data.clear();
     }
