@@ -141,28 +141,21 @@ fn info(b: Body<'_>) -> RequestInfo {
 fn scan(body: &[u8]) -> Option<Body<'_>> {
     let mut s = Scan::new(body);
     let mut b = Body::default();
-    let mut seen = 0u8;
-    s.object(|s, key| {
-        let bit = match key {
-            b"model" => 1,
-            b"stream" => 2,
-            b"stream_options" => 4,
-            b"max_tokens" => 8,
-            b"max_completion_tokens" => 16,
-            b"n" => 32,
-            _ => return s.value(1),
-        };
-        // serde refuses a field given twice.
-        if seen & bit != 0 {
-            return None;
-        }
-        seen |= bit;
-        match bit {
-            1 => b.model = opt_str(s, body)?.map(Cow::Borrowed),
-            2 => b.stream = opt_bool(s)?,
-            4 => b.stream_options = Some(stream_options(s)?),
-            8 => b.max_tokens = s.opt_uint()?,
-            16 => b.max_completion_tokens = s.opt_uint()?,
+    let keys: [&[u8]; 6] = [
+        b"model",
+        b"stream",
+        b"stream_options",
+        b"max_tokens",
+        b"max_completion_tokens",
+        b"n",
+    ];
+    s.fields(&keys, 1, |s, k| {
+        match k {
+            0 => b.model = opt_str(s, body)?.map(Cow::Borrowed),
+            1 => b.stream = opt_bool(s)?,
+            2 => b.stream_options = Some(stream_options(s)?),
+            3 => b.max_tokens = s.opt_uint()?,
+            4 => b.max_completion_tokens = s.opt_uint()?,
             _ => b.n = s.opt_uint()?.map(u32::try_from).transpose().ok()?,
         }
         Some(())
@@ -201,19 +194,9 @@ fn stream_options(s: &mut Scan<'_>) -> Option<Option<StreamOptions>> {
     }
     // Anything but an object is left to serde by `object`.
     let mut so = StreamOptions::default();
-    let mut seen = 0u8;
-    s.object(|s, key| {
-        let bit = match key {
-            b"include_usage" => 1,
-            b"continuous_usage_stats" => 2,
-            _ => return s.value(2),
-        };
-        if seen & bit != 0 {
-            return None;
-        }
-        seen |= bit;
+    s.fields(&[b"include_usage", b"continuous_usage_stats"], 2, |s, k| {
         let v = opt_bool(s)?;
-        if bit == 1 {
+        if k == 0 {
             so.include_usage = v;
         } else {
             so.continuous_usage_stats = v;

@@ -967,11 +967,33 @@ pub(crate) mod fast {
 
         /// `{ "key": value, … }`; `field` reads each value (the scanner is just past the `:`).
         #[inline]
-        pub(crate) fn object(
+        fn object(
             &mut self,
             mut field: impl FnMut(&mut Self, &'a [u8]) -> Option<()>,
         ) -> Option<()> {
             self.object_at(|s, _, key| field(s, key))
+        }
+
+        /// An object whose members named in `keys` are each read by `read`, given the key's
+        /// index, at most once (serde refuses a field given twice: `None`); other members are
+        /// skipped, their syntax checked, as values at `depth`.
+        pub(crate) fn fields(
+            &mut self,
+            keys: &[&[u8]],
+            depth: u32,
+            mut read: impl FnMut(&mut Self, usize) -> Option<()>,
+        ) -> Option<()> {
+            let mut seen = 0u32;
+            self.object(|s, key| {
+                let Some(k) = keys.iter().position(|k| *k == key) else {
+                    return s.value(depth);
+                };
+                if seen & 1 << k != 0 {
+                    return None;
+                }
+                seen |= 1 << k;
+                read(s, k)
+            })
         }
 
         /// [`Self::object`], telling `field` where each member starts.
@@ -1072,7 +1094,7 @@ pub(crate) mod fast {
         }
 
         /// Skips one value (the scanner is on its first byte), checking its syntax.
-        pub(crate) fn value(&mut self, depth: u32) -> Option<()> {
+        fn value(&mut self, depth: u32) -> Option<()> {
             match *self.b.get(self.i)? {
                 b'"' => self.string().map(|_| ()),
                 b'{' => {
@@ -1246,28 +1268,17 @@ pub(crate) mod fast {
             let mut delta_content = false;
             let mut text = None;
             let mut finish = None;
-            let mut seen = 0u8;
-            self.object(|s, key| {
-                let bit = match key {
-                    b"index" => 1,
-                    b"delta" => 2,
-                    b"text" => 4,
-                    b"finish_reason" => 8,
-                    _ => return s.value(2),
-                };
-                if seen & bit != 0 {
-                    return None;
-                }
-                seen |= bit;
-                match bit {
-                    1 => {
+            let keys: [&[u8]; 4] = [b"index", b"delta", b"text", b"finish_reason"];
+            self.fields(&keys, 2, |s, k| {
+                match k {
+                    0 => {
                         index = s.opt_uint()?;
                         if index.is_some_and(|i| i > u64::from(u32::MAX)) {
                             return None;
                         }
                     }
-                    2 => delta_content = s.delta()?,
-                    4 => {
+                    1 => delta_content = s.delta()?,
+                    2 => {
                         let at = s.i;
                         text = s.opt_raw()?;
                         s.note_var(at);
@@ -1292,22 +1303,16 @@ pub(crate) mod fast {
                 }
                 b'{' => {
                     let mut content = false;
-                    let mut seen = 0u8;
-                    self.object(|s, key| {
-                        let bit = match key {
-                            b"content" => 1,
-                            b"reasoning_content" => 2,
-                            b"reasoning" => 4,
-                            b"tool_calls" => 8,
-                            _ => return s.value(3),
-                        };
-                        if seen & bit != 0 {
-                            return None;
-                        }
-                        seen |= bit;
+                    let keys: [&[u8]; 4] = [
+                        b"content",
+                        b"reasoning_content",
+                        b"reasoning",
+                        b"tool_calls",
+                    ];
+                    self.fields(&keys, 3, |s, k| {
                         let at = s.i;
                         content |= non_empty(s.opt_raw()?);
-                        if bit == 1 {
+                        if k == 0 {
                             s.note_var(at);
                         }
                         Some(())
@@ -1327,19 +1332,9 @@ pub(crate) mod fast {
                 }
                 b'{' => {
                     let mut u = Usage::default();
-                    let mut seen = 0u8;
-                    self.object(|s, key| {
-                        let bit = match key {
-                            b"prompt_tokens" => 1,
-                            b"completion_tokens" => 2,
-                            _ => return s.value(2),
-                        };
-                        if seen & bit != 0 {
-                            return None;
-                        }
-                        seen |= bit;
+                    self.fields(&[b"prompt_tokens", b"completion_tokens"], 2, |s, k| {
                         let v = s.opt_uint()?;
-                        if bit == 1 {
+                        if k == 0 {
                             u.prompt_tokens = v;
                         } else {
                             u.completion_tokens = v;
