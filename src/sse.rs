@@ -227,12 +227,11 @@ impl SseParser {
         else {
             return false;
         };
-        self.choices.clear();
-        let Some(top) = fast::templated(payload, &mut self.choices, &self.prefix) else {
+        let Some((top, choices)) = fast::templated(payload, &self.prefix) else {
             return false;
         };
-        let c = classified(top.error, top.usage, top.id, top.model, &mut self.choices);
-        on_event(&Event::of(c, &self.choices, frame.len(), payload));
+        let c = classified(top.error, top.usage, top.id, top.model, !choices.is_empty());
+        on_event(&Event::of(c, choices, frame.len(), payload));
         true
     }
 
@@ -396,7 +395,7 @@ fn classify_in<'a>(
     }
     choices.clear();
     if let Some(top) = fast::top(trimmed, choices, prefix) {
-        return classified(top.error, top.usage, top.id, top.model, choices);
+        return classified_in(top.error, top.usage, top.id, top.model, choices);
     }
     choices.clear();
     classify_serde(trimmed, choices)
@@ -413,7 +412,7 @@ fn classify_serde<'a>(trimmed: &'a [u8], choices: &mut Vec<ChoiceInfo>) -> Class
             return Classified::of(EventKind::Other);
         }
     };
-    classified(
+    classified_in(
         top.error,
         top.usage,
         top.id.and_then(|r| plain_string(r.get().as_bytes())),
@@ -422,18 +421,33 @@ fn classify_serde<'a>(trimmed: &'a [u8], choices: &mut Vec<ChoiceInfo>) -> Class
     )
 }
 
-/// The classification of a parsed event (the same for both parsers).
-fn classified<'a>(
+/// The classification of a parsed event (the same for both parsers), whose token choices are
+/// in `choices`; an error event keeps none.
+fn classified_in<'a>(
     error: bool,
     usage: Option<Usage>,
     id: Option<&'a str>,
     model: Option<&'a str>,
     choices: &mut Vec<ChoiceInfo>,
 ) -> Classified<'a> {
-    let kind = if error {
+    let c = classified(error, usage, id, model, !choices.is_empty());
+    if c.kind == EventKind::Error {
         choices.clear();
+    }
+    c
+}
+
+/// The classification of a parsed event that had token choices or not.
+fn classified<'a>(
+    error: bool,
+    usage: Option<Usage>,
+    id: Option<&'a str>,
+    model: Option<&'a str>,
+    has_choices: bool,
+) -> Classified<'a> {
+    let kind = if error {
         EventKind::Error
-    } else if !choices.is_empty() {
+    } else if has_choices {
         EventKind::Token
     } else if usage.is_some() {
         EventKind::Usage
@@ -740,14 +754,14 @@ pub(crate) mod fast {
         /// Whether `json` is answered from the template (tests count them).
         #[cfg(test)]
         pub(super) fn templated(&self, json: &[u8]) -> bool {
-            self.resumes(json) && self.template.as_ref().is_some_and(|t| self.fits(json, t))
+            self.template.as_ref().is_some_and(|t| self.fits(json, t))
         }
 
         /// Whether `json` differs from the remembered payload only inside its template's
-        /// string (`json` is known to start with the first `at` bytes).
+        /// string: the same bytes up to the string and after it, and a valid string there.
         fn fits(&self, json: &[u8], t: &Template) -> bool {
             let old = self.text.as_bytes();
-            if json.get(self.at..=t.open) != old.get(self.at..=t.open) {
+            if json.get(..=t.open) != old.get(..=t.open) {
                 return false;
             }
             let mut s = Scan {
@@ -801,13 +815,13 @@ pub(crate) mod fast {
         prefix: Option<&'a mut Prefix>,
     ) -> Option<Top<'a>> {
         match prefix {
+            Some(p) if p.template.as_ref().is_some_and(|t| p.fits(json, t)) => {
+                let p: &'a Prefix = p;
+                let t = p.template.as_ref()?;
+                choices.extend_from_slice(&t.choices);
+                top_of(json, &p.text[..t.open], &t.fields)
+            }
             Some(p) if p.at > 0 && json.starts_with(&p.text.as_bytes()[..p.at]) => {
-                if p.template.as_ref().is_some_and(|t| p.fits(json, t)) {
-                    let p: &'a Prefix = p;
-                    let t = p.template.as_ref()?;
-                    choices.extend_from_slice(&t.choices);
-                    return top_of(json, &p.text[..t.open], &t.fields);
-                }
                 let mut f = p.fields;
                 let mut s = Scan {
                     b: json,
@@ -861,22 +875,18 @@ pub(crate) mod fast {
         }
     }
 
-    /// What `json` carried when it fits the template of the payload `p` remembers and that
-    /// payload had no line break: then `json` has none either. `None` for any other payload.
+    /// What `json` carried, and its token choices, when it fits the template of the payload
+    /// `p` remembers and that payload had no line break: then `json` has none either. `None`
+    /// for any other payload.
     pub(super) fn templated<'a>(
         json: &'a [u8],
-        choices: &mut Vec<ChoiceInfo>,
         p: &'a Prefix,
-    ) -> Option<Top<'a>> {
-        if !p.single_line || p.at == 0 || !json.starts_with(&p.text.as_bytes()[..p.at]) {
-            return None;
-        }
+    ) -> Option<(Top<'a>, &'a [ChoiceInfo])> {
         let t = p.template.as_ref()?;
-        if !p.fits(json, t) {
+        if !p.single_line || !p.fits(json, t) {
             return None;
         }
-        choices.extend_from_slice(&t.choices);
-        top_of(json, &p.text[..t.open], &t.fields)
+        Some((top_of(json, &p.text[..t.open], &t.fields)?, &t.choices))
     }
 
     /// What the top level of `json` carried, from the fields read; `known` is a start of `json`
@@ -1480,7 +1490,7 @@ mod tests {
         ) -> Option<(Classified<'a>, Vec<ChoiceInfo>)> {
             let mut choices = Vec::new();
             let top = fast::top(json, &mut choices, prefix)?;
-            let c = classified(top.error, top.usage, top.id, top.model, &mut choices);
+            let c = classified_in(top.error, top.usage, top.id, top.model, &mut choices);
             Some((c, choices))
         }
         let mut accepted = 0;
@@ -1623,7 +1633,7 @@ mod tests {
                 let fits = f
                     .strip_prefix(b"data: ")
                     .and_then(|r| r.strip_suffix(b"\n\n"))
-                    .is_some_and(|d| fast::templated(d, &mut Vec::new(), &p.prefix).is_some());
+                    .is_some_and(|d| fast::templated(d, &p.prefix).is_some());
                 templated += usize::from(fits);
                 p.feed(f, |e| {
                     seen.push((
