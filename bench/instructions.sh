@@ -6,7 +6,7 @@
 # The proxy runs under valgrind twice, for N and 2N requests of the same shape; the difference
 # divided by the extra chunks is the cost of one chunk, start-up and idle work cancelled out.
 #
-# Usage: bench/instructions.sh [tokentap|tokentap-notel|nginx] [--streams S] [--tokens T]
+# Usage: bench/instructions.sh [tokentap|tokentap-notel|nginx|relay] [--streams S] [--tokens T]
 #        [--itl MS] (simulator inter-token time, default 50; 0 sends chunks back to back)
 #        [--cache] (also simulate the caches: misses per chunk, first level and last level)
 #        [--plain] (per non-streaming request instead: the benchmark's 16-token chat completion
@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-cargo build --release --quiet
+cargo build --release --quiet --bin tokentap --example relay
 B=target/release/tokentap
 P=${PROXY_BIN:-$B}
 d=$(mktemp -d)
@@ -72,6 +72,10 @@ start_proxy() {
     tokentap | tokentap-notel)
       TOKENTAP_LOG=warn taskset -c 1 valgrind --tool=callgrind "${cache[@]}" --callgrind-out-file="$out" \
         "$P" serve --config "$d/tt.toml" 2>/dev/null &
+      ;;
+    relay)
+      taskset -c 1 valgrind --tool=callgrind "${cache[@]}" --callgrind-out-file="$out" \
+        target/release/examples/relay 127.0.0.1:18080 127.0.0.1:18000 2>/dev/null &
       ;;
     nginx)
       taskset -c 1 valgrind --tool=callgrind "${cache[@]}" --trace-children=yes \

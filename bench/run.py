@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""tokentap end-to-end benchmark: direct vs tokentap (telemetry on / off) vs nginx.
+"""tokentap end-to-end benchmark: direct vs tokentap (telemetry on / off) vs nginx, and a TCP
+relay that reads nothing (bench/relay.rs: what the extra hop alone costs).
 
 Everything runs on 127.0.0.1. The simulator (with emit-time stamps) is the upstream and
 `tokentap bench --chunk-latency` the client. CPU 0 runs the simulator and the client, CPU 1
@@ -31,13 +32,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "tokentap")
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 HOST = "127.0.0.1"
-SIM_PORT, TT_PORT, TT_ADMIN, NOTEL_PORT, NOTEL_ADMIN, NGINX_PORT = (
-    18000, 18080, 19464, 18081, 19465, 18082)
+SIM_PORT, TT_PORT, TT_ADMIN, NOTEL_PORT, NOTEL_ADMIN, NGINX_PORT, RELAY_PORT = (
+    18000, 18080, 19464, 18081, 19465, 18082, 18083)
+# The floor: a TCP relay that reads nothing (bench/relay.rs, built by bench/run.sh).
+RELAY = os.path.join(ROOT, "target", "release", "examples", "relay")
 LOAD_CPU, PROXY_CPU = "0", "1"
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-TARGETS = ["direct", "tokentap", "tokentap-notel", "nginx"]
+TARGETS = ["direct", "tokentap", "tokentap-notel", "nginx", "relay"]
 PROXIES = TARGETS[1:]
 
 # (concurrent streams, inter-token ms, output tokens, arrival rate/s or None = all at once,
@@ -226,6 +229,10 @@ def start_proxy(name, out):
         # The access log goes to stderr at info level; keep it (it is part of telemetry).
         wait_port(port)
         return p, [p.pid], port
+    if name == "relay":
+        p = start([RELAY, f"{HOST}:{RELAY_PORT}", f"{HOST}:{SIM_PORT}"], PROXY_CPU, log)
+        wait_port(RELAY_PORT)
+        return p, [p.pid], RELAY_PORT
     p = start(["nginx", "-p", d, "-c", nginx_config(d), "-e", os.path.join(d, "nginx-error.log")],
               PROXY_CPU, log)
     wait_port(NGINX_PORT)
