@@ -17,15 +17,17 @@ fn main() -> std::io::Result<()> {
         std::process::exit(2);
     };
     tokio::runtime::Builder::new_current_thread()
-        .enable_io()
+        .enable_all()
         .build()?
         .block_on(async move {
             let listener = TcpListener::bind(&listen).await?;
             loop {
                 let mut client = match listener.accept().await {
                     Ok((client, _)) => client,
+                    // Out of file descriptors, say: wait for some to be closed.
                     Err(e) => {
                         eprintln!("relay: accept: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                         continue;
                     }
                 };
