@@ -192,7 +192,7 @@ fn stream_options(s: &mut Scan<'_>) -> Option<Option<StreamOptions>> {
     if s.peek()? == b'n' {
         return s.literal(b"null").map(|()| None);
     }
-    // Anything but an object is left to serde by `object`.
+    // Anything but an object is left to serde by `fields`.
     let mut so = StreamOptions::default();
     s.fields(&[b"include_usage", b"continuous_usage_stats"], 2, |s, k| {
         let v = opt_bool(s)?;
