@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGETS = ["direct", "tokentap", "tokentap-notel", "nginx", "relay"]
+TARGETS = ["direct", "tokentap", "tokentap-pgo", "tokentap-notel", "nginx", "relay"]
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 

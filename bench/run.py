@@ -34,6 +34,9 @@ MODEL = "Qwen/Qwen2.5-7B-Instruct"
 HOST = "127.0.0.1"
 SIM_PORT, TT_PORT, TT_ADMIN, NOTEL_PORT, NOTEL_ADMIN, NGINX_PORT, RELAY_PORT = (
     18000, 18080, 19464, 18081, 19465, 18082, 18083)
+# tokentap built with profile-guided optimization (bench/pgo.sh), full telemetry.
+PGO_BIN = os.path.join(ROOT, "target", "pgo", "release", "tokentap")
+PGO_PORT, PGO_ADMIN = 18084, 19466
 # The floor: a TCP relay that reads nothing (bench/relay.rs, built by bench/run.sh).
 RELAY = os.path.join(ROOT, "target", "release", "examples", "relay")
 LOAD_CPU, PROXY_CPU = "0", "1"
@@ -41,7 +44,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 TARGETS = ["direct", "tokentap", "tokentap-notel", "nginx", "relay"]
-PROXIES = TARGETS[1:]
+# Run only when asked for (--pgo or --targets): its binary is built by bench/pgo.sh.
+OPTIONAL = ["tokentap-pgo"]
 
 # (concurrent streams, inter-token ms, output tokens, arrival rate/s or None = all at once,
 #  requests). 1,000+ streams use a longer ITL: the simulator and the client share one core.
@@ -219,13 +223,15 @@ def start_proxy(name, out):
     if name == "direct":
         return None, [], SIM_PORT
     if name.startswith("tokentap"):
-        tel = name == "tokentap"
-        port, admin = (TT_PORT, TT_ADMIN) if tel else (NOTEL_PORT, NOTEL_ADMIN)
+        tel = name != "tokentap-notel"
+        port, admin = {"tokentap": (TT_PORT, TT_ADMIN), "tokentap-notel": (NOTEL_PORT, NOTEL_ADMIN),
+                       "tokentap-pgo": (PGO_PORT, PGO_ADMIN)}[name]
         cfg = os.path.join(d, f"{name}.toml")
         tt_config(cfg, port, admin, tel)
         env = dict(os.environ, TOKENTAP_LOG="warn")
         # PROXY_BIN: another build as the proxy, against the same simulator and client (A/B).
-        p = start([os.environ.get("PROXY_BIN", BIN), "serve", "--config", cfg], PROXY_CPU, log, env)
+        binary = PGO_BIN if name == "tokentap-pgo" else os.environ.get("PROXY_BIN", BIN)
+        p = start([binary, "serve", "--config", cfg], PROXY_CPU, log, env)
         # The access log goes to stderr at info level; keep it (it is part of telemetry).
         wait_port(port)
         return p, [p.pid], port
@@ -404,10 +410,17 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="latency,saturation,rps")
     ap.add_argument("--streams", help="comma-separated subset of 1,100,1000,5000")
-    ap.add_argument("--targets", help="comma-separated subset of " + ",".join(TARGETS))
+    ap.add_argument("--targets", help="comma-separated subset of " + ",".join(TARGETS + OPTIONAL))
+    ap.add_argument("--pgo", action="store_true",
+                    help="also tokentap-pgo, the build of bench/pgo.sh (bench/run.sh --pgo builds it)")
     a = ap.parse_args()
+    every = TARGETS[:2] + OPTIONAL + TARGETS[2:]
     if a.targets:
-        TARGETS[:] = [t for t in TARGETS if t in a.targets.split(",")]
+        TARGETS[:] = [t for t in every if t in a.targets.split(",")]
+    elif a.pgo:
+        TARGETS[:] = every
+    if "tokentap-pgo" in TARGETS and not os.path.exists(PGO_BIN):
+        sys.exit(f"{PGO_BIN} is missing: bench/pgo.sh builds it")
     levels = QUICK_LEVELS if a.quick else LEVELS
     if a.streams:
         levels = [lv for lv in levels if str(lv[0]) in a.streams.split(",")]
