@@ -1,5 +1,6 @@
-# Config files shared by bench/profile.sh and bench/instructions.sh (sourced, not run).
-# The simulator on 127.0.0.1:18000 with exact timings, the proxy on 127.0.0.1:18080.
+# Config files and helpers shared by bench/profile.sh, bench/instructions.sh and bench/pgo.sh
+# (sourced, not run). The simulator on 127.0.0.1:18000 with exact timings, the proxy on
+# 127.0.0.1:18080.
 
 MODEL=Qwen/Qwen2.5-7B-Instruct
 
@@ -33,4 +34,24 @@ telemetry_enabled = ${2:-true}
 [telemetry]
 models = ["$MODEL"]
 T
+}
+
+# post_lua FILE: a wrk script that POSTs the benchmark's non-streaming request, a 16-token chat
+# completion.
+post_lua() {
+  cat > "$1" <<L
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"say hi"}],"max_tokens":16,"ignore_eos":true}'
+L
+}
+
+# wait_port PORT: returns once something listens on 127.0.0.1:PORT; exits after 60 s.
+wait_port() {
+  for _ in $(seq 1 600); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on $1" >&2
+  exit 1
 }

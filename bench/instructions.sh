@@ -48,15 +48,6 @@ TOKENTAP_LOG=warn taskset -c 0 $B simulate --config "$d/sim.toml" --listen 127.0
   2>/dev/null &
 pids+=($!)
 
-wait_port() {
-  for _ in $(seq 1 600); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2
-  exit 1
-}
-
 # Sends `requests` requests of `tokens` tokens through the proxy, at most `streams` at once.
 load() {
   taskset -c 0 $B bench --base-url http://127.0.0.1:18080 --model "$MODEL" --num-prompts "$1" \
@@ -116,11 +107,7 @@ events=$([ ${#cache[@]} -gt 0 ] && echo "Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw"
 wait_port 18000
 if [ -n "$plain" ]; then
   command -v wrk > /dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
-  cat > "$d/post.lua" <<L
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"say hi"}],"max_tokens":16,"ignore_eos":true}'
-L
+  post_lua "$d/post.lua"
   url=http://127.0.0.1:18080/v1/chat/completions
   start_proxy "$d/cg.plain"
   taskset -c 0 wrk -t1 -c8 -d2s -s "$d/post.lua" "$url" > /dev/null

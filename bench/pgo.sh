@@ -9,7 +9,8 @@
 #
 # Needs llvm-profdata of the LLVM that rustc uses (`rustc -vV`; Debian: apt-get install -y
 # llvm-22 for LLVM 22), and wrk for the non-streaming requests (skipped without it).
-# Usage: bench/pgo.sh; then e.g. PROXY_BIN=target/pgo/release/tokentap bench/run.sh
+# Usage: bench/pgo.sh. bench/run.sh --pgo runs it, then measures its build as the target
+# tokentap-pgo beside the default build.
 # Everything on 127.0.0.1; every process it starts is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,15 +37,6 @@ trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$d"
 sim_config "$d/sim.toml" 20
 proxy_config "$d/tt.toml" true
 
-wait_port() {
-  for _ in $(seq 1 600); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2
-  exit 1
-}
-
 TOKENTAP_LOG=warn taskset -c 0 $B simulate --config "$d/sim.toml" --listen 127.0.0.1:18000 \
   2>/dev/null &
 pids+=($!)
@@ -68,11 +60,7 @@ load /v1/chat/completions 400 100 100
 load /v1/completions 200 100 100
 load /v1/chat/completions 3000 1000 40
 if command -v wrk > /dev/null; then
-  cat > "$d/post.lua" <<L
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"model":"$MODEL","messages":[{"role":"user","content":"say hi"}],"max_tokens":16,"ignore_eos":true}'
-L
+  post_lua "$d/post.lua"
   taskset -c 0 wrk -t1 -c64 -d5s -s "$d/post.lua" http://127.0.0.1:18080/v1/chat/completions \
     > /dev/null
 else
