@@ -404,6 +404,20 @@ def machine():
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def check_pgo_bin():
+    """Exits unless the PGO build exists and is newer than every source it is built from: an
+    older one would be measured as if it were the current code."""
+    if not os.path.exists(PGO_BIN):
+        sys.exit(f"{PGO_BIN} is missing: bench/pgo.sh builds it")
+    sources = [os.path.join(ROOT, f) for f in ["Cargo.toml", "Cargo.lock"]]
+    for d, _, files in os.walk(os.path.join(ROOT, "src")):
+        sources += [os.path.join(d, f) for f in files]
+    newest = max(sources, key=os.path.getmtime)
+    if os.path.getmtime(newest) > os.path.getmtime(PGO_BIN):
+        sys.exit(f"{PGO_BIN} is older than {os.path.relpath(newest, ROOT)}: bench/pgo.sh "
+                 "rebuilds it")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shorter runs, for a smoke test")
@@ -419,8 +433,8 @@ def main():
         TARGETS[:] = [t for t in every if t in a.targets.split(",")]
     elif a.pgo:
         TARGETS[:] = every
-    if "tokentap-pgo" in TARGETS and not os.path.exists(PGO_BIN):
-        sys.exit(f"{PGO_BIN} is missing: bench/pgo.sh builds it")
+    if "tokentap-pgo" in TARGETS:
+        check_pgo_bin()
     levels = QUICK_LEVELS if a.quick else LEVELS
     if a.streams:
         levels = [lv for lv in levels if str(lv[0]) in a.streams.split(",")]
