@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use crate::sse::{Event, EventKind, FinishReason, Usage};
@@ -49,27 +50,29 @@ impl TokenSource {
     }
 }
 
-/// The per-request state, fed as events reach the client.
+/// The per-request state, fed as events reach the client. The fields a token event updates
+/// come first and in this order (`repr(C)`), so that they share as few cache lines as they can.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Latency {
-    t0: Instant,
+    last_byte: Option<Instant>,
+    last_token: Option<Instant>,
     first_token: Option<Instant>,
     first_content: Option<Instant>,
-    last_token: Option<Instant>,
-    last_byte: Option<Instant>,
-    last_by_choice: Vec<Option<Instant>>,
+    token_events: u64,
+    content_events: u64,
     itl_count: u64,
     itl_sum: Duration,
     itl_max: Duration,
-    token_events: u64,
-    content_events: u64,
-    usage: Usage,
+    last_by_choice: SmallVec<[Option<Instant>; 1]>,
+    finish_reason: Option<FinishReason>,
     usage_seen: bool,
-    cumulative_completion: u64,
     inband_error: bool,
     done: bool,
+    cumulative_completion: u64,
     other_events: u64,
-    finish_reason: Option<FinishReason>,
+    usage: Usage,
+    t0: Instant,
 }
 
 /// What a finished request measured.
@@ -108,6 +111,10 @@ pub struct Figures {
 }
 
 impl Latency {
+    /// Bytes from the start of the state to the end of the fields a token event updates.
+    #[cfg(test)]
+    pub(crate) const TOKEN_FIELDS: usize = std::mem::offset_of!(Latency, finish_reason);
+
     /// Starts the clock of a request that arrived at `t0`.
     pub fn new(t0: Instant) -> Self {
         Latency {
@@ -116,7 +123,7 @@ impl Latency {
             first_content: None,
             last_token: None,
             last_byte: None,
-            last_by_choice: Vec::new(),
+            last_by_choice: SmallVec::new(),
             itl_count: 0,
             itl_sum: Duration::ZERO,
             itl_max: Duration::ZERO,

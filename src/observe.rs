@@ -33,19 +33,25 @@ const MAX_JSON_USAGE_BODY: usize = 4 * 1024 * 1024;
 /// How the response body is looked at.
 #[derive(Debug)]
 enum Mode {
-    /// `text/event-stream`: parse events; `strip` removes usage-only events.
+    /// `text/event-stream`: parse events; with `strip`, remove usage-only events (boxed: the
+    /// recorder's per-chunk fields should share few cache lines, and most streams keep them).
     Sse {
         parser: SseParser,
-        strip: bool,
-        /// Bytes of an incomplete event held back (strip mode only).
-        pending: BytesMut,
-        /// (end offset, cut out) of the events of the current frame; reused.
-        ends: Vec<(usize, bool)>,
+        strip: Option<Box<Strip>>,
     },
     /// A JSON body of a generation request: kept to read `usage` from when it ends.
     Json { frames: Vec<Bytes>, len: usize },
     /// Anything else: only the time of the last byte matters.
     Opaque,
+}
+
+/// What removing usage-only events from a stream keeps between frames.
+#[derive(Debug, Default)]
+struct Strip {
+    /// Bytes of an incomplete event held back.
+    pending: BytesMut,
+    /// (end offset, cut out) of the events of the current frame; reused.
+    ends: Vec<(usize, bool)>,
 }
 
 /// How a body ended, before it is turned into an [`Outcome`].
@@ -63,19 +69,25 @@ pub enum Ending {
 
 /// Per-request telemetry state, created when the request arrives and consumed by
 /// [`Recorder::finish`] exactly once.
+///
+/// At a thousand streams a stream's state is out of the CPU's caches by the time its next
+/// chunk comes, so every cache line a chunk touches costs a fetch: the fields each chunk reads
+/// come first and in this order (`repr(C)`), those of the head and the end after them.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Recorder {
-    telemetry: Arc<Telemetry>,
-    route: Arc<RouteMetrics>,
-    request_id: Box<str>,
-    latency: Latency,
-    status: u16,
     mode: Mode,
-    span: Option<RequestSpan>,
-    /// The response's id and model have been handed to the span.
-    meta_seen: bool,
     /// ITL samples on their way to `/stats`.
     itl: ItlBatch,
+    route: Arc<RouteMetrics>,
+    /// Boxed: most requests have none.
+    span: Option<Box<RequestSpan>>,
+    /// The response's id and model have been handed to the span.
+    meta_seen: bool,
+    status: u16,
+    latency: Latency,
+    telemetry: Arc<Telemetry>,
+    request_id: Box<str>,
 }
 
 impl Recorder {
@@ -96,7 +108,7 @@ impl Recorder {
             status: 0,
             mode: Mode::Opaque,
             meta_seen: span.is_none(),
-            span,
+            span: span.map(Box::new),
             itl: ItlBatch::default(),
         }
     }
@@ -119,9 +131,7 @@ impl Recorder {
         self.mode = if ok && sse {
             Mode::Sse {
                 parser: SseParser::new(),
-                strip: strip_usage,
-                pending: BytesMut::new(),
-                ends: Vec::new(),
+                strip: strip_usage.then(Box::default),
             }
         } else if ok && json && self.route.endpoint.is_generation() {
             Mode::Json {
@@ -135,7 +145,7 @@ impl Recorder {
 
     /// True when bytes may be held back (usage stripping), so the body length is not known.
     fn strips(&self) -> bool {
-        matches!(self.mode, Mode::Sse { strip: true, .. })
+        matches!(self.mode, Mode::Sse { strip: Some(_), .. })
     }
 
     /// Takes a data frame that arrives at `now` and returns the bytes to hand to the client now
@@ -159,14 +169,10 @@ impl Recorder {
                 }
                 data
             }
-            Mode::Sse {
-                parser,
-                strip,
-                pending,
-                ends,
-            } => {
-                let strip = *strip;
-                ends.clear();
+            Mode::Sse { parser, strip } => {
+                if let Some(strip) = strip {
+                    strip.ends.clear();
+                }
                 parser.feed(&data, |event| {
                     latency.on_event(event, now, |o| observe(route, span, itl, o, now));
                     if !*meta_seen
@@ -176,14 +182,13 @@ impl Recorder {
                         span.on_response_meta(id, model);
                         *meta_seen = true;
                     }
-                    if strip {
-                        ends.push((event.end, event.kind == EventKind::Usage));
+                    if let Some(strip) = strip {
+                        strip.ends.push((event.end, event.kind == EventKind::Usage));
                     }
                 });
-                if strip {
-                    cut_usage(data, ends, pending)
-                } else {
-                    data
+                match strip {
+                    Some(strip) => cut_usage(data, &strip.ends, &mut strip.pending),
+                    None => data,
                 }
             }
         }
@@ -192,7 +197,9 @@ impl Recorder {
     /// Bytes held back at the end of the stream (an incomplete last event), to be forwarded.
     pub fn take_pending(&mut self) -> Bytes {
         match &mut self.mode {
-            Mode::Sse { pending, .. } => pending.split().freeze(),
+            Mode::Sse {
+                strip: Some(strip), ..
+            } => strip.pending.split().freeze(),
             _ => Bytes::new(),
         }
     }
@@ -241,7 +248,7 @@ impl Recorder {
         }
         let figures = self.latency.figures(now);
         if let Some(span) = self.span {
-            span.finish(outcome, self.status, &figures);
+            (*span).finish(outcome, self.status, &figures);
         }
         self.telemetry.record(
             &Finished {
@@ -261,7 +268,7 @@ impl Recorder {
 /// Records a figure the moment it is known (an ITL sample in `/stats` a batch at a time).
 fn observe(
     route: &RouteMetrics,
-    span: &mut Option<RequestSpan>,
+    span: &mut Option<Box<RequestSpan>>,
     itl: &mut ItlBatch,
     o: Observation,
     now: Instant,
@@ -360,22 +367,24 @@ fn json_body<'a>(frames: &'a [Bytes], joined: &'a mut Vec<u8>) -> sse::Classifie
 pub struct IdleTimeout(pub Duration);
 
 pin_project! {
-    /// Wraps the upstream response body; see the module documentation.
+    /// Wraps the upstream response body; see the module documentation. The fields each frame
+    /// reads and writes come first, next to the inner body (`repr(C)`); the timer after them.
+    #[repr(C)]
     pub struct TimedBody<B> {
+        recorder: Option<Box<Recorder>>,
+        last_frame: Instant,
+        // The waker `idle` was last polled with: until it fires or is reset it holds that
+        // waker, and polling it again for the same task would only register it again.
+        idle_waker: Option<Waker>,
+        strips: bool,
+        upstream_done: bool,
         #[pin]
         inner: B,
+        idle_timeout: Duration,
         // Armed for `last_frame + idle_timeout`, but moved only when it fires early: resetting
         // a timer on every frame would cost a timer-wheel update per chunk.
         #[pin]
         idle: Sleep,
-        // The waker `idle` was last polled with: until it fires or is reset it holds that
-        // waker, and polling it again for the same task would only register it again.
-        idle_waker: Option<Waker>,
-        idle_timeout: Duration,
-        last_frame: Instant,
-        recorder: Option<Box<Recorder>>,
-        strips: bool,
-        upstream_done: bool,
     }
 
     impl<B> PinnedDrop for TimedBody<B> {
@@ -512,6 +521,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a templated chunk touches of its recorder, from its start to the end of the
+    /// latency state's token fields, stays within six cache lines.
+    #[test]
+    fn per_chunk_fields_share_few_cache_lines() {
+        let end = std::mem::offset_of!(Recorder, latency) + Latency::TOKEN_FIELDS;
+        assert!(end <= 6 * 64, "{end} bytes");
+        assert!(std::mem::offset_of!(Recorder, telemetry) >= end);
+    }
 
     fn cut(frames: &[&str]) -> String {
         let mut parser = SseParser::new();

@@ -125,22 +125,24 @@ enum Data {
     Buffered,
 }
 
-/// Splits an SSE byte stream into events, one frame at a time.
+/// Splits an SSE byte stream into events, one frame at a time. The fields every frame reads
+/// come first (`repr(C)`): most frames need no others.
 #[derive(Debug)]
+#[repr(C)]
 pub struct SseParser {
-    /// An incomplete line carried over from earlier frames.
-    line: Vec<u8>,
-    /// Copied event data, when it could not be read in place.
-    data: Vec<u8>,
-    state: Data,
+    /// The start of an earlier payload, so that the next ones need not read it again (boxed:
+    /// a parser is embedded in other state and should stay small).
+    prefix: Box<fast::Prefix>,
     /// The current block had a line of any kind (so a blank line ends an event).
     in_block: bool,
     /// The previous frame ended in `\r`: a leading `\n` in the next one belongs to it.
     skip_lf: bool,
+    /// An incomplete line carried over from earlier frames.
+    line: Vec<u8>,
+    state: Data,
+    /// Copied event data, when it could not be read in place.
+    data: Vec<u8>,
     choices: Vec<ChoiceInfo>,
-    /// The start of an earlier payload, so that the next ones need not read it again (boxed:
-    /// a parser is embedded in other state and should stay small).
-    prefix: Box<fast::Prefix>,
 }
 
 impl Default for SseParser {
@@ -652,6 +654,8 @@ fn non_empty(raw: Option<&[u8]>) -> bool {
 /// [`classify`] falls back to serde, so both always agree. Its [`fast::Scan`] reads request
 /// bodies for `inspect` the same way.
 pub(crate) mod fast {
+    use smallvec::SmallVec;
+
     use super::{ChoiceInfo, Usage, finish_reason, non_empty};
 
     /// What the top level carried.
@@ -716,18 +720,21 @@ pub(crate) mod fast {
     /// `model`, which are most of its bytes; most chunks differ from the one before only in
     /// the text of their content string, and then they read exactly like it (see [`Template`]).
     #[derive(Debug, Clone, Default)]
+    #[repr(C)]
     pub(super) struct Prefix {
+        /// What most chunks are checked against, first, next to the text's pointer and length
+        /// (`repr(C)`): a chunk that fits the template reads nothing else here.
+        template: Option<Template>,
         /// The payload, kept only when it is UTF-8 so that `id` and `model` can be read from
         /// it without checking them again.
         pub(super) text: String,
-        /// Where its `choices` member starts; 0 when there is nothing to resume from.
-        at: usize,
         /// The text has no line break (`\n` or `\r`), so neither has a payload that fits its
         /// template (see [`templated`]).
         single_line: bool,
+        /// Where its `choices` member starts; 0 when there is nothing to resume from.
+        at: usize,
         /// The fields read before `at`.
         fields: Fields,
-        template: Option<Template>,
     }
 
     /// Where the first content string of a payload is (`delta.content` or `text` of a choice),
@@ -735,13 +742,15 @@ pub(crate) mod fast {
     /// with a valid string there that is empty exactly when the old one was, gives the same:
     /// the scanner reads that string only to check it and to see whether it is empty.
     #[derive(Debug, Clone, Default)]
+    #[repr(C)]
     struct Template {
         /// Positions of its opening and closing quotes.
         open: usize,
         close: usize,
         /// The top-level fields read, `id` and `model` before `open`.
         fields: Fields,
-        choices: Vec<ChoiceInfo>,
+        /// Inline for one or two choices, so that reading them touches no other allocation.
+        choices: SmallVec<[ChoiceInfo; 2]>,
     }
 
     impl Prefix {

@@ -70,6 +70,7 @@ pub const ITL_BATCH: usize = 16;
 
 /// A stream's ITL samples not recorded yet (see [`ModelStats::record_itl`]).
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct ItlBatch {
     len: usize,
     us: [u32; ITL_BATCH],
