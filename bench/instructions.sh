@@ -9,6 +9,9 @@
 # Usage: bench/instructions.sh [tokentap|tokentap-notel|nginx|relay] [--streams S] [--tokens T]
 #        [--itl MS] (simulator inter-token time, default 50; 0 sends chunks back to back)
 #        [--cache] (also simulate the caches: misses per chunk, first level and last level)
+#        [--cold] (--cache with a 512 KiB last level, smaller than the state of a few hundred
+#        streams: its misses per chunk count the cache lines a chunk touches that a stream's
+#        previous chunk left behind, which at 1,000 streams are fetched from farther away)
 #        [--plain] (per non-streaming request instead: the benchmark's 16-token chat completion
 #        sent by wrk on 8 connections for $SECS seconds (default 6) after 2 s of warm-up; what
 #        was counted divided by the requests answered, idle work included)
@@ -25,6 +28,7 @@ while [ $# -gt 0 ]; do
     --tokens) tokens=$2; shift 2 ;;
     --itl) itl=$2; shift 2 ;;
     --cache) cache=(--cache-sim=yes); shift ;;
+    --cold) cache=(--cache-sim=yes --LL=524288,16,64); shift ;;
     --plain) plain=${SECS:-6}; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
