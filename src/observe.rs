@@ -33,8 +33,9 @@ const MAX_JSON_USAGE_BODY: usize = 4 * 1024 * 1024;
 /// How the response body is looked at.
 #[derive(Debug)]
 enum Mode {
-    /// `text/event-stream`: parse events; with `strip`, remove usage-only events (boxed: the
-    /// recorder's per-chunk fields should share few cache lines, and most streams keep them).
+    /// `text/event-stream`: parse events; with `strip`, remove usage-only events (boxed: only
+    /// streams whose usage the proxy asked for need it, and the recorder's per-chunk fields
+    /// should share few cache lines).
     Sse {
         parser: SseParser,
         strip: Option<Box<Strip>>,
