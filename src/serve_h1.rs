@@ -126,7 +126,9 @@ impl Shared {
         }
     }
 
-    /// Writes `out[*written..]`; `Ready(Ok)` once all is written.
+    /// Writes `out[*written..]`; `Ready(Ok)` once all is written. The write is tried first:
+    /// `try_write` answers `WouldBlock` without a syscall while the socket is known not to be
+    /// writable, and only then is the task registered to wait for it.
     fn poll_write(
         &self,
         cx: &mut Context<'_>,
@@ -134,11 +136,12 @@ impl Shared {
         written: &mut usize,
     ) -> Poll<io::Result<()>> {
         while *written < out.len() {
-            ready!(self.io.poll_write_ready(cx))?;
             match self.io.try_write(&out[*written..]) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => *written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.io.poll_write_ready(cx))?;
+                }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
