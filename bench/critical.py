@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -103,8 +104,11 @@ def one(name, out, tag, args):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     run.bench(port, os.path.join(out, f"{tag}-{name}.json"), args.requests, 1, args.tokens, None)
-    rec.send_signal(2)
-    rec.wait()
+    rec.send_signal(signal.SIGINT)
+    rec.wait()  # its exit status after SIGINT is not 0 even when it wrote the trace
+    if not os.path.exists(data) or os.path.getsize(data) == 0:
+        raise RuntimeError(f"perf record failed on {name} (tracing syscalls needs root or "
+                           "kernel.perf_event_paranoid <= -1)")
     if p:
         run.stop(p)
         run.wait_free(port)
