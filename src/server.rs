@@ -88,6 +88,7 @@ pub async fn serve<H, Fut, B>(
     B: Body<Data = bytes::Bytes, Error = BoxError> + Send + 'static,
 {
     let handler = Arc::new(handler);
+    let hyper_h1 = std::env::var_os("TOKENTAP_HTTP1_SERVER").is_some_and(|v| v == "hyper");
     let h2 = http2::Builder::new(TokioExecutor::new());
     let drain = Drain::new();
     // Tells connections that have not sent their first bytes yet (so are not watched by
@@ -124,6 +125,16 @@ pub async fn serve<H, Fut, B>(
                 // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1 one's, and inline it
                 // would size every connection's task.
                 Box::pin(watcher.watch(h2.serve_connection(TokioIo::new(stream), service)))
+                    .await
+                    .map_err(Into::into)
+            } else if hyper_h1 {
+                // Measurement only: the same stack behind hyper's HTTP/1 server.
+                let service = service_fn(move |req: Request<Incoming>| Answer {
+                    response: handler(req.map(ClientBody::H2), remote),
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                Box::pin(Turns::new(watcher.watch(conn)))
                     .await
                     .map_err(Into::into)
             } else {
