@@ -37,8 +37,6 @@ SIM_PORT, TT_PORT, TT_ADMIN, NOTEL_PORT, NOTEL_ADMIN, NGINX_PORT, RELAY_PORT = (
 # tokentap built with profile-guided optimization (bench/pgo.sh), full telemetry.
 PGO_BIN = os.path.join(ROOT, "target", "pgo", "release", "tokentap")
 PGO_PORT, PGO_ADMIN = 18084, 19466
-# The same build with hyper's HTTP/1 server for clients (TOKENTAP_HTTP1_SERVER=hyper).
-HYPER_PORT, HYPER_ADMIN = 18085, 19467
 # The floor: a TCP relay that reads nothing (bench/relay.rs, built by bench/run.sh).
 RELAY = os.path.join(ROOT, "target", "release", "examples", "relay")
 LOAD_CPU, PROXY_CPU = "0", "1"
@@ -47,7 +45,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 TARGETS = ["direct", "tokentap", "tokentap-notel", "nginx", "relay"]
 # Run only when asked for (--pgo or --targets): its binary is built by bench/pgo.sh.
-OPTIONAL = ["tokentap-pgo", "tokentap-hyperh1"]
+OPTIONAL = ["tokentap-pgo"]
 
 # (concurrent streams, inter-token ms, output tokens, arrival rate/s or None = all at once,
 #  requests). 1,000+ streams use a longer ITL: the simulator and the client share one core.
@@ -227,14 +225,10 @@ def start_proxy(name, out):
     if name.startswith("tokentap"):
         tel = name != "tokentap-notel"
         port, admin = {"tokentap": (TT_PORT, TT_ADMIN), "tokentap-notel": (NOTEL_PORT, NOTEL_ADMIN),
-                       "tokentap-pgo": (PGO_PORT, PGO_ADMIN),
-                       "tokentap-hyperh1": (HYPER_PORT, HYPER_ADMIN)}[name]
+                       "tokentap-pgo": (PGO_PORT, PGO_ADMIN)}[name]
         cfg = os.path.join(d, f"{name}.toml")
         tt_config(cfg, port, admin, tel)
         env = dict(os.environ, TOKENTAP_LOG="warn")
-        if name == "tokentap-hyperh1":
-            # The same build serving clients' HTTP/1.1 with hyper's server instead of its own.
-            env["TOKENTAP_HTTP1_SERVER"] = "hyper"
         # PROXY_BIN: another build as the proxy, against the same simulator and client (A/B).
         binary = PGO_BIN if name == "tokentap-pgo" else os.environ.get("PROXY_BIN", BIN)
         p = start([binary, "serve", "--config", cfg], PROXY_CPU, log, env)

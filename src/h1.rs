@@ -371,18 +371,6 @@ impl Decoder {
         self.state == State::Done
     }
 
-    /// True when decoding `buf` from here cannot find anything (data, trailers or the end):
-    /// only more bytes from the connection can. Conservative: false when unsure.
-    pub fn starves(&self, buf: &[u8]) -> bool {
-        match self.state {
-            State::Length(_) | State::Close | State::Data(_) | State::Size => buf.is_empty(),
-            // The chunk's CRLF, and at least three bytes for the next size line and one of its
-            // data (or five for a last chunk), come before anything can be found.
-            State::DataEnd => buf.len() <= 2,
-            State::Trailers | State::Done => false,
-        }
-    }
-
     /// The body's size hint: exact when the framing tells the bytes left.
     pub fn size_hint(&self) -> http_body::SizeHint {
         match self.remaining() {
@@ -770,38 +758,6 @@ mod tests {
                 (data.as_slice(), trailers.is_none(), ended),
                 (&b"ok"[..], true, true)
             );
-        }
-    }
-
-    #[test]
-    fn a_starving_decoder_finds_nothing_in_what_it_has() {
-        // Every prefix of a chunked body from every state: when `starves` says so, decoding
-        // finds neither data, trailers nor the end.
-        let wire = b"5\r\nhello\r\n1\r\nx\r\n0\r\nt: 1\r\n\r\n";
-        for at in 0..=wire.len() {
-            let mut decoder = Decoder::new(Framing::Chunked);
-            let mut pos = 0;
-            while pos < at {
-                let (step, used) = decoder.decode(&wire[pos..at]).unwrap();
-                pos += used;
-                if matches!(step, Step::More) || used == 0 {
-                    break;
-                }
-            }
-            for end in pos..=wire.len() {
-                if decoder.starves(&wire[pos..end]) {
-                    let mut probe = Decoder {
-                        state: decoder.state,
-                    };
-                    let (step, _) = probe.decode(&wire[pos..end]).unwrap();
-                    assert!(matches!(step, Step::More), "{at}..{end}: {step:?}");
-                }
-            }
-        }
-        for framing in [Framing::Length(3), Framing::Close] {
-            let decoder = Decoder::new(framing);
-            assert!(decoder.starves(b""));
-            assert!(!decoder.starves(b"a"));
         }
     }
 

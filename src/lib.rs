@@ -26,13 +26,11 @@ pub mod latency;
 pub mod observe;
 pub mod otel;
 pub mod proxy;
-pub mod serve_h1;
 pub mod server;
 pub mod simulate;
 pub mod sse;
 pub mod stats;
 pub mod telemetry;
-pub mod turn;
 pub mod upstream;
 
 use config::{Config, secs};

@@ -3,7 +3,8 @@
 //! The protocol is chosen by peeking at the first bytes of a connection (HTTP/2 starts with the
 //! `PRI * HTTP/2.0` preface, which is not a valid HTTP/1.1 request), so the connection's server
 //! then reads the whole request from the socket itself: no bytes are read ahead and replayed.
-//! HTTP/1.1 connections are served by [`crate::serve_h1`], HTTP/2 ones by hyper.
+//! Both protocols are served by hyper; one task serves one connection and polls the response
+//! body, which for a proxied response reads the upstream socket.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,7 +18,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper::server::conn::http2;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
@@ -26,52 +27,9 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, watch};
 
 use crate::observe::BoxError;
-use crate::serve_h1::{self, H1Body};
-use crate::turn::Turns;
 
-/// The body of a client's request: read from its HTTP/1.1 connection, or an HTTP/2 stream's.
-#[derive(Debug)]
-pub enum ClientBody {
-    /// A request on an HTTP/1.1 connection.
-    H1(H1Body),
-    /// A request on an HTTP/2 connection.
-    H2(Incoming),
-}
-
-impl From<H1Body> for ClientBody {
-    fn from(body: H1Body) -> ClientBody {
-        ClientBody::H1(body)
-    }
-}
-
-impl Body for ClientBody {
-    type Data = bytes::Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ClientBody::H1(body) => Pin::new(body).poll_frame(cx),
-            ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::H1(body) => body.is_end_stream(),
-            ClientBody::H2(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        match self {
-            ClientBody::H1(body) => body.size_hint(),
-            ClientBody::H2(body) => body.size_hint(),
-        }
-    }
-}
+/// The body of a client's request, on either protocol.
+pub type ClientBody = Incoming;
 
 /// Serves `handler` on `listener` until `shutdown` resolves, then stops accepting and waits up
 /// to `grace` for open connections to finish their requests. Accept errors (for example too many
@@ -88,8 +46,10 @@ pub async fn serve<H, Fut, B>(
     B: Body<Data = bytes::Bytes, Error = BoxError> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    let hyper_h1 = std::env::var_os("TOKENTAP_HTTP1_SERVER").is_some_and(|v| v == "hyper");
     let h2 = http2::Builder::new(TokioExecutor::new());
+    let mut h1 = http1::Builder::new();
+    // Head limits as uvicorn's and hyper's: 64 KiB (431 above), 100 fields.
+    h1.max_buf_size(MAX_HEAD).max_headers(100);
     let drain = Drain::new();
     // Tells connections that have not sent their first bytes yet (so are not watched by
     // `drain`) that the server is draining.
@@ -109,7 +69,7 @@ pub async fn serve<H, Fut, B>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let (h2, watcher) = (h2.clone(), drain.watcher());
+        let (h1, h2, watcher) = (h1.clone(), h2.clone(), drain.watcher());
         let mut drain_rx = drain_rx.clone();
         // No tracing span around the connection: entering it on every poll costs ~1 % of the
         // CPU per forwarded chunk; the one log line below names the connection instead.
@@ -118,37 +78,20 @@ pub async fn serve<H, Fut, B>(
                 h2_prior = is_http2(&stream) => h2_prior,
                 _ = drain_rx.wait_for(|draining| *draining) => return,
             };
+            let service = service_fn(move |req: Request<Incoming>| Answer {
+                response: handler(req, remote),
+            });
             let result: Result<(), BoxError> = if h2_prior {
-                let service = service_fn(move |req: Request<Incoming>| Answer {
-                    response: handler(req.map(ClientBody::H2), remote),
-                });
                 // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1 one's, and inline it
                 // would size every connection's task.
                 Box::pin(watcher.watch(h2.serve_connection(TokioIo::new(stream), service)))
                     .await
                     .map_err(Into::into)
-            } else if hyper_h1 {
-                // Measurement only: the same stack behind hyper's HTTP/1 server.
-                let service = service_fn(move |req: Request<Incoming>| Answer {
-                    response: handler(req.map(ClientBody::H2), remote),
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
-                Box::pin(Turns::new(watcher.watch(conn)))
+            } else {
+                watcher
+                    .watch(h1.serve_connection(TokioIo::new(stream), service))
                     .await
                     .map_err(Into::into)
-            } else {
-                let Watcher { signal, alive } = watcher;
-                let served = serve_h1::serve_connection(
-                    stream,
-                    remote,
-                    &*handler,
-                    &signal.draining,
-                    &signal.notify,
-                );
-                let result = Turns::new(served).await;
-                drop(alive);
-                result.map_err(Into::into)
             };
             if let Err(error) = result {
                 tracing::debug!(listener = name, %remote, %error, "connection ended with an error");
@@ -295,6 +238,10 @@ impl<F: Future> Future for Answer<F> {
         self.project().response.poll(cx).map(Ok)
     }
 }
+
+/// Longest request head (request line and header fields). uvicorn, which serves vLLM, takes
+/// heads up to 16 KiB.
+pub const MAX_HEAD: usize = 64 * 1024;
 
 /// The start of the HTTP/2 connection preface (RFC 9113 §3.4); no HTTP/1.1 method is `PRI`.
 const H2_START: &[u8] = b"PRI ";
@@ -450,8 +397,7 @@ mod tests {
         let service = service_fn(|_req: Request<Incoming>| async {
             Ok::<_, Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service);
+        let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
         tokio::time::timeout(Duration::from_secs(5), watcher.watch(conn))
             .await
             .expect("shut down")

@@ -12,17 +12,16 @@
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
-use std::num::NonZeroU64;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
-use crate::server::ClientBody;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
@@ -33,7 +32,6 @@ use tower_service::Service;
 
 use crate::h1::{self, BodyLength, Decoder, Encoding, Parsed, ResponseHead, Step};
 use crate::observe::BoxError;
-use crate::turn;
 
 /// Bytes a connection reads at once (nginx reads upstream responses 4–8 KiB at a time).
 const READ_BUF: usize = 8 * 1024;
@@ -49,7 +47,7 @@ pub enum RequestBody {
     /// A body the proxy holds whole (read to be inspected, maybe rewritten).
     Bytes(Bytes),
     /// The client's body, streamed as it arrives.
-    Stream(ClientBody),
+    Stream(Incoming),
 }
 
 /// An upstream connection's socket. A TLS session is about a kilobyte of state: boxed, it costs
@@ -142,15 +140,6 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::with_capacity(READ_BUF),
-        }
-    }
-
-    /// Registers the task's waker for the socket's next bytes; `Ready` when it may have some
-    /// already (and always for TLS, whose session may hold bytes the socket no longer has).
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
-        match &self.io {
-            Io::Plain(s) => s.poll_read_ready(cx).map(|_| ()),
-            Io::Tls(_) => Poll::Ready(()),
         }
     }
 
@@ -266,7 +255,7 @@ fn write_all(
 struct BodyWriter {
     out: Vec<u8>,
     written: usize,
-    stream: Option<ClientBody>,
+    stream: Option<Incoming>,
     /// How the stream is framed; for a `Content-Length`, the bytes it still promises.
     framing: Encoding,
 }
@@ -297,7 +286,7 @@ impl BodyWriter {
                     }
                     self.stream = None;
                 }
-                Some(Err(error)) => return Poll::Ready(Err(SendError::Body(error))),
+                Some(Err(error)) => return Poll::Ready(Err(SendError::Body(error.into()))),
                 Some(Ok(frame)) => {
                     // Trailers are not sent on (see `h1::LAST_CHUNK`).
                     let Ok(data) = frame.into_data() else {
@@ -453,7 +442,6 @@ impl Pool {
             keep_alive,
             pool: self.clone(),
             ended: false,
-            parked: None,
         };
         if body.decoder.is_end() {
             body.finish();
@@ -545,8 +533,6 @@ pub struct UpstreamResponse {
     keep_alive: bool,
     pool: Arc<Pool>,
     ended: bool,
-    /// The turn ([`crate::turn`]) in which the socket was last found empty or registered for.
-    parked: Option<NonZeroU64>,
 }
 
 impl UpstreamResponse {
@@ -581,14 +567,6 @@ impl Body for UpstreamResponse {
         let Some(conn) = &mut this.conn else {
             return Poll::Ready(None);
         };
-        // Earlier in this same poll of the connection's task the socket was found empty, or
-        // registered for, with the task's waker: anything that came since has woken the task,
-        // which will be polled again in a new turn.
-        let turn = turn::current();
-        if turn.is_some() && this.parked == turn {
-            return Poll::Pending;
-        }
-        this.parked = None;
         if let Some(writer) = &mut this.writer {
             match writer.poll(&mut conn.io, cx) {
                 Poll::Ready(Ok(())) => this.writer = None,
@@ -612,13 +590,6 @@ impl Body for UpstreamResponse {
                     let data = conn.take(start..end, used);
                     if this.decoder.is_end() {
                         this.finish();
-                    } else if turn.is_some()
-                        && this.decoder.starves(conn.unread())
-                        && conn.poll_read_ready(cx).is_pending()
-                    {
-                        // The next poll, in this same turn, would only find the socket empty
-                        // and register the waker, which is done here: it is skipped instead.
-                        this.parked = turn;
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -634,11 +605,7 @@ impl Body for UpstreamResponse {
                 }
                 Step::More => conn.consume(used),
             }
-            let Poll::Ready(filled) = conn.poll_fill(cx) else {
-                this.parked = turn;
-                return Poll::Pending;
-            };
-            match filled {
+            match ready!(conn.poll_fill(cx)) {
                 Ok(0) => {
                     return match this.decoder.eof() {
                         Ok(()) => {
@@ -1007,7 +974,7 @@ mod tests {
         (uri, go)
     }
 
-    fn poll_in_turn(body: &mut UpstreamResponse) -> Poll<Option<Bytes>> {
+    fn poll_once(body: &mut UpstreamResponse) -> Poll<Option<Bytes>> {
         let mut cx = Context::from_waker(Waker::noop());
         Pin::new(body)
             .poll_frame(&mut cx)
@@ -1030,63 +997,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_socket_found_empty_is_asked_again_only_in_a_new_turn() {
+    async fn a_chunk_is_handed_on_when_it_arrives() {
         let (mut body, go) = stepped_body(vec![b"5\r\nchunk\r\n0\r\n\r\n"]).await;
-        let turn = turn::Turn::begin();
-        assert_eq!(poll_in_turn(&mut body), Poll::Pending, "nothing sent yet");
-        // The chunk arrives and the I/O driver marks the socket readable, all in this turn.
+        assert_eq!(poll_once(&mut body), Poll::Pending, "nothing sent yet");
         deliver(&go).await;
         assert_eq!(
-            poll_in_turn(&mut body),
-            Poll::Pending,
-            "not asked again in the same turn"
-        );
-        drop(turn);
-        let _next = turn::Turn::begin();
-        assert_eq!(
-            poll_in_turn(&mut body),
+            poll_once(&mut body),
             Poll::Ready(Some(Bytes::from("chunk")))
         );
-        assert_eq!(poll_in_turn(&mut body), Poll::Ready(None), "the body ends");
+        assert_eq!(poll_once(&mut body), Poll::Ready(None), "the body ends");
     }
 
     #[tokio::test]
-    async fn a_chunk_that_empties_the_socket_registers_for_the_next_one_at_once() {
-        let (mut body, go) =
-            stepped_body(vec![b"5\r\nfirst\r\n", b"6\r\nsecond\r\n0\r\n\r\n"]).await;
-        deliver(&go).await;
-        let turn = turn::Turn::begin();
-        assert_eq!(
-            poll_in_turn(&mut body),
-            Poll::Ready(Some(Bytes::from("first")))
-        );
-        // The next piece arrives within the same turn: the body, registered when it took the
-        // first chunk, is not polled down to the socket again in this turn.
-        deliver(&go).await;
-        assert_eq!(poll_in_turn(&mut body), Poll::Pending);
-        drop(turn);
-        let _next = turn::Turn::begin();
-        assert_eq!(
-            poll_in_turn(&mut body),
-            Poll::Ready(Some(Bytes::from("second")))
-        );
-        assert_eq!(poll_in_turn(&mut body), Poll::Ready(None));
-    }
-
-    #[tokio::test]
-    async fn chunks_read_together_are_handed_on_in_one_turn() {
+    async fn chunks_read_together_are_handed_on_back_to_back() {
         let (mut body, go) = stepped_body(vec![b"5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n"]).await;
         deliver(&go).await;
-        let _turn = turn::Turn::begin();
         assert_eq!(
-            poll_in_turn(&mut body),
+            poll_once(&mut body),
             Poll::Ready(Some(Bytes::from("first")))
         );
         assert_eq!(
-            poll_in_turn(&mut body),
+            poll_once(&mut body),
             Poll::Ready(Some(Bytes::from("second")))
         );
-        assert_eq!(poll_in_turn(&mut body), Poll::Ready(None));
+        assert_eq!(poll_once(&mut body), Poll::Ready(None));
     }
 
     /// An upstream that sends `wire` once, in writes of the sizes `cuts` gives, flushing each.
