@@ -1,84 +1,14 @@
-//! What a request is: its endpoint, and for chat/completions the body fields telemetry needs.
+//! Reading a chat/completions request body for the fields telemetry needs, and asking for usage.
 //!
 //! Inspection never makes the proxy stricter than the upstream: a body that is not JSON, or
 //! whose fields have unexpected types, is forwarded unchanged and only labelled `none`.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::Method;
 use serde::Deserialize;
 use std::borrow::Cow;
 
+use crate::route::RequestInfo;
 use crate::sse::fast::Scan;
-
-/// The API a request is for, the `endpoint` label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Endpoint {
-    /// `/v1/chat/completions`.
-    Chat,
-    /// `/v1/completions`.
-    Completions,
-    /// `/v1/embeddings`.
-    Embeddings,
-    /// `/v1/models`.
-    Models,
-    /// Anything else.
-    Other,
-}
-
-impl Endpoint {
-    /// Classifies a request path (the query is not part of it).
-    pub fn from_path(path: &str) -> Endpoint {
-        match path.trim_end_matches('/') {
-            "/v1/chat/completions" => Endpoint::Chat,
-            "/v1/completions" => Endpoint::Completions,
-            "/v1/embeddings" => Endpoint::Embeddings,
-            "/v1/models" => Endpoint::Models,
-            _ => Endpoint::Other,
-        }
-    }
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Endpoint::Chat => "chat",
-            Endpoint::Completions => "completions",
-            Endpoint::Embeddings => "embeddings",
-            Endpoint::Models => "models",
-            Endpoint::Other => "other",
-        }
-    }
-
-    /// Chat or completions: the endpoints that generate tokens.
-    pub fn is_generation(self) -> bool {
-        matches!(self, Endpoint::Chat | Endpoint::Completions)
-    }
-
-    /// Whether a request to this endpoint with this method has its body read and inspected.
-    pub fn inspects_body(self, method: &Method) -> bool {
-        self.is_generation() && method == Method::POST
-    }
-}
-
-/// What the body of a chat/completions request says.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RequestInfo {
-    /// The body was a JSON object with fields of the expected types.
-    pub parsed: bool,
-    /// `model`.
-    pub model: Option<String>,
-    /// `stream`.
-    pub stream: bool,
-    /// `stream_options.include_usage`.
-    pub include_usage: bool,
-    /// `stream_options.continuous_usage_stats` (vLLM).
-    pub continuous_usage: bool,
-    /// The body has a `stream_options` key (of any value).
-    pub has_stream_options: bool,
-    /// `max_completion_tokens`, else `max_tokens`.
-    pub max_tokens: Option<u64>,
-    /// `n` (1 when absent).
-    pub n: u32,
-}
 
 #[derive(Debug, Default, Deserialize)]
 struct Body<'a> {
@@ -265,21 +195,6 @@ pub fn inject_usage(body: &[u8], info: &RequestInfo) -> Option<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoints() {
-        assert_eq!(Endpoint::from_path("/v1/chat/completions"), Endpoint::Chat);
-        assert_eq!(
-            Endpoint::from_path("/v1/completions/"),
-            Endpoint::Completions
-        );
-        assert_eq!(Endpoint::from_path("/v1/embeddings"), Endpoint::Embeddings);
-        assert_eq!(Endpoint::from_path("/v1/models"), Endpoint::Models);
-        assert_eq!(Endpoint::from_path("/health"), Endpoint::Other);
-        assert!(Endpoint::Chat.inspects_body(&Method::POST));
-        assert!(!Endpoint::Chat.inspects_body(&Method::GET));
-        assert!(!Endpoint::Embeddings.inspects_body(&Method::POST));
-    }
 
     #[test]
     fn reads_the_fields() {

@@ -39,8 +39,8 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::inspect::{Endpoint, RequestInfo};
 use crate::latency::Figures;
+use crate::route::{Endpoint, RequestInfo};
 use crate::telemetry::{Outcome, Telemetry};
 
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");

@@ -23,9 +23,10 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::config::{Config, secs};
-use crate::inspect::{self, Endpoint, RequestInfo};
+use crate::inspect;
 use crate::observe::{BoxError, Recorder, TimedBody};
 use crate::otel::{RequestSpan, RequestStart, Tracer};
+use crate::route::{Endpoint, RequestInfo};
 use crate::server::ClientBody;
 use crate::telemetry::{Outcome, Telemetry};
 use crate::upstream::{Pool, RequestBody, SendError, UpstreamResponse};

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 
 use crate::config::{BucketConfig, Config};
 use crate::histogram::Histograms;
-use crate::inspect::Endpoint;
 use crate::latency::{Figures, Slo};
+use crate::route::Endpoint;
 use crate::stats::{ModelStats, Stats};
 
 /// Default TTFT buckets (vLLM's `vllm:time_to_first_token_seconds`), seconds.
