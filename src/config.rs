@@ -3,13 +3,12 @@
 //! Every field has a default, so an empty file is a valid configuration. Unknown fields are
 //! rejected, so a typo is an error that names the field rather than a setting silently ignored.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-
-use crate::latency::Slo;
 
 /// The whole configuration of `tokentap serve`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -28,7 +27,7 @@ pub struct Config {
     /// Objectives that decide which requests count as goodput.
     pub slo: SloConfig,
     /// OpenTelemetry tracing (off unless enabled).
-    pub tracing: crate::otel::TracingConfig,
+    pub tracing: TracingConfig,
     /// Worker threads, fixed at start-up; `None`: one per CPU the process may run on (see
     /// [`crate::runtime`]).
     pub workers: Option<usize>,
@@ -43,7 +42,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             telemetry: TelemetryConfig::default(),
             slo: SloConfig::default(),
-            tracing: crate::otel::TracingConfig::default(),
+            tracing: TracingConfig::default(),
             workers: None,
         }
     }
@@ -196,14 +195,104 @@ pub struct SloConfig {
     pub e2el_ms: Option<f64>,
 }
 
-impl SloConfig {
-    /// The bounds as durations (after [`Config::validate`] they are finite and positive).
-    pub fn slo(&self) -> Slo {
-        let ms = |v: Option<f64>| v.map(|ms| Duration::from_secs_f64(ms / 1000.0));
-        Slo {
-            ttft: ms(self.ttft_ms),
-            tpot: ms(self.tpot_ms),
-            e2el: ms(self.e2el_ms),
+/// How spans travel to the collector.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP over gRPC (default port 4317).
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP over HTTP with a protobuf body, `POST {endpoint}/v1/traces` (default port 4318).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl Protocol {
+    /// The name used in config files and `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+/// The `[tracing]` section of the configuration.
+///
+/// Every optional field falls back to the standard OpenTelemetry environment variable named in
+/// its description, then to the default given there: a value written in the file wins over the
+/// environment. Export headers are the exception: those from the file and from
+/// `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS` are all sent, the environment's value winning for a
+/// header named in both.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// Export one span per proxied request. Default `false`: nothing is traced, whatever the
+    /// `OTEL_*` environment says. `OTEL_SDK_DISABLED=true` turns tracing off even when this is on.
+    pub enabled: bool,
+    /// `"grpc"` or `"http/protobuf"`. Default: `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, then
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`, then `"grpc"`.
+    pub protocol: Option<Protocol>,
+    /// The collector's base URL, as in `OTEL_EXPORTER_OTLP_ENDPOINT`: for `http/protobuf`,
+    /// `/v1/traces` is appended unless the URL already ends with it. Default:
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as is), then `OTEL_EXPORTER_OTLP_ENDPOINT`,
+    /// then `http://localhost:4317` (gRPC) or `http://localhost:4318/v1/traces` (HTTP).
+    /// `https://` works for both protocols (system roots).
+    pub endpoint: Option<String>,
+    /// Headers (gRPC metadata) sent with every export, e.g. an API key. Default: none, plus those
+    /// of `OTEL_EXPORTER_OTLP_TRACES_HEADERS` / `OTEL_EXPORTER_OTLP_HEADERS`.
+    pub headers: BTreeMap<String, String>,
+    /// Limit on one export, retries included, in seconds. Default:
+    /// `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`, then `OTEL_EXPORTER_OTLP_TIMEOUT` (both in
+    /// milliseconds), then 10.
+    pub timeout_secs: Option<f64>,
+    /// The `service.name` resource attribute. Default: `OTEL_SERVICE_NAME`, then a
+    /// `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, then `"tokentap"`.
+    pub service_name: Option<String>,
+    /// More resource attributes, e.g. `{ "deployment.environment.name" = "prod" }`. They are
+    /// added to those of `OTEL_RESOURCE_ATTRIBUTES`, winning on the same key. Default: none.
+    pub resource_attributes: BTreeMap<String, String>,
+    /// Fraction of new traces to record, between 0 and 1; a request that carries a
+    /// `traceparent` follows its parent's decision (parent-based ratio sampling). Default:
+    /// the sampler of `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`, then 1 (every request).
+    pub sample_ratio: Option<f64>,
+    /// Send the proxy span's `traceparent` / `tracestate` upstream so that the server's own
+    /// spans (vLLM reads `traceparent`) become its children. When `false`, the client's trace
+    /// headers are forwarded untouched. An incoming `traceparent` is continued either way.
+    /// Default `true`.
+    pub propagate: bool,
+    /// The `gen_ai.provider.name` attribute. vLLM is not one of the semantic conventions'
+    /// well-known providers, which allow a custom value. Default `"vllm"`.
+    pub provider_name: Option<String>,
+    /// Ended spans waiting for export; more are dropped (and counted). Default:
+    /// `OTEL_BSP_MAX_QUEUE_SIZE`, then 2048.
+    pub max_queue_size: Option<usize>,
+    /// Most spans in one export request. Default: `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, then 512.
+    pub max_export_batch_size: Option<usize>,
+    /// Longest a span waits for its batch to fill before it is exported, in milliseconds.
+    /// Default: `OTEL_BSP_SCHEDULE_DELAY`, then 5000.
+    pub scheduled_delay_ms: Option<u64>,
+    /// On graceful shutdown, how long to wait for the queued spans to be exported, in seconds.
+    /// Default 5.
+    pub shutdown_timeout_secs: Option<f64>,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            enabled: false,
+            protocol: None,
+            endpoint: None,
+            headers: BTreeMap::new(),
+            timeout_secs: None,
+            service_name: None,
+            resource_attributes: BTreeMap::new(),
+            sample_ratio: None,
+            propagate: true,
+            provider_name: None,
+            max_queue_size: None,
+            max_export_batch_size: None,
+            scheduled_delay_ms: None,
+            shutdown_timeout_secs: None,
         }
     }
 }
@@ -452,14 +541,5 @@ mod tests {
             let err = Config::parse(text).unwrap_err();
             assert!(err.to_string().contains(field), "{text}: {err}");
         }
-    }
-
-    #[test]
-    fn slo_in_milliseconds() {
-        let c = Config::parse("[slo]\nttft_ms = 250\ntpot_ms = 12.5\n").unwrap();
-        let slo = c.slo.slo();
-        assert_eq!(slo.ttft, Some(Duration::from_millis(250)));
-        assert_eq!(slo.tpot, Some(Duration::from_micros(12_500)));
-        assert_eq!(slo.e2el, None);
     }
 }

@@ -280,6 +280,17 @@ pub struct Slo {
 }
 
 impl Slo {
+    /// The bounds of `vllm bench serve --goodput`, given in milliseconds (finite and positive
+    /// after the configuration was validated).
+    pub fn from_ms(ttft: Option<f64>, tpot: Option<f64>, e2el: Option<f64>) -> Slo {
+        let ms = |v: Option<f64>| v.map(|ms| Duration::from_secs_f64(ms / 1000.0));
+        Slo {
+            ttft: ms(ttft),
+            tpot: ms(tpot),
+            e2el: ms(e2el),
+        }
+    }
+
     /// Whether a request that ended `ok` with these figures meets every bound. A figure that was
     /// not observed (no TTFT on a non-streaming response, no TPOT with one token) passes.
     pub fn is_good(&self, f: &Figures) -> bool {
@@ -533,5 +544,13 @@ mod tests {
         f.e2el = 501 * MS;
         assert!(!slo.is_good(&f));
         assert!(Slo::default().is_good(&f));
+    }
+
+    #[test]
+    fn slo_in_milliseconds() {
+        let slo = Slo::from_ms(Some(250.0), Some(12.5), None);
+        assert_eq!(slo.ttft, Some(Duration::from_millis(250)));
+        assert_eq!(slo.tpot, Some(Duration::from_micros(12_500)));
+        assert_eq!(slo.e2el, None);
     }
 }

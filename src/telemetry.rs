@@ -338,7 +338,7 @@ impl Telemetry {
             upstream: UpstreamHealth::new(crate::config::secs(config.telemetry.ready_window_secs)),
             stats: Stats::new(crate::config::secs(config.telemetry.stats_window_secs)),
             ready_gauge,
-            slo: config.slo.slo(),
+            slo: Slo::from_ms(config.slo.ttft_ms, config.slo.tpot_ms, config.slo.e2el_ms),
             access_log: config.telemetry.access_log,
         }
     }

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::io::BufRead as _;
 use tokentap::config::Config;
-use tokentap::otel::{Protocol, TracingConfig};
+use tokentap::config::{Protocol, TracingConfig};
 use tokio::time::Instant;
 
 const CLIENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use fake_opentelemetry_collector::FakeCollectorServer;
 use http::Method;
-use tokentap::otel::TracingConfig;
+use tokentap::config::TracingConfig;
 
 const CHILD: &str = "TOKENTAP_OTEL_CHILD";
 const PARENT_SPAN: &str = "b7ad6b7169203331";
@@ -178,7 +178,7 @@ async fn child_sends_one_request() {
     config.tracing = TracingConfig {
         enabled: true,
         endpoint: var("CHILD_ENDPOINT"),
-        protocol: var("CHILD_ENDPOINT").map(|_| tokentap::otel::Protocol::Grpc),
+        protocol: var("CHILD_ENDPOINT").map(|_| tokentap::config::Protocol::Grpc),
         sample_ratio: var("CHILD_RATIO").map(|r| r.parse().unwrap()),
         scheduled_delay_ms: Some(10),
         timeout_secs: Some(3.0),

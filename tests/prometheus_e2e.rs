@@ -29,7 +29,7 @@ use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use tokentap::bench::{self, BenchArgs, BenchResult};
-use tokentap::otel::{Protocol, TracingConfig};
+use tokentap::config::{Protocol, TracingConfig};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep};
 
