@@ -8,7 +8,7 @@ use serde::Deserialize;
 use std::borrow::Cow;
 
 use crate::route::RequestInfo;
-use crate::sse::fast::Scan;
+use crate::sse::scan::Scan;
 
 #[derive(Debug, Default, Deserialize)]
 struct Body<'a> {

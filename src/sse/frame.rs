@@ -1,0 +1,244 @@
+//! The event splitter: SSE bytes in, one event at a time out, at the blank line that ends it.
+
+use super::classify::{Classified, classified, classify_in};
+use super::scan;
+use super::{ChoiceInfo, Event, EventKind};
+
+/// Where the current event's data is while its lines arrive.
+#[derive(Debug, Clone, Copy)]
+enum Data {
+    /// No `data:` line yet.
+    Empty,
+    /// One `data:` line, still inside the frame being fed (no copy made).
+    InFrame(usize, usize),
+    /// Copied into `SseParser::data` (several lines, or it spans frames).
+    Buffered,
+}
+
+/// Splits an SSE byte stream into events, one frame at a time. The fields every frame reads
+/// come first (`repr(C)`): most frames need no others.
+#[derive(Debug)]
+#[repr(C)]
+pub struct SseParser {
+    /// The start of an earlier payload, so that the next ones need not read it again (boxed:
+    /// a parser is embedded in other state and should stay small).
+    pub(super) prefix: Box<scan::Prefix>,
+    /// The current block had a line of any kind (so a blank line ends an event).
+    in_block: bool,
+    /// The previous frame ended in `\r`: a leading `\n` in the next one belongs to it.
+    skip_lf: bool,
+    /// An incomplete line carried over from earlier frames.
+    line: Vec<u8>,
+    state: Data,
+    /// Copied event data, when it could not be read in place.
+    data: Vec<u8>,
+    choices: Vec<ChoiceInfo>,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SseParser {
+    /// A parser at the start of a stream.
+    pub fn new() -> Self {
+        SseParser {
+            line: Vec::new(),
+            data: Vec::new(),
+            state: Data::Empty,
+            in_block: false,
+            skip_lf: false,
+            choices: Vec::new(),
+            prefix: Box::default(),
+        }
+    }
+
+    /// Feeds the next frame; `on_event` is called for each event the frame completes, in order.
+    pub fn feed(&mut self, frame: &[u8], mut on_event: impl FnMut(&Event<'_>)) {
+        if self.one_templated_event(frame, &mut on_event) {
+            return;
+        }
+        let mut pos = 0;
+        if self.skip_lf && !frame.is_empty() {
+            self.skip_lf = false;
+            if frame[0] == b'\n' {
+                pos = 1;
+            }
+        }
+        while pos < frame.len() {
+            let Some(i) = memchr::memchr2(b'\n', b'\r', &frame[pos..]) else {
+                self.line.extend_from_slice(&frame[pos..]);
+                break;
+            };
+            let eol = pos + i;
+            let next = if frame[eol] == b'\r' {
+                match frame.get(eol + 1) {
+                    Some(b'\n') => eol + 2,
+                    Some(_) => eol + 1,
+                    None => {
+                        self.skip_lf = true;
+                        eol + 1
+                    }
+                }
+            } else {
+                eol + 1
+            };
+            if self.line.is_empty() {
+                self.line_in_frame(frame, pos, eol, next, &mut on_event);
+            } else {
+                self.line.extend_from_slice(&frame[pos..eol]);
+                let line = std::mem::take(&mut self.line);
+                self.line_buffered(&line, next, &mut on_event);
+                self.line = line;
+                self.line.clear();
+            }
+            pos = next;
+        }
+        // Data still waiting for its blank line cannot point into this frame any longer.
+        if let Data::InFrame(start, end) = self.state {
+            self.data.clear();
+            self.data.extend_from_slice(&frame[start..end]);
+            self.state = Data::Buffered;
+        }
+    }
+
+    /// Reports `frame` when it is exactly one event, `data: `, a payload that fits the template
+    /// of the payloads before it, and a blank line: most chunks of a stream after its first
+    /// events. Such a payload has no line break (the template's text has none, and its content
+    /// string none unescaped), so reading it line by line would report the same event; this
+    /// skips that reading. False, having changed nothing, for any other frame.
+    fn one_templated_event(&mut self, frame: &[u8], on_event: &mut impl FnMut(&Event<'_>)) -> bool {
+        if self.in_block || self.skip_lf || !self.line.is_empty() {
+            return false;
+        }
+        let Some(payload) = frame
+            .strip_prefix(b"data: ")
+            .and_then(|rest| rest.strip_suffix(b"\n\n"))
+        else {
+            return false;
+        };
+        let Some((top, choices)) = scan::templated(payload, &self.prefix) else {
+            return false;
+        };
+        let c = classified(top.error, top.usage, top.id, top.model, !choices.is_empty());
+        on_event(&Event::of(c, choices, frame.len(), payload));
+        true
+    }
+
+    /// True when bytes of an event that never got its blank line are pending: at end of stream
+    /// that event is incomplete and, as the SSE standard says, is not dispatched.
+    pub fn has_partial_event(&self) -> bool {
+        self.in_block || !self.line.is_empty()
+    }
+
+    fn line_in_frame(
+        &mut self,
+        frame: &[u8],
+        start: usize,
+        eol: usize,
+        next: usize,
+        on_event: &mut impl FnMut(&Event<'_>),
+    ) {
+        let line = &frame[start..eol];
+        if line.is_empty() {
+            self.dispatch(Some(frame), next, on_event);
+            return;
+        }
+        self.in_block = true;
+        if let Some(value) = data_value(line) {
+            let value_start = eol - value.len();
+            match self.state {
+                Data::Empty => self.state = Data::InFrame(value_start, eol),
+                Data::InFrame(s, e) => {
+                    self.data.clear();
+                    self.data.extend_from_slice(&frame[s..e]);
+                    self.data.push(b'\n');
+                    self.data.extend_from_slice(value);
+                    self.state = Data::Buffered;
+                }
+                Data::Buffered => {
+                    self.data.push(b'\n');
+                    self.data.extend_from_slice(value);
+                }
+            }
+        }
+    }
+
+    fn line_buffered(&mut self, line: &[u8], next: usize, on_event: &mut impl FnMut(&Event<'_>)) {
+        if line.is_empty() {
+            self.dispatch(None, next, on_event);
+            return;
+        }
+        self.in_block = true;
+        if let Some(value) = data_value(line) {
+            match self.state {
+                Data::Empty => {
+                    self.data.clear();
+                    self.data.extend_from_slice(value);
+                }
+                // A buffered line always follows the end of the previous frame, which moved
+                // in-frame data into the buffer already.
+                Data::InFrame(..) | Data::Buffered => {
+                    self.data.push(b'\n');
+                    self.data.extend_from_slice(value);
+                }
+            }
+            self.state = Data::Buffered;
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        frame: Option<&[u8]>,
+        end: usize,
+        on_event: &mut impl FnMut(&Event<'_>),
+    ) {
+        if !self.in_block {
+            return;
+        }
+        self.in_block = false;
+        let state = std::mem::replace(&mut self.state, Data::Empty);
+        let data = std::mem::take(&mut self.data);
+        let payload: Option<&[u8]> = match (state, frame) {
+            (Data::Empty, _) => None,
+            (Data::InFrame(s, e), Some(frame)) => Some(&frame[s..e]),
+            (Data::InFrame(..), None) => unreachable_in_frame(),
+            (Data::Buffered, _) => Some(&data),
+        };
+        self.choices.clear();
+        let c = match payload {
+            None => Classified::of(EventKind::NoData),
+            Some(payload) => classify_in(payload, &mut self.choices, Some(&mut self.prefix)),
+        };
+        on_event(&Event::of(
+            c,
+            &self.choices,
+            end,
+            payload.unwrap_or_default(),
+        ));
+        self.data = data;
+        self.data.clear();
+    }
+}
+
+/// In-frame data is moved to the buffer at the end of every frame, so a line assembled from
+/// several frames never meets it; classify nothing rather than panic if that ever changes.
+#[cold]
+fn unreachable_in_frame() -> Option<&'static [u8]> {
+    None
+}
+
+/// The value of a `data` field line (`data:x`, `data: x`, or a bare `data`), else `None`.
+fn data_value(line: &[u8]) -> Option<&[u8]> {
+    let rest = line.strip_prefix(b"data")?;
+    match rest.first() {
+        None => Some(rest),
+        Some(b':') => {
+            let v = &rest[1..];
+            Some(v.strip_prefix(b" ").unwrap_or(v))
+        }
+        Some(_) => None,
+    }
+}

@@ -1,0 +1,121 @@
+//! Incremental Server-Sent Events splitter and classifier.
+//!
+//! Pure: no I/O, no clock. [`SseParser::feed`] takes the bytes of one body frame as they arrive
+//! (half an event, or many) and reports each event at the blank line that completes it, with
+//! its byte offset in that frame, classified as `docs/METRICS.md` §1 says: token, usage,
+//! error, `[DONE]` or other. JSON is looked at only as far as classification needs and is never
+//! re-serialized; in the steady state nothing is allocated per event.
+
+/// What an SSE event is, for telemetry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A JSON object whose `choices` array is non-empty.
+    Token,
+    /// `choices` empty or absent, `usage` present.
+    Usage,
+    /// A top-level `error` object (an in-band error after HTTP 200).
+    Error,
+    /// The literal `[DONE]`.
+    Done,
+    /// Data that is none of the above, including JSON that does not parse.
+    Other,
+    /// A block with no `data:` line (comments, `event:`/`id:`/`retry:` only).
+    NoData,
+}
+
+/// What one choice of a token event carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ChoiceInfo {
+    /// The choice's `index` (0 when absent).
+    pub index: u32,
+    /// `delta.content`, `delta.reasoning_content`, `delta.reasoning`, `delta.tool_calls` or
+    /// `text` was non-empty.
+    pub has_content: bool,
+    /// `finish_reason` was set.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// Why a choice ended, as the upstream reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `stop`: an end-of-sequence or stop string.
+    Stop,
+    /// `length`: `max_tokens` or the context length was reached.
+    Length,
+    /// `tool_calls`.
+    ToolCalls,
+    /// Any other value.
+    Other,
+}
+
+impl FinishReason {
+    /// The wire name (`other` for values not listed).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::Other => "other",
+        }
+    }
+}
+
+/// Token counts an event carried in its `usage` object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
+pub struct Usage {
+    /// `usage.prompt_tokens`.
+    #[serde(default)]
+    pub prompt_tokens: Option<u64>,
+    /// `usage.completion_tokens`.
+    #[serde(default)]
+    pub completion_tokens: Option<u64>,
+}
+
+/// One complete event, reported by [`SseParser::feed`] at the blank line that ends it.
+#[derive(Debug)]
+pub struct Event<'a> {
+    /// The classification.
+    pub kind: EventKind,
+    /// The choices of a token event (empty for other kinds).
+    pub choices: &'a [ChoiceInfo],
+    /// The `usage` object, when the event had one (usage events, and every chunk under
+    /// vLLM's `continuous_usage_stats`).
+    pub usage: Option<Usage>,
+    /// Offset in the current frame just past the blank line that ends this event.
+    pub end: usize,
+    /// The chunk's `id` (for example `chatcmpl-…`), when it is a plain JSON string.
+    pub id: Option<&'a str>,
+    /// The chunk's `model`, when it is a plain JSON string.
+    pub model: Option<&'a str>,
+    /// The event's data (its `data:` lines joined with `\n`); empty when it had none.
+    pub data: &'a [u8],
+}
+
+impl<'a> Event<'a> {
+    /// The event classified as `c`, whose choices (for a token event) are in `choices`.
+    fn of(c: Classified<'a>, choices: &'a [ChoiceInfo], end: usize, data: &'a [u8]) -> Self {
+        Event {
+            kind: c.kind,
+            choices: if c.kind == EventKind::Token {
+                choices
+            } else {
+                &[]
+            },
+            usage: c.usage,
+            end,
+            id: c.id,
+            model: c.model,
+            data,
+        }
+    }
+}
+
+mod classify;
+mod frame;
+pub(crate) mod scan;
+
+pub use classify::{Classified, classify};
+pub use frame::SseParser;
+
+#[cfg(test)]
+mod tests;
