@@ -84,11 +84,11 @@ fn stats(telemetry: &Telemetry, query: &str) -> Response<Full<Bytes>> {
             out.push_str("no requests in the window yet\n");
         }
         for (model, summary) in &report.models {
-            out.push_str(&crate::stats::render_table(
+            out.push_str(&crate::report::render_table(
                 &format!("tokentap: {model}, last {:.0}s", report.window_s),
                 summary,
                 &[],
-                crate::stats::ALL_METRICS,
+                crate::report::ALL_METRICS,
             ));
         }
         ("text/plain; charset=utf-8", out)

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 
 use crate::bench::{self, BenchArgs};
 use crate::config::Config;
+use crate::report::{Distribution, ModelSummary, fmt_pct};
 use crate::simulate::{SimConfig, Simulator};
-use crate::stats::{Distribution, ModelSummary, fmt_pct};
 
 /// `tokentap demo` options.
 #[derive(Clone, Debug, clap::Args)]

@@ -26,6 +26,7 @@ pub mod latency;
 pub mod observe;
 pub mod otel;
 pub mod proxy;
+pub mod report;
 pub mod route;
 pub mod server;
 pub mod simulate;

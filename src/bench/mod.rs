@@ -24,8 +24,8 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::proxy::{UpstreamClient, build_client};
+use crate::report::{ALL_METRICS, Distribution, ModelSummary, fmt_pct, render_table};
 use crate::sse::{EventKind, SseParser};
-use crate::stats::{ALL_METRICS, Distribution, ModelSummary, fmt_pct, render_table};
 use dataset::Sample;
 
 /// Which workload to send.
