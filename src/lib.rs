@@ -20,24 +20,21 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod h1;
-pub mod histogram;
 pub mod inspect;
 pub mod latency;
 pub mod observe;
-pub mod otel;
 pub mod proxy;
 pub mod report;
 pub mod route;
 pub mod server;
 pub mod simulate;
 pub mod sse;
-pub mod stats;
 pub mod telemetry;
 pub mod upstream;
 
 use config::{Config, secs};
 use proxy::Proxy;
-use telemetry::Telemetry;
+use telemetry::{Telemetry, otel};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]

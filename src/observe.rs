@@ -19,9 +19,9 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::latency::{Latency, Observation};
-use crate::otel::RequestSpan;
 use crate::sse::{self, EventKind, SseParser};
-use crate::stats::ItlBatch;
+use crate::telemetry::otel::RequestSpan;
+use crate::telemetry::stats::ItlBatch;
 use crate::telemetry::{Finished, Outcome, RouteMetrics, Telemetry};
 
 /// Boxed error of proxied bodies.

@@ -25,9 +25,9 @@ use tokio::time::Instant;
 use crate::config::{Config, secs};
 use crate::inspect;
 use crate::observe::{BoxError, Recorder, TimedBody};
-use crate::otel::{RequestSpan, RequestStart, Tracer};
 use crate::route::{Endpoint, RequestInfo};
 use crate::server::ClientBody;
+use crate::telemetry::otel::{RequestSpan, RequestStart, Tracer};
 use crate::telemetry::{Outcome, Telemetry};
 use crate::upstream::{Pool, RequestBody, SendError, UpstreamResponse};
 

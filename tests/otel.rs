@@ -939,7 +939,7 @@ async fn tracing_off_builds_nothing_and_bad_settings_are_refused() {
     let uri: http::Uri = "http://127.0.0.1:8000".parse().unwrap();
     let off = TracingConfig::default();
     assert!(
-        tokentap::otel::Tracer::new(&off, &telemetry, &uri)
+        tokentap::telemetry::otel::Tracer::new(&off, &telemetry, &uri)
             .unwrap()
             .is_none()
     );
@@ -961,7 +961,7 @@ async fn tracing_off_builds_nothing_and_bad_settings_are_refused() {
         },
     ] {
         assert!(
-            tokentap::otel::Tracer::new(&bad, &telemetry, &uri).is_err(),
+            tokentap::telemetry::otel::Tracer::new(&bad, &telemetry, &uri).is_err(),
             "{bad:?}"
         );
     }

@@ -1,4 +1,6 @@
-//! Prometheus metrics, the bounded `model` label, upstream health and the access log.
+//! The telemetry sink: Prometheus metrics, bounded labels, upstream readiness, the access log,
+//! the `/stats` window and OpenTelemetry spans. It knows nothing of servers or proxies: a
+//! finished request reaches it as one [`Finished`] report.
 //!
 //! Metric handles are resolved once per (model, endpoint) pair and shared by every request of
 //! that pair, so the per-chunk path only records into a handle: no label formatting and no map
@@ -7,78 +9,30 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use metrics::{
-    Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit,
-};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Recorder, SharedString};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio::time::Instant;
 
 use crate::config::{BucketConfig, Config};
-use crate::histogram::Histograms;
 use crate::latency::{Figures, Slo};
 use crate::route::Endpoint;
-use crate::stats::{ModelStats, Stats};
 
-/// Default TTFT buckets (vLLM's `vllm:time_to_first_token_seconds`), seconds.
-pub const TTFT_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-];
-/// Default ITL and TPOT buckets (vLLM's `vllm:inter_token_latency_seconds`), seconds.
-pub const ITL_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-];
-/// Default E2EL buckets (vLLM's `vllm:e2e_request_latency_seconds`), seconds.
-pub const E2EL_BUCKETS: &[f64] = &[
-    0.01, 0.02, 0.04, 0.08, 0.16, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
-    40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
-];
-/// Default token-count buckets.
-pub const TOKEN_BUCKETS: &[f64] = &[
-    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
-];
+mod access_log;
+pub mod histogram;
+mod labels;
+pub mod otel;
+mod prometheus;
+pub mod stats;
 
-/// Metric names, in one place.
-pub mod names {
-    /// Histogram: time to first token event, seconds.
-    pub const TTFT: &str = "tokentap_time_to_first_token_seconds";
-    /// Histogram: time to first token event with content, seconds.
-    pub const TTFC: &str = "tokentap_time_to_first_content_seconds";
-    /// Histogram: gap between consecutive token events of a choice, seconds.
-    pub const ITL: &str = "tokentap_inter_token_latency_seconds";
-    /// Histogram: time per output token after the first, seconds.
-    pub const TPOT: &str = "tokentap_time_per_output_token_seconds";
-    /// Histogram: request arrival to last token event, seconds.
-    pub const E2EL: &str = "tokentap_e2e_request_latency_seconds";
-    /// Histogram: prompt tokens per request.
-    pub const PROMPT_TOKENS: &str = "tokentap_request_prompt_tokens";
-    /// Histogram: generated tokens per request.
-    pub const GENERATION_TOKENS: &str = "tokentap_request_generation_tokens";
-    /// Histogram: completion tokens per token event.
-    pub const TOKENS_PER_CHUNK: &str = "tokentap_tokens_per_chunk";
-    /// Histogram: request arrival to upstream response head, seconds.
-    pub const HEADER_TIME: &str = "tokentap_upstream_response_header_seconds";
-    /// Counter: requests by outcome and status.
-    pub const REQUESTS: &str = "tokentap_requests_total";
-    /// Counter: requests that met every SLO bound.
-    pub const GOODPUT: &str = "tokentap_goodput_requests_total";
-    /// Counter: prompt tokens.
-    pub const PROMPT_TOKENS_TOTAL: &str = "tokentap_prompt_tokens_total";
-    /// Counter: generated tokens.
-    pub const GENERATION_TOKENS_TOTAL: &str = "tokentap_generation_tokens_total";
-    /// Counter: SSE events that were not token, usage, error or `[DONE]`.
-    pub const UNRECOGNIZED: &str = "tokentap_sse_unrecognized_events_total";
-    /// Gauge: requests being proxied.
-    pub const IN_FLIGHT: &str = "tokentap_requests_in_flight";
-    /// Gauge: 1 while the upstream answered recently.
-    pub const UPSTREAM_READY: &str = "tokentap_upstream_ready";
-    /// Gauge: always 1, labelled with the version.
-    pub const BUILD_INFO: &str = "tokentap_build_info";
-}
+use access_log::access_log;
+use histogram::Histograms;
+pub use labels::{MODEL_NONE, MODEL_OTHER, ModelLabels};
+pub use prometheus::{E2EL_BUCKETS, ITL_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS, names};
+use prometheus::{METADATA, describe};
+use stats::{ModelStats, Stats};
 
 /// How a request ended (`docs/METRICS.md` §3), the `outcome` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -114,62 +68,6 @@ impl Outcome {
             Outcome::ConnectError => "connect_error",
             Outcome::Rejected => "rejected",
         }
-    }
-}
-
-const METADATA: Metadata<'static> = Metadata::new("tokentap", Level::INFO, Some(module_path!()));
-
-/// Label value for requests that name no model (or whose body could not be read as JSON).
-pub const MODEL_NONE: &str = "none";
-/// Label value for model names that are not known to the proxy.
-pub const MODEL_OTHER: &str = "other";
-
-/// The set of model names allowed as label values: the configured ones plus those the upstream
-/// lists, never more than a fixed number, so clients cannot grow the number of series.
-#[derive(Debug)]
-pub struct ModelLabels {
-    known: RwLock<HashMap<Box<str>, Arc<str>>>,
-    max: usize,
-    other: Arc<str>,
-    none: Arc<str>,
-}
-
-impl ModelLabels {
-    /// Starts with the configured names (up to `max`).
-    pub fn new(configured: &[String], max: usize) -> Self {
-        let labels = ModelLabels {
-            known: RwLock::new(HashMap::new()),
-            max,
-            other: Arc::from(MODEL_OTHER),
-            none: Arc::from(MODEL_NONE),
-        };
-        labels.extend(configured.iter().map(String::as_str));
-        labels
-    }
-
-    /// Allows more names (from the upstream's `/v1/models`), as long as there is room.
-    pub fn extend<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
-        let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
-        for name in names {
-            if known.len() >= self.max {
-                break;
-            }
-            if !known.contains_key(name) {
-                known.insert(name.into(), Arc::from(name));
-            }
-        }
-    }
-
-    /// The label value for a request's `model`.
-    pub fn label(&self, model: Option<&str>) -> Arc<str> {
-        let Some(model) = model else {
-            return self.none.clone();
-        };
-        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
-        known
-            .get(model)
-            .cloned()
-            .unwrap_or_else(|| self.other.clone())
     }
 }
 
@@ -503,149 +401,6 @@ impl Telemetry {
     pub fn run_upkeep(&self) {
         self.handle.run_upkeep();
     }
-}
-
-/// Gives every metric its help text; histograms also get their bucket bounds.
-fn describe<'a>(r: &PrometheusRecorder, h: &Histograms, bounds: impl Fn(&str) -> &'a [f64]) {
-    let d = |name: &'static str, unit: Option<Unit>, help: &'static str, kind: char| {
-        if kind == 'h' {
-            return h.describe(name, help, bounds(name));
-        }
-        let key = KeyName::from_const_str(name);
-        let help = SharedString::const_str(help);
-        match kind {
-            'c' => r.describe_counter(key, unit, help),
-            _ => r.describe_gauge(key, unit, help),
-        }
-    };
-    let s = Some(Unit::Seconds);
-    d(
-        names::TTFT,
-        s,
-        "Time from request arrival to the first token event handed to the client (vllm bench serve TTFT).",
-        'h',
-    );
-    d(
-        names::TTFC,
-        s,
-        "Time from request arrival to the first token event with non-empty content, reasoning or tool calls.",
-        'h',
-    );
-    d(
-        names::ITL,
-        s,
-        "Gap between consecutive token events of a choice, one sample per chunk after the first (vllm bench serve ITL).",
-        'h',
-    );
-    d(
-        names::TPOT,
-        s,
-        "(E2EL - TTFT) / (output tokens - 1) of requests that ended ok with more than one output token (vllm bench serve TPOT).",
-        'h',
-    );
-    d(
-        names::E2EL,
-        s,
-        "Time from request arrival to the last token event (last body byte for non-streaming) of requests that ended ok (vllm bench serve E2EL).",
-        'h',
-    );
-    d(
-        names::PROMPT_TOKENS,
-        None,
-        "Prompt tokens per request that ended ok, from usage.",
-        'h',
-    );
-    d(
-        names::GENERATION_TOKENS,
-        None,
-        "Output tokens per request that ended ok, from usage or counted chunks.",
-        'h',
-    );
-    d(
-        names::TOKENS_PER_CHUNK,
-        None,
-        "Completion tokens carried by one token event, when the stream reports cumulative usage.",
-        'h',
-    );
-    d(
-        names::HEADER_TIME,
-        s,
-        "Time from request arrival to the upstream's response head.",
-        'h',
-    );
-    d(
-        names::REQUESTS,
-        None,
-        "Requests by how they ended (outcome) and the HTTP status sent to the client.",
-        'c',
-    );
-    d(
-        names::GOODPUT,
-        None,
-        "Chat/completions requests that ended ok and met every configured SLO bound (vllm bench serve --goodput).",
-        'c',
-    );
-    d(
-        names::PROMPT_TOKENS_TOTAL,
-        None,
-        "Prompt tokens reported by the upstream's usage.",
-        'c',
-    );
-    d(
-        names::GENERATION_TOKENS_TOTAL,
-        None,
-        "Output tokens generated by the upstream, from usage or counted chunks.",
-        'c',
-    );
-    d(
-        names::UNRECOGNIZED,
-        None,
-        "SSE events forwarded that were not token, usage, error or [DONE] events (malformed streams).",
-        'c',
-    );
-    d(names::IN_FLIGHT, None, "Requests being proxied now.", 'g');
-    d(
-        names::UPSTREAM_READY,
-        None,
-        "1 while the upstream answered within telemetry.ready_window_secs, else 0.",
-        'g',
-    );
-    d(
-        names::BUILD_INFO,
-        None,
-        "Always 1; the version label says which tokentap is running.",
-        'g',
-    );
-}
-
-fn ms(d: Option<Duration>) -> Option<f64> {
-    d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3)
-}
-
-/// Writes the access-log line of a finished request. Never headers, keys or prompt text.
-fn access_log(done: &Finished<'_>) {
-    let f = done.figures;
-    tracing::info!(
-        target: "tokentap::access",
-        request_id = done.request_id,
-        model = &*done.route.model,
-        endpoint = done.route.endpoint.as_str(),
-        status = done.status,
-        outcome = done.outcome.as_str(),
-        stream = done.stream,
-        ttft_ms = ms(f.ttft),
-        ttfc_ms = ms(f.ttfc),
-        tpot_ms = ms(f.tpot),
-        itl_mean_ms = ms(f.itl_mean),
-        itl_max_ms = ms(f.itl_max),
-        e2el_ms = ms(Some(f.e2el)),
-        chunks = f.chunks,
-        prompt_tokens = f.prompt_tokens,
-        output_tokens = f.output_tokens,
-        token_source = f.token_source.as_str(),
-        finish_reason = f.finish_reason.map(|r| r.as_str()),
-        "request"
-    );
 }
 
 #[cfg(test)]
