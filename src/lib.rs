@@ -22,6 +22,7 @@ pub mod demo;
 pub mod h1;
 pub mod inspect;
 pub mod latency;
+pub mod net;
 pub mod observe;
 pub mod proxy;
 pub mod report;

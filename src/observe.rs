@@ -19,13 +19,11 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use crate::latency::{Latency, Observation};
+use crate::net::BoxError;
 use crate::sse::{self, EventKind, SseParser};
 use crate::telemetry::otel::RequestSpan;
 use crate::telemetry::stats::ItlBatch;
 use crate::telemetry::{Finished, Outcome, RouteMetrics, Telemetry};
-
-/// Boxed error of proxied bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Largest non-streaming body kept (by reference, not copied) to read `usage` from at the end.
 const MAX_JSON_USAGE_BODY: usize = 4 * 1024 * 1024;

@@ -13,29 +13,19 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::{BodyExt, Full, Limited};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::config::{Config, secs};
 use crate::inspect;
-use crate::observe::{BoxError, Recorder, TimedBody};
+use crate::net::{self, BoxError, Connector, TlsError};
+use crate::observe::{Recorder, TimedBody};
 use crate::route::{Endpoint, RequestInfo};
 use crate::server::ClientBody;
 use crate::telemetry::otel::{RequestSpan, RequestStart, Tracer};
 use crate::telemetry::{Outcome, Telemetry};
 use crate::upstream::{Pool, RequestBody, SendError, UpstreamResponse};
-
-/// Body of the requests an [`UpstreamClient`] sends.
-pub type UpstreamBody = Either<Full<Bytes>, Incoming>;
-
-/// A pooled client for the upstream, for requests that are not proxied (`tokentap bench`).
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 pin_project! {
     /// The body of a response the proxy sends to a client.
@@ -119,53 +109,17 @@ pub struct Proxy {
     next_id: AtomicU64,
 }
 
-/// Builds the pooled HTTP/1.1 client for `http://` and `https://` upstreams; see [`connector`].
-pub fn build_client(config: &Config) -> Result<UpstreamClient, BuildError> {
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(secs(config.upstream.pool_idle_timeout_secs))
-        .pool_max_idle_per_host(config.upstream.pool_max_idle)
-        .build(connector(config)?))
-}
-
-/// The connector for `http://` and `https://` upstreams: TCP with `TCP_NODELAY` and
-/// `upstream.connect_timeout_secs`, then rustls with the system roots plus `upstream.ca_file`.
-pub fn connector(config: &Config) -> Result<HttpsConnector<HttpConnector>, BuildError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if let Some(path) = &config.upstream.ca_file {
-        use rustls_pki_types::pem::PemObject;
-        let ca_err = |reason: String| BuildError::CaFile {
-            path: path.display().to_string(),
-            reason,
-        };
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-            .map_err(|e| ca_err(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ca_err(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(ca_err("no certificate in the file".to_owned()));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| BuildError::Url(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(secs(config.upstream.connect_timeout_secs)));
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http))
+/// The upstream connector of a configuration (`upstream.connect_timeout_secs`,
+/// `upstream.ca_file`).
+pub fn connector(config: &Config) -> Result<Connector, BuildError> {
+    net::connector(
+        secs(config.upstream.connect_timeout_secs),
+        config.upstream.ca_file.as_deref(),
+    )
+    .map_err(|e| match e {
+        TlsError::CaFile { path, reason } => BuildError::CaFile { path, reason },
+        TlsError::Config(reason) => BuildError::Url(reason),
+    })
 }
 
 impl Proxy {
@@ -327,7 +281,7 @@ impl Proxy {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => {
                 let (status, outcome, kind) = classify_client_error(&error);
-                tracing::warn!(error = %error_chain(&error), outcome = outcome.as_str(), "upstream request failed");
+                tracing::warn!(error = %net::error_chain(&error), outcome = outcome.as_str(), "upstream request failed");
                 if let Some(recorder) = recorder {
                     recorder.finish_without_body(outcome, status.as_u16(), now);
                 }
@@ -335,7 +289,7 @@ impl Proxy {
                     "upstream {}://{}: {}",
                     self.scheme,
                     self.authority,
-                    error_chain(&error)
+                    net::error_chain(&error)
                 );
                 return error_response(status, kind, &message);
             }
@@ -491,15 +445,7 @@ fn push_ip(ip: IpAddr, out: &mut Vec<u8>) {
 }
 
 fn classify_client_error(error: &SendError) -> (StatusCode, Outcome, &'static str) {
-    // The connector's timeout is an io::Error of kind TimedOut somewhere in the source chain.
-    let timed_out = std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| {
-        e.source()
-    })
-    .any(|e| {
-        e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-    });
-    if timed_out {
+    if net::is_timeout(error) {
         (
             StatusCode::GATEWAY_TIMEOUT,
             Outcome::UpstreamTimeout,
@@ -518,21 +464,6 @@ fn classify_client_error(error: &SendError) -> (StatusCode, Outcome, &'static st
             "upstream_disconnect",
         )
     }
-}
-
-/// An error and its sources, joined with ": ".
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let s = e.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        source = e.source();
-    }
-    out
 }
 
 /// An OpenAI-style error response: `{"error": {"message", "type", "param", "code"}}`.

@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, watch};
 
-use crate::observe::BoxError;
+use crate::net::BoxError;
 
 /// The body of a client's request, on either protocol.
 pub type ClientBody = Incoming;

@@ -22,8 +22,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -31,7 +30,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::h1::{self, BodyLength, Decoder, Encoding, Parsed, ResponseHead, Step};
-use crate::observe::BoxError;
+use crate::net::{BoxError, Connector};
 
 /// Bytes a connection reads at once (nginx reads upstream responses 4–8 KiB at a time).
 const READ_BUF: usize = 8 * 1024;
@@ -322,7 +321,7 @@ struct Idle {
 
 /// The upstream's connection pool, shared by every request.
 pub struct Pool {
-    connector: HttpsConnector<HttpConnector>,
+    connector: Connector,
     uri: Uri,
     idle: Mutex<VecDeque<Idle>>,
     max_idle: usize,
@@ -349,7 +348,7 @@ impl Pool {
     /// A pool that connects to `uri` (scheme and authority) with `connector` and keeps at most
     /// `max_idle` idle connections for at most `idle_timeout`.
     pub fn new(
-        connector: HttpsConnector<HttpConnector>,
+        connector: Connector,
         uri: Uri,
         max_idle: usize,
         idle_timeout: Duration,
@@ -642,7 +641,6 @@ impl std::fmt::Debug for UpstreamResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -716,7 +714,7 @@ mod tests {
     }
 
     fn pool(uri: &Uri, max_idle: usize, idle_timeout: Duration) -> Arc<Pool> {
-        let connector = crate::proxy::connector(&Config::default()).unwrap();
+        let connector = crate::net::connector(Duration::from_secs(5), None).unwrap();
         Pool::new(connector, uri.clone(), max_idle, idle_timeout)
     }
 

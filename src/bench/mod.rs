@@ -22,8 +22,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::config::Config;
-use crate::proxy::{UpstreamClient, build_client};
+use crate::net;
 use crate::report::{ALL_METRICS, Distribution, ModelSummary, fmt_pct, render_table};
 use crate::sse::{EventKind, SseParser};
 use dataset::Sample;
@@ -369,10 +368,26 @@ fn request_body(args: &BenchArgs, chat: bool, s: &Sample) -> Bytes {
 
 /// The connection pool of a run: it keeps up to `--max-concurrency` idle connections, so runs
 /// that share it (see [`run_with`]) reuse the connections the earlier ones opened.
-pub fn client(args: &BenchArgs) -> Result<UpstreamClient, BenchError> {
-    let mut config = Config::default();
-    config.upstream.pool_max_idle = args.max_concurrency.unwrap_or(args.num_prompts).max(1);
-    build_client(&config).map_err(|e| BenchError::Usage(e.to_string()))
+pub fn client(args: &BenchArgs) -> Result<HttpClient, BenchError> {
+    build_client(args.max_concurrency.unwrap_or(args.num_prompts).max(1))
+}
+
+/// Body of the requests a [`HttpClient`] sends.
+pub type ClientBody = Either<Full<Bytes>, hyper::body::Incoming>;
+
+/// A pooled HTTP/1.1 client for `http://` and `https://` servers.
+pub type HttpClient = hyper_util::client::legacy::Client<net::Connector, ClientBody>;
+
+/// A client keeping up to `max_idle` idle connections per host for 90 s.
+fn build_client(max_idle: usize) -> Result<HttpClient, BenchError> {
+    let connector = net::connector(Duration::from_secs(5), None)
+        .map_err(|e| BenchError::Usage(e.to_string()))?;
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(max_idle)
+            .build(connector),
+    )
 }
 
 /// Runs the workload on a pool of its own ([`client`]) and returns every request's
@@ -384,10 +399,7 @@ pub async fn run(args: &BenchArgs) -> Result<BenchResult, BenchError> {
 /// Sends `--num-warmups` requests, then runs the workload on `client`, and returns every
 /// measured request's result. Prints a progress bar unless `--disable-tqdm` (or stderr is not a
 /// terminal).
-pub async fn run_with(
-    client: &UpstreamClient,
-    args: &BenchArgs,
-) -> Result<BenchResult, BenchError> {
+pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResult, BenchError> {
     let goodput = parse_goodput(&args.goodput)?;
     let positive = |v: f64| v > 0.0;
     if !positive(args.burstiness) || !positive(args.request_rate) {
@@ -507,7 +519,7 @@ pub async fn run_with(
 
 /// Sends one streaming request and times its events.
 async fn one_request(
-    client: &UpstreamClient,
+    client: &HttpClient,
     url: http::Uri,
     headers: http::HeaderMap,
     body: Bytes,
@@ -667,7 +679,7 @@ pub async fn fetch_stats(admin: &str) -> Result<String, BenchError> {
     let uri: http::Uri = format!("{}/stats?format=text", admin.trim_end_matches('/'))
         .parse()
         .map_err(|e| BenchError::Usage(format!("--admin: {e}")))?;
-    let client = build_client(&Config::default()).map_err(|e| BenchError::Usage(e.to_string()))?;
+    let client = build_client(1)?;
     let req = Request::get(uri)
         .body(Either::Left(Full::new(Bytes::new())))
         .expect("URI and method are valid");
