@@ -9,7 +9,7 @@ pub mod app;
 pub mod bench;
 pub mod config;
 pub mod demo;
-pub mod h1;
+pub mod http1;
 pub mod inspect;
 pub mod latency;
 pub mod net;

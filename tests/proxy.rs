@@ -998,7 +998,7 @@ async fn steady_chunks_keep_a_stream_alive_past_the_idle_timeout() {
 /// Sends `raw` to `addr` over a fresh connection and reads one response; returns its head and
 /// its decoded body.
 async fn raw_exchange(addr: std::net::SocketAddr, raw: &[u8]) -> (http::response::Parts, Vec<u8>) {
-    use tokentap::h1::{Decoder, Parsed, Step, parse_response_head};
+    use tokentap::http1::{Decoder, Parsed, Step, parse_response_head};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
     socket.write_all(raw).await.unwrap();
