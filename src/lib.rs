@@ -10,7 +10,6 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod http1;
-pub mod inspect;
 pub mod latency;
 pub mod net;
 pub mod observe;

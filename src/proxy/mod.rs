@@ -1,7 +1,15 @@
 //! Forwarding: rewrite the request to the upstream, keep headers clean, send it on a pooled
 //! connection, and turn upstream failures into OpenAI-style error responses.
 
-use std::net::{IpAddr, SocketAddr};
+mod error;
+mod forward;
+pub mod inspect;
+
+use error::classify_client_error;
+pub use error::error_response;
+pub use forward::{add_forwarded, strip_hop_by_hop};
+
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,20 +17,19 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::config::{Config, secs};
-use crate::inspect;
 use crate::net::{self, BoxError, Connector, TlsError};
 use crate::observe::{Recorder, TimedBody};
 use crate::route::{Endpoint, RequestInfo};
-use crate::server::ClientBody;
 use crate::telemetry::otel::{RequestSpan, RequestStart, Tracer};
 use crate::telemetry::{Outcome, Telemetry};
 use crate::upstream::{Pool, RequestBody, SendError, UpstreamResponse};
@@ -187,7 +194,7 @@ impl Proxy {
     /// future is the whole per-request state: the server keeps it in one box per connection.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<ClientBody>,
+        req: Request<Incoming>,
         remote: SocketAddr,
     ) -> Response<ProxyBody> {
         let t0 = Instant::now();
@@ -359,228 +366,5 @@ impl Proxy {
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), the nonstandard ones proxies also drop, and `Upgrade`
-/// (the proxy does not tunnel protocol upgrades). `Connection` comes first: a bit per name in
-/// `strip_hop_by_hop`, its own is bit 0.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Removes hop-by-hop headers and every header the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of these, or only `Transfer-Encoding`. One pass over the names
-    // marks the ones present by comparing them; removing all nine by name would hash each,
-    // twice per request (~2k instructions).
-    let mut present = 0u16;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
-        }
-    }
-    if present & 1 != 0 {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & 1 << i != 0 {
-            headers.remove(name);
-        }
-    }
-}
-
-/// Names checked at compile time (`from_static` at run time would check them per request).
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-
-fn add_forwarded(headers: &mut HeaderMap, remote: SocketAddr) {
-    let mut value = Vec::with_capacity(64);
-    if let Some(prior) = headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        value.extend_from_slice(prior.as_bytes());
-        value.extend_from_slice(b", ");
-    }
-    push_ip(remote.ip(), &mut value);
-    if let Ok(value) = HeaderValue::from_bytes(&value) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-    headers
-        .entry(X_FORWARDED_PROTO)
-        .or_insert(HeaderValue::from_static("http"));
-}
-
-/// Appends `ip` as text. IPv4 is written digit by digit: through `Display` (`core::fmt`) it
-/// cost a few thousand instructions, as much as a twentieth of a request's time in the proxy.
-fn push_ip(ip: IpAddr, out: &mut Vec<u8>) {
-    let IpAddr::V4(v4) = ip else {
-        out.extend_from_slice(ip.to_string().as_bytes());
-        return;
-    };
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            out.push(b'.');
-        }
-        if octet >= 100 {
-            out.push(b'0' + octet / 100);
-        }
-        if octet >= 10 {
-            out.push(b'0' + octet / 10 % 10);
-        }
-        out.push(b'0' + octet % 10);
-    }
-}
-
-fn classify_client_error(error: &SendError) -> (StatusCode, Outcome, &'static str) {
-    if net::is_timeout(error) {
-        (
-            StatusCode::GATEWAY_TIMEOUT,
-            Outcome::UpstreamTimeout,
-            "upstream_timeout",
-        )
-    } else if matches!(error, SendError::Connect(_)) {
-        (
-            StatusCode::BAD_GATEWAY,
-            Outcome::ConnectError,
-            "upstream_connect_error",
-        )
-    } else {
-        (
-            StatusCode::BAD_GATEWAY,
-            Outcome::UpstreamDisconnect,
-            "upstream_disconnect",
-        )
-    }
-}
-
-/// An OpenAI-style error response: `{"error": {"message", "type", "param", "code"}}`.
-pub fn error_response(status: StatusCode, kind: &str, message: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({
-        "error": {
-            "message": format!("tokentap: {message}"),
-            "type": kind,
-            "param": null,
-            "code": status.as_u16(),
-        }
-    });
-    let mut response = Response::new(ProxyBody::Full {
-        body: Full::new(Bytes::from(body.to_string())),
-    });
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_and_connection_named_ones_go() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret-hop"),
-        );
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
-        strip_hop_by_hop(&mut h);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, vec!["traceparent", "authorization"]);
-    }
-
-    #[test]
-    fn each_hop_by_hop_header_goes_when_it_is_the_only_one() {
-        assert_eq!(HOP_BY_HOP[0], header::CONNECTION, "bit 0 is Connection's");
-        for name in &HOP_BY_HOP {
-            let mut h = HeaderMap::new();
-            h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
-            h.insert(name.clone(), HeaderValue::from_static("x"));
-            strip_hop_by_hop(&mut h);
-            let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-            assert_eq!(left, vec!["traceparent"], "{name} stays");
-        }
-        let mut h = HeaderMap::new();
-        h.insert("x-request-id", HeaderValue::from_static("r1"));
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 2);
-    }
-
-    #[test]
-    fn forwarded_for_appends() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-        add_forwarded(&mut h, "127.0.0.2:5000".parse().unwrap());
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
-        assert_eq!(h["x-forwarded-proto"], "https");
-    }
-
-    #[test]
-    fn ip_text_matches_display() {
-        for ip in [
-            "0.0.0.0",
-            "9.10.99.100",
-            "127.0.0.1",
-            "255.254.200.1",
-            "::1",
-            "2001:db8::8a2e:370:7334",
-        ] {
-            let ip: IpAddr = ip.parse().unwrap();
-            let mut out = Vec::new();
-            push_ip(ip, &mut out);
-            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
-        }
-    }
-
-    #[test]
-    fn error_body_is_openai_shaped() {
-        let r = error_response(StatusCode::BAD_GATEWAY, "upstream_connect_error", "refused");
-        assert_eq!(r.status(), 502);
-        let ProxyBody::Full { body } = r.into_body() else {
-            panic!("a proxy-written body")
-        };
-        let bytes = futures_lite_collect(body);
-        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(v["error"]["code"], 502);
-        assert_eq!(v["error"]["type"], "upstream_connect_error");
-        assert!(v["error"]["message"].as_str().unwrap().contains("refused"));
-    }
-
-    fn futures_lite_collect(body: Full<Bytes>) -> Bytes {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            body.collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default()
-        })
-    }
-}
+mod tests;
