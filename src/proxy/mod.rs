@@ -4,10 +4,12 @@
 mod error;
 mod forward;
 pub mod inspect;
+mod strip;
 
 use error::classify_client_error;
 pub use error::error_response;
 pub use forward::{add_forwarded, strip_hop_by_hop};
+use strip::StripUsage;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -28,9 +30,9 @@ use tokio::time::Instant;
 
 use crate::config::{Config, secs};
 use crate::net::{self, BoxError, Connector, TlsError};
-use crate::observe::{Recorder, TimedBody};
+use crate::observe::{Observer, TimedBody};
 use crate::route::{Endpoint, RequestInfo};
-use crate::telemetry::otel::{RequestSpan, RequestStart, Tracer};
+use crate::telemetry::otel::Tracer;
 use crate::telemetry::{Outcome, Telemetry};
 use crate::upstream::{Pool, RequestBody, SendError, UpstreamResponse};
 
@@ -42,6 +44,8 @@ pin_project! {
     pub enum ProxyBody {
         /// An upstream body, timed and reported.
         Timed { #[pin] body: TimedBody<UpstreamResponse> },
+        /// The same, with the usage event the proxy asked for cut out again.
+        Stripped { #[pin] body: StripUsage<UpstreamResponse> },
         /// An upstream body passed through untouched (telemetry off).
         Plain { #[pin] body: UpstreamResponse },
         /// A body the proxy wrote itself (errors).
@@ -59,6 +63,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             ProxyBodyProj::Timed { body } => body.poll_frame(cx),
+            ProxyBodyProj::Stripped { body } => body.poll_frame(cx),
             ProxyBodyProj::Plain { body } => body.poll_frame(cx),
             ProxyBodyProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
         }
@@ -67,6 +72,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Timed { body } => body.is_end_stream(),
+            ProxyBody::Stripped { body } => body.is_end_stream(),
             ProxyBody::Plain { body } => body.is_end_stream(),
             ProxyBody::Full { body } => body.is_end_stream(),
         }
@@ -75,6 +81,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Timed { body } => body.size_hint(),
+            ProxyBody::Stripped { body } => body.size_hint(),
             ProxyBody::Plain { body } => body.size_hint(),
             ProxyBody::Full { body } => body.size_hint(),
         }
@@ -105,8 +112,7 @@ pub struct Proxy {
     authority: Authority,
     /// The `Host` header sent upstream: the authority without a default port.
     host: HeaderValue,
-    telemetry: Arc<Telemetry>,
-    tracer: Option<Arc<Tracer>>,
+    observer: Observer,
     max_body: usize,
     inject_usage: bool,
     x_forwarded: bool,
@@ -162,8 +168,7 @@ impl Proxy {
             scheme,
             authority,
             host,
-            telemetry,
-            tracer,
+            observer: Observer::new(telemetry, tracer),
             max_body: config.proxy.max_request_body_bytes,
             inject_usage: config.proxy.inject_usage,
             x_forwarded: config.proxy.x_forwarded,
@@ -229,8 +234,7 @@ impl Proxy {
                     RequestBody::Bytes(bytes)
                 }
                 Err(error) => {
-                    let span = self.span(&parts, endpoint, &info, t0);
-                    let recorder = self.recorder(&info, endpoint, request_id, t0, span);
+                    let recorder = self.observer.start(&parts, endpoint, &info, request_id, t0);
                     let too_large = error
                         .downcast_ref::<http_body_util::LengthLimitError>()
                         .is_some();
@@ -258,14 +262,16 @@ impl Proxy {
             RequestBody::Stream(body)
         };
 
-        let span = self.span(&parts, endpoint, &info, t0);
+        let recorder = self
+            .telemetry_enabled
+            .then(|| self.observer.start(&parts, endpoint, &info, request_id, t0));
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.insert(header::HOST, self.host.clone());
         if self.x_forwarded {
             add_forwarded(&mut parts.headers, remote);
         }
-        if let Some(span) = &span {
-            span.inject(&mut parts.headers);
+        if let Some(recorder) = &recorder {
+            recorder.inject(&mut parts.headers);
         }
         let pq = parts
             .uri
@@ -276,9 +282,6 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
-        let recorder = self
-            .telemetry_enabled
-            .then(|| self.recorder(&info, endpoint, request_id, t0, span));
         // Boxed: connecting and sending are large futures that end at the response head; inline
         // they would stay in every connection's memory for the whole stream.
         let sending = Box::pin(self.pool.send(upstream_req));
@@ -328,41 +331,16 @@ impl Proxy {
         if strip {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
-        recorder.on_head(parts.status.as_u16(), sse, json, strip, now);
-        let body = TimedBody::new(body, recorder, self.idle_timeout, now);
-        Response::from_parts(parts, ProxyBody::Timed { body })
-    }
-
-    fn recorder(
-        &self,
-        info: &RequestInfo,
-        endpoint: Endpoint,
-        request_id: Box<str>,
-        t0: Instant,
-        span: Option<RequestSpan>,
-    ) -> Recorder {
-        let model = self.telemetry.models.label(info.model.as_deref());
-        let route = self.telemetry.route(model, endpoint);
-        Recorder::new(self.telemetry.clone(), route, request_id, t0, span)
-    }
-
-    /// Opens the request's span when tracing is on (and telemetry is).
-    fn span(
-        &self,
-        parts: &http::request::Parts,
-        endpoint: Endpoint,
-        info: &RequestInfo,
-        arrived: Instant,
-    ) -> Option<RequestSpan> {
-        let tracer = self.tracer.as_ref().filter(|_| self.telemetry_enabled)?;
-        Some(tracer.start(&RequestStart {
-            headers: &parts.headers,
-            method: &parts.method,
-            path: parts.uri.path(),
-            endpoint,
-            info,
-            arrived,
-        }))
+        recorder.on_head(parts.status.as_u16(), sse, json, now);
+        let body = TimedBody::new(body, recorder, self.idle_timeout, now, strip);
+        let body = if strip {
+            ProxyBody::Stripped {
+                body: StripUsage::new(body),
+            }
+        } else {
+            ProxyBody::Timed { body }
+        };
+        Response::from_parts(parts, body)
     }
 }
 

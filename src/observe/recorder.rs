@@ -1,0 +1,288 @@
+//! The per-request telemetry state: what the body wrapper feeds it frame by frame, and the one
+//! report it makes when the request ends.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::latency::{Latency, Observation};
+use crate::sse::{self, EventKind, SseParser};
+use crate::telemetry::otel::RequestSpan;
+use crate::telemetry::stats::ItlBatch;
+use crate::telemetry::{Finished, Outcome, RouteMetrics, Telemetry};
+
+/// Largest non-streaming body kept (by reference, not copied) to read `usage` from at the end.
+const MAX_JSON_USAGE_BODY: usize = 4 * 1024 * 1024;
+
+/// How the response body is looked at.
+#[derive(Debug)]
+enum Mode {
+    /// `text/event-stream`: parse events.
+    Sse { parser: SseParser },
+    /// A JSON body of a generation request: kept to read `usage` from when it ends.
+    Json { frames: Vec<Bytes>, len: usize },
+    /// Anything else: only the time of the last byte matters.
+    Opaque,
+}
+
+/// How a body ended, before it is turned into an [`Outcome`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The upstream body ended normally.
+    Complete,
+    /// The upstream body failed mid-way.
+    UpstreamError,
+    /// No frame arrived within the idle timeout.
+    IdleTimeout,
+    /// The client went away (the body was dropped before its end).
+    Dropped,
+}
+
+/// Per-request telemetry state, created when the request arrives and consumed by
+/// [`Recorder::finish`] exactly once.
+///
+/// At a thousand streams a stream's state is out of the CPU's caches by the time its next
+/// chunk comes, so every cache line a chunk touches costs a fetch: the fields each chunk reads
+/// come first and in this order (`repr(C)`), those of the head and the end after them.
+#[derive(Debug)]
+#[repr(C)]
+pub struct Recorder {
+    mode: Mode,
+    /// ITL samples on their way to `/stats`.
+    itl: ItlBatch,
+    route: Arc<RouteMetrics>,
+    /// Boxed: most requests have none.
+    span: Option<Box<RequestSpan>>,
+    /// The response's id and model have been handed to the span.
+    meta_seen: bool,
+    status: u16,
+    latency: Latency,
+    telemetry: Arc<Telemetry>,
+    request_id: Box<str>,
+}
+
+impl Recorder {
+    /// Starts recording a request that arrived at `t0`; counts it in flight until `finish`.
+    pub fn new(
+        telemetry: Arc<Telemetry>,
+        route: Arc<RouteMetrics>,
+        request_id: Box<str>,
+        t0: Instant,
+        span: Option<RequestSpan>,
+    ) -> Self {
+        route.in_flight.increment(1.0);
+        Recorder {
+            telemetry,
+            route,
+            request_id,
+            latency: Latency::new(t0),
+            status: 0,
+            mode: Mode::Opaque,
+            meta_seen: span.is_none(),
+            span: span.map(Box::new),
+            itl: ItlBatch::default(),
+        }
+    }
+
+    /// Called when the upstream's response head arrives: records the header time and decides
+    /// how the body will be read.
+    pub fn on_head(&mut self, status: u16, sse: bool, json: bool, now: Instant) {
+        self.status = status;
+        if status < 500 {
+            // The upstream answered: it is up, whatever the proxy does with the answer.
+            self.telemetry.upstream.mark();
+        }
+        if let Some(span) = &mut self.span {
+            span.on_response_head(status);
+        }
+        self.route
+            .header_time
+            .record((now - self.latency.t0()).as_secs_f64());
+        let ok = (200..300).contains(&status);
+        self.mode = if ok && sse {
+            Mode::Sse {
+                parser: SseParser::new(),
+            }
+        } else if ok && json && self.route.endpoint.is_generation() {
+            Mode::Json {
+                frames: Vec::new(),
+                len: 0,
+            }
+        } else {
+            Mode::Opaque
+        };
+    }
+
+    /// Reads a data frame handed to the client at `now`. When `boundaries` is given, the end
+    /// offset of each event the frame completes is pushed to it, with whether the event was
+    /// usage-only (what the proxy's usage cutter needs, so that it does not parse again).
+    pub fn on_data(
+        &mut self,
+        data: &Bytes,
+        now: Instant,
+        mut boundaries: Option<&mut Vec<(usize, bool)>>,
+    ) {
+        self.latency.on_bytes(now);
+        let route = &*self.route;
+        let latency = &mut self.latency;
+        let span = &mut self.span;
+        let itl = &mut self.itl;
+        let meta_seen = &mut self.meta_seen;
+        match &mut self.mode {
+            Mode::Opaque => {}
+            Mode::Json { frames, len } => {
+                if *len + data.len() <= MAX_JSON_USAGE_BODY {
+                    *len += data.len();
+                    frames.push(data.clone());
+                } else {
+                    frames.clear();
+                    *len = usize::MAX / 2;
+                }
+            }
+            Mode::Sse { parser } => {
+                parser.feed(data, |event| {
+                    latency.on_event(event, now, |o| observe(route, span, itl, o, now));
+                    if !*meta_seen
+                        && let (Some(span), Some(id), Some(model)) =
+                            (span.as_mut(), event.id, event.model)
+                    {
+                        span.on_response_meta(id, model);
+                        *meta_seen = true;
+                    }
+                    if let Some(ends) = boundaries.as_deref_mut() {
+                        ends.push((event.end, event.kind == EventKind::Usage));
+                    }
+                });
+            }
+        }
+    }
+
+    /// Writes the request's trace context into the headers sent upstream (when it is traced and
+    /// propagation is on), so that the server's own spans join the trace.
+    pub fn inject(&self, headers: &mut http::HeaderMap) {
+        if let Some(span) = &self.span {
+            span.inject(headers);
+        }
+    }
+
+    /// Reports a request that ended without a response body from the upstream (the proxy
+    /// answered it itself with `status`).
+    pub fn finish_without_body(mut self, outcome: Outcome, status: u16, now: Instant) {
+        self.status = status;
+        self.report(outcome, now);
+    }
+
+    /// Reports the request: called once, when the body ends, fails or is dropped.
+    pub fn finish(mut self, ending: Ending, now: Instant) {
+        let outcome = match ending {
+            Ending::Complete if self.status >= 400 => Outcome::UpstreamStatus,
+            Ending::Complete if self.latency.inband_error() => Outcome::InbandError,
+            Ending::Complete => Outcome::Ok,
+            Ending::UpstreamError => Outcome::UpstreamDisconnect,
+            Ending::IdleTimeout => Outcome::UpstreamTimeout,
+            Ending::Dropped => Outcome::ClientDisconnect,
+        };
+        match std::mem::replace(&mut self.mode, Mode::Opaque) {
+            Mode::Json { frames, len } if len <= MAX_JSON_USAGE_BODY => {
+                let mut joined = Vec::new();
+                let body = json_body(&frames, &mut joined);
+                if let Some(usage) = body.usage {
+                    self.latency.on_usage(usage);
+                }
+                if let (Some(span), Some(id), Some(model)) = (&mut self.span, body.id, body.model) {
+                    span.on_response_meta(id, model);
+                }
+            }
+            Mode::Sse { parser, .. } if parser.has_partial_event() => {
+                // A stream that ended inside an event: noted as malformed.
+                self.route.unrecognized.increment(1);
+            }
+            _ => {}
+        }
+        self.report(outcome, now);
+    }
+
+    fn report(mut self, outcome: Outcome, now: Instant) {
+        self.route.in_flight.decrement(1.0);
+        if let Some(stats) = &self.route.stats {
+            stats.flush_itl(&mut self.itl, now);
+        }
+        let figures = self.latency.figures(now);
+        if let Some(span) = self.span {
+            (*span).finish(outcome, self.status, &figures);
+        }
+        self.telemetry.record(
+            &Finished {
+                request_id: &self.request_id,
+                route: &self.route,
+                status: self.status,
+                outcome,
+                figures: &figures,
+                stream: figures.chunks > 0,
+            },
+            self.latency.t0(),
+            now,
+        );
+    }
+}
+
+/// Records a figure the moment it is known (an ITL sample in `/stats` a batch at a time).
+fn observe(
+    route: &RouteMetrics,
+    span: &mut Option<Box<RequestSpan>>,
+    itl: &mut ItlBatch,
+    o: Observation,
+    now: Instant,
+) {
+    match o {
+        Observation::FirstToken(d) => {
+            route.ttft.record(d.as_secs_f64());
+            if let Some(span) = span {
+                span.on_first_token(d);
+            }
+        }
+        Observation::FirstContent(d) => {
+            route.ttfc.record(d.as_secs_f64());
+            if let Some(span) = span {
+                span.on_first_content(d);
+            }
+        }
+        Observation::Itl(d) => {
+            route.itl.record(d.as_secs_f64());
+            if let Some(stats) = &route.stats {
+                stats.record_itl(itl, d, now);
+            }
+        }
+        Observation::TokensPerChunk(n) => route.tokens_per_chunk.record(n as f64),
+    }
+}
+
+/// Reads a complete non-streaming JSON body, joined into `joined` when it came in several
+/// frames: the events' classifier reads what telemetry needs of a whole body too (its usage,
+/// and its id and model when they are plain strings) for two thirds of what serde's walk of it
+/// cost.
+pub(super) fn json_body<'a>(frames: &'a [Bytes], joined: &'a mut Vec<u8>) -> sse::Classified<'a> {
+    let body: &[u8] = match frames {
+        [one] => one,
+        _ => {
+            frames.iter().for_each(|f| joined.extend_from_slice(f));
+            joined
+        }
+    };
+    sse::classify(body, &mut Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a templated chunk touches of its recorder, from its start to the end of the
+    /// latency state's token fields, stays within six cache lines.
+    #[test]
+    fn per_chunk_fields_share_few_cache_lines() {
+        let end = std::mem::offset_of!(Recorder, latency) + Latency::TOKEN_FIELDS;
+        assert!(end <= 6 * 64, "{end} bytes");
+        assert!(std::mem::offset_of!(Recorder, telemetry) >= end);
+    }
+}

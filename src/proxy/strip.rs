@@ -1,0 +1,185 @@
+//! The proxy's usage cutter: when the proxy asked the upstream for usage on a client's behalf,
+//! the usage-only event is cut out of the stream again, so that the client receives exactly
+//! what it would have without the proxy. Bytes of an event that is not complete yet are held
+//! until its blank line arrives (a client cannot act on half an event, so this delays nothing
+//! it can see). Where the events end comes from the body wrapper, which parsed them already.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::net::BoxError;
+use crate::observe::TimedBody;
+
+pin_project! {
+    /// A timed upstream body with the usage-only events cut out.
+    pub struct StripUsage<B> {
+        #[pin]
+        inner: TimedBody<B>,
+        // Bytes of an incomplete event held back.
+        pending: BytesMut,
+        inner_done: bool,
+    }
+}
+
+impl<B> StripUsage<B> {
+    /// Cuts the usage events out of `inner`, which must keep its frames' event boundaries.
+    pub fn new(inner: TimedBody<B>) -> Self {
+        StripUsage {
+            inner,
+            pending: BytesMut::new(),
+            inner_done: false,
+        }
+    }
+}
+
+impl<B> Body for StripUsage<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        loop {
+            if *this.inner_done {
+                // An incomplete last event is forwarded as it came.
+                if this.pending.is_empty() {
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Ok(Frame::data(this.pending.split().freeze()))));
+            }
+            let frame = match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
+                None => {
+                    *this.inner_done = true;
+                    continue;
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                Some(Ok(frame)) => frame,
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+            };
+            let out = cut_usage(data, this.inner.boundaries(), this.pending);
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
+            // Everything was held back or cut: nothing to hand on yet.
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner_done && self.pending.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// Returns the bytes of `frame` that complete events, without the events marked in `ends`,
+/// preceded by the held-back `pending` bytes; what is left of `frame` becomes `pending`.
+pub(crate) fn cut_usage(frame: Bytes, ends: &[(usize, bool)], pending: &mut BytesMut) -> Bytes {
+    let Some(&(last_end, _)) = ends.last() else {
+        pending.extend_from_slice(&frame);
+        return Bytes::new();
+    };
+    let mut out: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut push = |b: Bytes| {
+        if b.is_empty() {
+            return;
+        }
+        match (&mut out, &mut joined) {
+            (None, None) => out = Some(b),
+            (Some(first), None) => {
+                let mut j = BytesMut::with_capacity(first.len() + b.len());
+                j.extend_from_slice(first);
+                j.extend_from_slice(&b);
+                joined = Some(j);
+            }
+            (_, Some(j)) => j.extend_from_slice(&b),
+        }
+    };
+    let mut start = 0;
+    let mut run_start = 0;
+    for (i, &(end, cut)) in ends.iter().enumerate() {
+        if cut {
+            if i == 0 {
+                pending.clear();
+            } else if start > run_start {
+                push(frame.slice(run_start..start));
+            }
+            run_start = end;
+        } else if i == 0 && !pending.is_empty() {
+            push(pending.split().freeze());
+        }
+        start = end;
+    }
+    if last_end > run_start {
+        push(frame.slice(run_start..last_end));
+    }
+    pending.extend_from_slice(&frame[last_end..]);
+    match (joined, out) {
+        (Some(j), _) => j.freeze(),
+        (None, Some(b)) => b,
+        (None, None) => Bytes::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::{EventKind, SseParser};
+
+    fn cut(frames: &[&str]) -> String {
+        let mut parser = SseParser::new();
+        let mut pending = BytesMut::new();
+        let mut out = Vec::new();
+        for f in frames {
+            let mut ends = Vec::new();
+            parser.feed(f.as_bytes(), |e| {
+                ends.push((e.end, e.kind == EventKind::Usage))
+            });
+            out.extend_from_slice(&cut_usage(
+                Bytes::copy_from_slice(f.as_bytes()),
+                &ends,
+                &mut pending,
+            ));
+        }
+        out.extend_from_slice(&pending);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn usage_event_is_cut_at_every_split() {
+        let tok = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n";
+        let usage =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n";
+        let done = "data: [DONE]\n\n";
+        let stream = format!("{tok}{tok}{usage}{done}");
+        let want = format!("{tok}{tok}{done}");
+        assert_eq!(cut(&[&stream]), want);
+        for a in 0..=stream.len() {
+            for b in a..=stream.len() {
+                let got = cut(&[&stream[..a], &stream[a..b], &stream[b..]]);
+                assert_eq!(got, want, "splits at {a} and {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_without_blank_line_are_kept() {
+        let s = "data: [DONE]\n\ndata: partial";
+        assert_eq!(cut(&[s]), s);
+    }
+}
