@@ -19,7 +19,6 @@ use std::task::{Context, Poll, Waker, ready};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -36,13 +35,16 @@ const READ_MAX: usize = 64 * 1024;
 /// A request body up to this size goes out in the same write as the head.
 const INLINE_BODY: usize = 64 * 1024;
 
+/// A request body streamed as it arrives (the client's, with the proxy's limits around it).
+pub type StreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
 /// A request body to send upstream.
 #[derive(Debug)]
 pub enum RequestBody {
     /// A body the proxy holds whole (read to be inspected, maybe rewritten).
     Bytes(Bytes),
     /// The client's body, streamed as it arrives.
-    Stream(Incoming),
+    Stream(StreamBody),
 }
 
 /// An upstream connection's socket. A TLS session is about a kilobyte of state: boxed, it costs
@@ -201,13 +203,23 @@ impl Conn {
         cx: &mut Context<'_>,
         method: &Method,
     ) -> Poll<Result<Box<ResponseHead>, SendError>> {
+        let too_long = || {
+            Poll::Ready(Err(h1::Error::Framing(
+                "response head or trailer section longer than 64 KiB",
+            )
+            .into()))
+        };
         loop {
             match h1::parse_response_head(self.unread(), method)? {
+                Parsed::Informational(len) | Parsed::Head(len, _) if len > READ_MAX => {
+                    return too_long();
+                }
                 Parsed::Informational(len) => self.consume(len),
                 Parsed::Head(len, head) => {
                     self.consume(len);
                     return Poll::Ready(Ok(head));
                 }
+                Parsed::Partial if self.buf.len() >= READ_MAX => return too_long(),
                 Parsed::Partial => {
                     if ready!(self.poll_fill(cx))? == 0 {
                         return Poll::Ready(Err(if self.buf.is_empty() {
@@ -253,7 +265,7 @@ fn write_all(
 struct BodyWriter {
     out: Vec<u8>,
     written: usize,
-    stream: Option<Incoming>,
+    stream: Option<StreamBody>,
     /// How the stream is framed; for a `Content-Length`, the bytes it still promises.
     framing: Encoding,
 }
@@ -284,7 +296,7 @@ impl BodyWriter {
                     }
                     self.stream = None;
                 }
-                Some(Err(error)) => return Poll::Ready(Err(SendError::Body(error.into()))),
+                Some(Err(error)) => return Poll::Ready(Err(SendError::Body(error))),
                 Some(Ok(frame)) => {
                     // Trailers are not sent on (see `h1::LAST_CHUNK`).
                     let Ok(data) = frame.into_data() else {

@@ -78,9 +78,13 @@ fn parse_response_head_into<'b>(
         headers.append(name, value);
     }
     let framing = framing(status, method, version, &headers)?;
-    // A message framed both ways may be read differently by another hop: not reused.
+    // A message framed both ways may be read differently by another hop: not reused. The
+    // transfer coding frames it (RFC 9112 §6.1), and the stale length is not passed on.
     let both = headers.contains_key(header::TRANSFER_ENCODING)
         && headers.contains_key(header::CONTENT_LENGTH);
+    if both {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     // After a 2xx to CONNECT the connection is a tunnel, not HTTP any more.
     let tunnel = *method == Method::CONNECT && status.is_success();
     let keep_alive =
