@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{self, Config, secs};
 use crate::proxy::Proxy;
-use crate::telemetry::{Telemetry, otel};
+use crate::telemetry::{ConnMetrics, Telemetry, otel};
 use crate::{admin, proxy, server};
 
 /// Why the proxy could not start.
@@ -164,6 +164,7 @@ struct Ready {
     telemetry: Arc<Telemetry>,
     tracer: Option<Arc<otel::Tracer>>,
     proxy: Arc<Proxy>,
+    limits: server::Limits,
 }
 
 impl Ready {
@@ -183,6 +184,7 @@ impl Ready {
         let telemetry = Arc::new(Telemetry::new(&config));
         let tracer = build_tracer(&config, &telemetry)?;
         let proxy = Arc::new(Proxy::new(&config, telemetry.clone(), tracer.clone())?);
+        let limits = server::Limits::of(&config, raise_fd_limit());
         Ok(Ready {
             config,
             listener,
@@ -192,7 +194,26 @@ impl Ready {
             telemetry,
             tracer,
             proxy,
+            limits,
         })
+    }
+}
+
+/// Raises the process's soft open-file limit to its hard limit (a proxy needs two descriptors
+/// per stream, and the usual soft default of 1,024 would lock clients out long before memory or
+/// CPU run short); returns the soft limit in force.
+fn raise_fd_limit() -> Option<u64> {
+    let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).ok()?;
+    match rlimit::increase_nofile_limit(hard) {
+        Ok(now) if now > soft => {
+            tracing::debug!(from = soft, to = now, "raised the open-file limit");
+            Some(now)
+        }
+        Ok(now) => Some(now),
+        Err(error) => {
+            tracing::warn!(%error, limit = soft, "could not raise the open-file limit");
+            Some(soft)
+        }
     }
 }
 
@@ -212,6 +233,7 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
         tracer,
         listener,
         admin,
+        limits,
         ..
     } = ready;
     let grace = secs(config.proxy.shutdown_grace_secs);
@@ -230,6 +252,8 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
             },
             Duration::from_secs(1),
             "admin",
+            server::Limits::default(),
+            ConnMetrics::noop(),
         ))
     });
     let upkeep = tokio::spawn({
@@ -251,7 +275,17 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
         secs(config.telemetry.model_refresh_secs),
     ));
     let handler = move |req, remote| proxy.clone().handle(req, remote);
-    server::serve(listener, handler, shutdown, grace, "proxy").await;
+    let connections = telemetry.connections();
+    server::serve(
+        listener,
+        handler,
+        shutdown,
+        grace,
+        "proxy",
+        limits,
+        connections,
+    )
+    .await;
     poller.abort();
     upkeep.abort();
     if let Some(tracer) = tracer {

@@ -101,6 +101,35 @@ pub struct ProxyConfig {
     pub shutdown_grace_secs: f64,
     /// Forward bytes without parsing SSE or recording latency (to measure telemetry's own cost).
     pub telemetry_enabled: bool,
+    /// Limit on receiving a request head, seconds: counted from accept on a new connection, and
+    /// from the first byte of the next request on a kept-alive one. Past it the connection is
+    /// closed (with a 408 when part of a head came).
+    pub header_timeout_secs: f64,
+    /// How long a kept-alive HTTP/1.1 connection may sit between requests, and an HTTP/2
+    /// connection without open streams, before it is closed, seconds.
+    pub keepalive_idle_secs: f64,
+    /// Limit on the silence between two reads of a request body while the proxy waits for it,
+    /// seconds; past it the client gets a 408 (when no response was started) and the
+    /// connection closes.
+    pub body_read_timeout_secs: f64,
+    /// Limit on a write to the client that makes no progress (a client that stopped reading),
+    /// seconds; past it the connection is closed and the upstream request cancelled.
+    pub send_timeout_secs: f64,
+    /// Interval of HTTP/2 keep-alive pings to clients, seconds; a ping unanswered for as long
+    /// closes the connection.
+    pub http2_keepalive_secs: f64,
+    /// Most concurrent streams on one HTTP/2 connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Largest SSE event (or line) held to be parsed, bytes. The bytes of a longer one are
+    /// forwarded as they come and the rest of it is not parsed (counted as oversized).
+    pub max_sse_event_bytes: usize,
+    /// All request-body bytes the proxy holds in memory at once (bodies read to be inspected);
+    /// a request that would go over gets 429.
+    pub body_budget_bytes: usize,
+    /// Most open client connections; a connection accepted beyond it is closed at once.
+    /// Default: half the open-file limit (each proxied connection needs an upstream one too),
+    /// less a reserve of 64.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ProxyConfig {
@@ -111,6 +140,15 @@ impl Default for ProxyConfig {
             x_forwarded: true,
             shutdown_grace_secs: 30.0,
             telemetry_enabled: true,
+            header_timeout_secs: 30.0,
+            keepalive_idle_secs: 60.0,
+            body_read_timeout_secs: 30.0,
+            send_timeout_secs: 60.0,
+            http2_keepalive_secs: 20.0,
+            http2_max_concurrent_streams: 128,
+            max_sse_event_bytes: 1024 * 1024,
+            body_budget_bytes: 256 * 1024 * 1024,
+            max_connections: None,
         }
     }
 }
@@ -409,6 +447,17 @@ impl Config {
                 self.upstream.pool_idle_timeout_secs,
             ),
             ("proxy.shutdown_grace_secs", self.proxy.shutdown_grace_secs),
+            ("proxy.header_timeout_secs", self.proxy.header_timeout_secs),
+            ("proxy.keepalive_idle_secs", self.proxy.keepalive_idle_secs),
+            (
+                "proxy.body_read_timeout_secs",
+                self.proxy.body_read_timeout_secs,
+            ),
+            ("proxy.send_timeout_secs", self.proxy.send_timeout_secs),
+            (
+                "proxy.http2_keepalive_secs",
+                self.proxy.http2_keepalive_secs,
+            ),
             (
                 "telemetry.model_refresh_secs",
                 self.telemetry.model_refresh_secs,
@@ -445,10 +494,42 @@ impl Config {
                 });
             }
         }
-        if self.proxy.max_request_body_bytes == 0 {
+        let at_least_one = [
+            (
+                "proxy.max_request_body_bytes",
+                self.proxy.max_request_body_bytes,
+            ),
+            ("proxy.body_budget_bytes", self.proxy.body_budget_bytes),
+            (
+                "proxy.max_connections",
+                self.proxy.max_connections.unwrap_or(1),
+            ),
+            (
+                "proxy.http2_max_concurrent_streams",
+                self.proxy.http2_max_concurrent_streams as usize,
+            ),
+        ];
+        for (field, value) in at_least_one {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must be at least 1".to_owned(),
+                });
+            }
+        }
+        if self.proxy.max_sse_event_bytes < 1024 {
             return Err(ConfigError::Invalid {
-                field: "proxy.max_request_body_bytes",
-                reason: "must be at least 1".to_owned(),
+                field: "proxy.max_sse_event_bytes",
+                reason: "must be at least 1024".to_owned(),
+            });
+        }
+        if self.proxy.body_budget_bytes < self.proxy.max_request_body_bytes {
+            return Err(ConfigError::Invalid {
+                field: "proxy.body_budget_bytes",
+                reason: format!(
+                    "must hold at least one body of proxy.max_request_body_bytes ({})",
+                    self.proxy.max_request_body_bytes
+                ),
             });
         }
         let buckets = [

@@ -168,7 +168,7 @@ impl Latency {
             EventKind::Error => self.inband_error = true,
             EventKind::Done => self.done = true,
             EventKind::Other => self.other_events += 1,
-            EventKind::NoData => {}
+            EventKind::NoData | EventKind::Oversized => {}
         }
         if let Some(usage) = event.usage {
             self.merge_usage(usage);

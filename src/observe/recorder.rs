@@ -87,7 +87,8 @@ impl Recorder {
 
     /// Called when the upstream's response head arrives: records the header time and decides
     /// how the body will be read.
-    pub fn on_head(&mut self, status: u16, sse: bool, json: bool, now: Instant) {
+    /// An event stream is read with events of at most `max_event` bytes held.
+    pub fn on_head(&mut self, status: u16, sse: bool, json: bool, max_event: usize, now: Instant) {
         self.status = status;
         if status < 500 {
             // The upstream answered: it is up, whatever the proxy does with the answer.
@@ -102,7 +103,7 @@ impl Recorder {
         let ok = (200..300).contains(&status);
         self.mode = if ok && sse {
             Mode::Sse {
-                parser: SseParser::new(),
+                parser: SseParser::with_max_event(max_event),
             }
         } else if ok && json && self.route.endpoint.is_generation() {
             Mode::Json {
@@ -142,6 +143,9 @@ impl Recorder {
             }
             Mode::Sse { parser } => {
                 parser.feed(data, |event| {
+                    if event.kind == EventKind::Oversized {
+                        route.oversized.increment(1);
+                    }
                     latency.on_event(event, now, |o| observe(route, span, itl, o, now));
                     if !*meta_seen
                         && let (Some(span), Some(id), Some(model)) =

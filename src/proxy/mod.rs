@@ -1,13 +1,15 @@
 //! Forwarding: rewrite the request to the upstream, keep headers clean, send it on a pooled
 //! connection, and turn upstream failures into OpenAI-style error responses.
 
+mod body;
 mod error;
 mod forward;
 pub mod inspect;
-mod strip;
+pub mod strip;
 
-use error::classify_client_error;
-pub use error::error_response;
+use body::read_whole;
+pub use body::{Budget, ReadError, ReadTimeout};
+pub use error::{Refusal, error_response};
 pub use forward::{add_forwarded, strip_hop_by_hop};
 use strip::StripUsage;
 
@@ -21,19 +23,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::config::{Config, secs};
 use crate::net::{self, BoxError, Connector, TlsError};
-use crate::observe::{Observer, TimedBody};
+use crate::observe::{Observer, Recorder, TimedBody};
 use crate::route::{Endpoint, RequestInfo};
+use crate::telemetry::Telemetry;
 use crate::telemetry::otel::Tracer;
-use crate::telemetry::{Outcome, Telemetry};
 use crate::upstream::{Pool, RequestBody, SendError, UpstreamResponse};
 
 pin_project! {
@@ -114,6 +117,10 @@ pub struct Proxy {
     host: HeaderValue,
     observer: Observer,
     max_body: usize,
+    /// Request bodies held in memory, all requests together.
+    budget: Arc<Budget>,
+    body_read_timeout: Duration,
+    max_sse_event: usize,
     inject_usage: bool,
     x_forwarded: bool,
     telemetry_enabled: bool,
@@ -157,6 +164,7 @@ impl Proxy {
             _ => authority.as_str().to_owned(),
         };
         let host = HeaderValue::from_str(&host).map_err(|e| BuildError::Url(e.to_string()))?;
+        let body_bytes_held = telemetry.body_bytes_held();
         let pool = Pool::new(
             connector(config)?,
             uri,
@@ -170,6 +178,9 @@ impl Proxy {
             host,
             observer: Observer::new(telemetry, tracer),
             max_body: config.proxy.max_request_body_bytes,
+            budget: Budget::new(config.proxy.body_budget_bytes, body_bytes_held),
+            body_read_timeout: secs(config.proxy.body_read_timeout_secs),
+            max_sse_event: config.proxy.max_sse_event_bytes,
             inject_usage: config.proxy.inject_usage,
             x_forwarded: config.proxy.x_forwarded,
             telemetry_enabled: config.proxy.telemetry_enabled,
@@ -204,6 +215,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let t0 = Instant::now();
         let (mut parts, body) = req.into_parts();
+        let body = ReadTimeout::new(body, self.body_read_timeout);
         let endpoint = Endpoint::from_path(parts.uri.path());
         let request_id: Box<str> = match parts
             .headers
@@ -213,16 +225,37 @@ impl Proxy {
             Some(id) if id.len() <= 128 => id.into(),
             _ => format!("tt-{:x}", self.next_id.fetch_add(1, Ordering::Relaxed)).into(),
         };
+        let observe = |info: &RequestInfo, parts: &http::request::Parts, id: Box<str>| {
+            self.telemetry_enabled
+                .then(|| self.observer.start(parts, endpoint, info, id, t0))
+        };
+        let refuse = |recorder: Option<Recorder>, refusal: Refusal| {
+            if let Some(recorder) = recorder {
+                recorder.finish_without_body(
+                    refusal.outcome,
+                    refusal.status.as_u16(),
+                    Instant::now(),
+                );
+            }
+            refusal.response()
+        };
 
         let mut info = RequestInfo {
             n: 1,
             ..RequestInfo::default()
         };
+        if parts.method == Method::CONNECT {
+            // Not a tunnel: the upstream serves an API.
+            let recorder = observe(&info, &parts, request_id);
+            return refuse(recorder, Refusal::connect());
+        }
         let mut injected = false;
+        // The body's share of the body budget, held until the upstream has answered.
+        let mut _held = None;
         let body = if self.telemetry_enabled && endpoint.inspects_body(&parts.method) {
-            match Limited::new(body, self.max_body).collect().await {
-                Ok(collected) => {
-                    let mut bytes = collected.to_bytes();
+            match read_whole(body, self.max_body, &self.budget).await {
+                Ok((mut bytes, held)) => {
+                    _held = Some(held);
                     info = inspect::inspect(&bytes);
                     if self.inject_usage
                         && let Some(rewritten) = inspect::inject_usage(&bytes, &info)
@@ -234,38 +267,18 @@ impl Proxy {
                     RequestBody::Bytes(bytes)
                 }
                 Err(error) => {
-                    let recorder = self.observer.start(&parts, endpoint, &info, request_id, t0);
-                    let too_large = error
-                        .downcast_ref::<http_body_util::LengthLimitError>()
-                        .is_some();
-                    let (status, outcome, message) = if too_large {
-                        (
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            Outcome::Rejected,
-                            format!(
-                                "request body exceeds proxy.max_request_body_bytes ({} bytes)",
-                                self.max_body
-                            ),
-                        )
-                    } else {
-                        (
-                            StatusCode::BAD_REQUEST,
-                            Outcome::ClientDisconnect,
-                            format!("could not read the request body: {error}"),
-                        )
-                    };
-                    recorder.finish_without_body(outcome, status.as_u16(), Instant::now());
-                    return error_response(status, "invalid_request_error", &message);
+                    let recorder = observe(&info, &parts, request_id);
+                    return refuse(recorder, Refusal::body(error, self.max_body));
                 }
             }
         } else {
-            RequestBody::Stream(body)
+            RequestBody::Stream(UnsyncBoxBody::new(body))
         };
 
-        let recorder = self
-            .telemetry_enabled
-            .then(|| self.observer.start(&parts, endpoint, &info, request_id, t0));
+        let recorder = observe(&info, &parts, request_id);
         strip_hop_by_hop(&mut parts.headers);
+        // Answered by the proxy's own server already (the body is read or streamed on).
+        parts.headers.remove(header::EXPECT);
         parts.headers.insert(header::HOST, self.host.clone());
         if self.x_forwarded {
             add_forwarded(&mut parts.headers, remote);
@@ -286,34 +299,29 @@ impl Proxy {
         // they would stay in every connection's memory for the whole stream.
         let sending = Box::pin(self.pool.send(upstream_req));
         let sent = tokio::time::timeout(self.header_timeout, sending).await;
-        let now = Instant::now();
         let response = match sent {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => {
-                let (status, outcome, kind) = classify_client_error(&error);
-                tracing::warn!(error = %net::error_chain(&error), outcome = outcome.as_str(), "upstream request failed");
-                if let Some(recorder) = recorder {
-                    recorder.finish_without_body(outcome, status.as_u16(), now);
-                }
-                let message = format!(
-                    "upstream {}://{}: {}",
-                    self.scheme,
-                    self.authority,
-                    net::error_chain(&error)
-                );
-                return error_response(status, kind, &message);
+                let refusal = match error {
+                    SendError::Body(error) => Refusal::body(ReadError::from(error), self.max_body),
+                    error => {
+                        let failure = Refusal::upstream(&error);
+                        // The address stays in the log; the client's answer does not name it.
+                        tracing::warn!(
+                            upstream = %format_args!("{}://{}", self.scheme, self.authority),
+                            error = %net::error_chain(&error),
+                            outcome = failure.outcome.as_str(),
+                            "upstream request failed"
+                        );
+                        failure
+                    }
+                };
+                return refuse(recorder, refusal);
             }
-            Err(_elapsed) => {
-                if let Some(recorder) = recorder {
-                    recorder.finish_without_body(Outcome::UpstreamTimeout, 504, now);
-                }
-                let message = format!(
-                    "upstream sent no response head within {:?} (upstream.response_header_timeout_secs)",
-                    self.header_timeout
-                );
-                return error_response(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", &message);
-            }
+            Err(_elapsed) => return refuse(recorder, Refusal::head_timeout(self.header_timeout)),
         };
+        let now = Instant::now();
+        drop(_held);
 
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -331,11 +339,11 @@ impl Proxy {
         if strip {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
-        recorder.on_head(parts.status.as_u16(), sse, json, now);
+        recorder.on_head(parts.status.as_u16(), sse, json, self.max_sse_event, now);
         let body = TimedBody::new(body, recorder, self.idle_timeout, now, strip);
         let body = if strip {
             ProxyBody::Stripped {
-                body: StripUsage::new(body),
+                body: StripUsage::new(body, self.max_sse_event),
             }
         } else {
             ProxyBody::Timed { body }

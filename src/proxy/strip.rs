@@ -21,16 +21,21 @@ pin_project! {
         inner: TimedBody<B>,
         // Bytes of an incomplete event held back.
         pending: BytesMut,
+        // Most bytes held: past it the event cannot be one the parser read (it counts at least
+        // half of an event's bytes, and stops at its own limit), so it is not the usage event.
+        max_held: usize,
         inner_done: bool,
     }
 }
 
 impl<B> StripUsage<B> {
-    /// Cuts the usage events out of `inner`, which must keep its frames' event boundaries.
-    pub fn new(inner: TimedBody<B>) -> Self {
+    /// Cuts the usage events out of `inner`, which must keep its frames' event boundaries and
+    /// parse events of up to `max_event` bytes: more than twice that is never held.
+    pub fn new(inner: TimedBody<B>, max_event: usize) -> Self {
         StripUsage {
             inner,
             pending: BytesMut::new(),
+            max_held: max_event.saturating_mul(2),
             inner_done: false,
         }
     }
@@ -69,7 +74,20 @@ where
                 Ok(data) => data,
                 Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
             };
-            let out = cut_usage(data, this.inner.boundaries(), this.pending);
+            let mut out = cut_usage(data, this.inner.boundaries(), this.pending);
+            if this.pending.len() > *this.max_held {
+                // An event too long to be parsed: what is held of it goes out now, and the rest
+                // of it is passed on as it comes.
+                out = if out.is_empty() {
+                    this.pending.split().freeze()
+                } else {
+                    let mut joined = BytesMut::with_capacity(out.len() + this.pending.len());
+                    joined.extend_from_slice(&out);
+                    joined.extend_from_slice(this.pending);
+                    this.pending.clear();
+                    joined.freeze()
+                };
+            }
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }

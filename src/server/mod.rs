@@ -1,98 +1,272 @@
-//! Accept loop: HTTP/1.1 (keep-alive) and HTTP/2 without TLS on one port, graceful drain.
+//! Accept loop: HTTP/1.1 (keep-alive) and HTTP/2 without TLS on one port, with the limits of
+//! `docs/limits.md` on every client, and a graceful drain.
 //!
 //! The protocol is chosen by peeking at the first bytes of a connection (HTTP/2 starts with the
 //! `PRI * HTTP/2.0` preface, which is not a valid HTTP/1.1 request), so the connection's server
 //! then reads the whole request from the socket itself: no bytes are read ahead and replayed.
 //! Both protocols are served by hyper; one task serves one connection and polls the response
 //! body, which for a proxied response reads the upstream socket.
+//!
+//! A connection is owned by its task: the socket ([`io::ClientIo`], which bounds the waits on
+//! the client), hyper's connection over it, and a [`io::ConnState`] that the service and the
+//! response bodies share with the socket to say when a request is in hand.
+
+mod drain;
+mod io;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulConnection;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::futures::OwnedNotified;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 
+use crate::config::Config;
 use crate::net::BoxError;
+use crate::telemetry::{CloseReason, ConnMetrics};
+use drain::{Drain, Graceful};
+use io::{ClientIo, ConnState, Waits};
 
 /// The body of a client's request, on either protocol.
 pub type ClientBody = Incoming;
 
+/// Longest request head (request line and header fields). uvicorn, which serves vLLM, takes
+/// heads up to 16 KiB.
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// Most header fields in a request head (hyper's default).
+const MAX_HEADERS: usize = 100;
+
+/// The limits a listener puts on its clients (`docs/limits.md`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Receiving a request head: from accept, or from the first byte of a later request.
+    pub header_timeout: Duration,
+    /// A kept-alive HTTP/1.1 connection between requests; an HTTP/2 one without streams.
+    pub keepalive_idle: Duration,
+    /// A write to the client that makes no progress.
+    pub send_timeout: Duration,
+    /// HTTP/2 keep-alive ping interval, and how long a ping may go unanswered.
+    pub http2_keepalive: Duration,
+    /// Concurrent streams of one HTTP/2 connection.
+    pub http2_max_streams: u32,
+    /// Open client connections.
+    pub max_connections: usize,
+}
+
+impl Limits {
+    /// The limits of the proxy's listener in `config`; `fd_limit` (the process's open-file
+    /// limit) sizes the default connection limit.
+    pub fn of(config: &Config, fd_limit: Option<u64>) -> Limits {
+        let p = &config.proxy;
+        let secs = crate::config::secs;
+        Limits {
+            header_timeout: secs(p.header_timeout_secs),
+            keepalive_idle: secs(p.keepalive_idle_secs),
+            send_timeout: secs(p.send_timeout_secs),
+            http2_keepalive: secs(p.http2_keepalive_secs),
+            http2_max_streams: p.http2_max_concurrent_streams,
+            max_connections: p
+                .max_connections
+                .unwrap_or_else(|| default_max_connections(fd_limit)),
+        }
+    }
+
+    fn waits(&self) -> Waits {
+        Waits {
+            header: self.header_timeout,
+            keepalive_idle: self.keepalive_idle,
+            send: self.send_timeout,
+        }
+    }
+}
+
+impl Default for Limits {
+    /// The limits of the default configuration, with a connection limit of 1,024.
+    fn default() -> Self {
+        Limits::of(&Config::default(), Some(2 * 1024 + 128))
+    }
+}
+
+/// Half the open-file limit (a proxied client connection needs an upstream one too), less a
+/// reserve for listeners, the pool's idle connections and exporters; 1,024 when the limit is
+/// not known.
+pub fn default_max_connections(fd_limit: Option<u64>) -> usize {
+    match fd_limit {
+        Some(n) => usize::try_from(n / 2)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(64)
+            .max(16),
+        None => 1024,
+    }
+}
+
+/// Logs a failed accept at most once per interval, with how many went unlogged since: at the
+/// open-file limit every accept fails at once, and a line each would flood the log.
+struct AcceptErrors {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptErrors {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn note(&mut self, name: &str, error: &std::io::Error) {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now - last < Self::EVERY) {
+            self.unlogged += 1;
+            return;
+        }
+        tracing::warn!(listener = name, %error, unlogged = self.unlogged, "accept failed");
+        self.last = Some(now);
+        self.unlogged = 0;
+    }
+}
+
 /// Serves `handler` on `listener` until `shutdown` resolves, then stops accepting and waits up
-/// to `grace` for open connections to finish their requests. Accept errors (for example too many
-/// open files) are logged and retried after a short pause; they never end the loop.
+/// to `grace` for open connections to finish their requests. Every connection is held to
+/// `limits`, and what the limits close is counted in `metrics`. Accept errors (for example too
+/// many open files) are counted, logged at most every 10 s, and retried after a short pause;
+/// they never end the loop.
 pub async fn serve<H, Fut, B>(
     listener: TcpListener,
     handler: H,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     name: &'static str,
+    limits: Limits,
+    metrics: ConnMetrics,
 ) where
     H: Fn(Request<ClientBody>, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: Body<Data = bytes::Bytes, Error = BoxError> + Send + 'static,
+    B: Body<Data = Bytes, Error = BoxError> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    let h2 = http2::Builder::new(TokioExecutor::new());
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .keep_alive_interval(limits.http2_keepalive)
+        .keep_alive_timeout(limits.http2_keepalive)
+        .max_concurrent_streams(limits.http2_max_streams);
     let mut h1 = http1::Builder::new();
-    // Head limits as uvicorn's and hyper's: 64 KiB (431 above), 100 fields.
-    h1.max_buf_size(MAX_HEAD).max_headers(100);
+    // hyper's own head timeout is off: `ClientIo` bounds the head from accept, and apart from
+    // the keep-alive wait, which hyper's would cut short.
+    h1.max_header_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(2 * MAX_HEAD);
     let drain = Drain::new();
     // Tells connections that have not sent their first bytes yet (so are not watched by
     // `drain`) that the server is draining.
     let (draining, drain_rx) = watch::channel(false);
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut accept_errors = AcceptErrors {
+        last: None,
+        unlogged: 0,
+    };
     tokio::pin!(shutdown);
     loop {
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
-                    tracing::warn!(listener = name, %error, "accept failed");
+                    metrics.accept_error();
+                    accept_errors.note(name, &error);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
+        if open.load(Ordering::Relaxed) >= limits.max_connections {
+            // Refused at once: closing costs the client a reconnect, holding it would cost
+            // everyone the descriptor.
+            metrics.closed(CloseReason::MaxConnections);
+            drop(stream);
+            continue;
+        }
+        let accepted = Instant::now();
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let (h1, h2, watcher) = (h1.clone(), h2.clone(), drain.watcher());
         let mut drain_rx = drain_rx.clone();
-        // No tracing span around the connection: entering it on every poll costs ~1 % of the
-        // CPU per forwarded chunk; the one log line below names the connection instead.
+        let slot = Slot::take(&open);
+        let counted = metrics.open();
+        let metrics = metrics.clone();
+        // No tracing span around the connection: entering it on every poll costs a share of
+        // the CPU per forwarded chunk; the one log line below names the connection instead.
         tokio::spawn(async move {
-            let h2_prior = tokio::select! {
-                h2_prior = is_http2(&stream) => h2_prior,
+            let _slot = (slot, counted);
+            let sniffed = tokio::select! {
+                sniffed = tokio::time::timeout(limits.header_timeout, is_http2(&stream)) => sniffed,
                 _ = drain_rx.wait_for(|draining| *draining) => return,
             };
-            let service = service_fn(move |req: Request<Incoming>| Answer {
-                response: handler(req, remote),
-            });
-            let result: Result<(), BoxError> = if h2_prior {
+            let Ok(h2_prior) = sniffed else {
+                metrics.closed(CloseReason::HeaderTimeout);
+                return;
+            };
+            let h1_conn = !h2_prior;
+            let state = Arc::new(ConnState::default());
+            let io = TokioIo::new(ClientIo::new(
+                stream,
+                state.clone(),
+                h1_conn,
+                limits.waits(),
+                accepted,
+            ));
+            let service = {
+                let state = state.clone();
+                service_fn(move |req: Request<Incoming>| {
+                    state.request_began(h1_conn);
+                    Answer {
+                        response: handler(req, remote),
+                        guard: Some(InHand {
+                            state: state.clone(),
+                            h1: h1_conn,
+                        }),
+                    }
+                })
+            };
+            let result: Result<(), hyper::Error> = if h2_prior {
+                let conn = H2Idle {
+                    conn: h2.serve_connection(io, service),
+                    state: state.clone(),
+                    idle: limits.keepalive_idle,
+                    timer: tokio::time::sleep_until(accepted + limits.keepalive_idle),
+                    armed: false,
+                    stopping: false,
+                };
                 // Boxed: an HTTP/2 connection's state is twice an HTTP/1.1 one's, and inline it
                 // would size every connection's task.
-                Box::pin(watcher.watch(h2.serve_connection(TokioIo::new(stream), service)))
-                    .await
-                    .map_err(Into::into)
+                Box::pin(watcher.watch(conn)).await
             } else {
-                watcher
-                    .watch(h1.serve_connection(TokioIo::new(stream), service))
-                    .await
-                    .map_err(Into::into)
+                watcher.watch(h1.serve_connection(io, service)).await
             };
+            let reason = state.closed_for().or(match &result {
+                Err(error) if error.is_parse() || error.is_parse_too_large() => {
+                    Some(CloseReason::BadRequest)
+                }
+                Err(error) if !h1_conn && error.is_timeout() => Some(CloseReason::Http2PingTimeout),
+                _ => None,
+            });
+            if let Some(reason) = reason {
+                metrics.closed(reason);
+                if let Some(status) = refused_status(reason, &result, &state) {
+                    metrics.refused(status);
+                }
+            }
             if let Err(error) = result {
                 tracing::debug!(listener = name, %remote, %error, "connection ended with an error");
             }
@@ -111,137 +285,160 @@ pub async fn serve<H, Fut, B>(
     }
 }
 
-/// Tells open connections to finish the request in hand and close, and waits until they have.
-///
-/// hyper-util's `GracefulShutdown` does the same, but polls its shutdown signal (a `watch`
-/// receiver, through its `Notify`) on every poll of every connection: once per forwarded chunk,
-/// about 3 % of the proxy's user-space instructions per chunk. Here a connection polls the
-/// signal only when its waker changes or the drain has begun, and otherwise reads one flag.
-struct Drain {
-    signal: Signal,
-    /// Every watched connection holds a receiver; `closed` resolves when all are dropped.
-    alive: watch::Sender<()>,
-}
-
-/// The drain's flag and the wake-up that goes with it.
-#[derive(Clone)]
-struct Signal {
-    /// Set before `notify` wakes the connections, so a poll that sees it polls the wake-up.
-    draining: Arc<AtomicBool>,
-    notify: Arc<Notify>,
-}
-
-impl Drain {
-    fn new() -> Self {
-        Drain {
-            signal: Signal {
-                draining: Arc::new(AtomicBool::new(false)),
-                notify: Arc::new(Notify::new()),
-            },
-            alive: watch::channel(()).0,
+/// The status a client was answered with when the server refused its request itself (a head it
+/// could not read, or one too slow), for the request counter; `None` when nothing was answered.
+fn refused_status(
+    reason: CloseReason,
+    result: &Result<(), hyper::Error>,
+    state: &ConnState,
+) -> Option<u16> {
+    match (reason, result) {
+        (CloseReason::HeaderTimeout, _) if state.answered_408() => Some(408),
+        (CloseReason::BadRequest, Err(error)) if error.is_parse_too_large() => Some(431),
+        (CloseReason::BadRequest, Err(error)) if error.to_string().contains("URI too long") => {
+            Some(414)
         }
+        (CloseReason::BadRequest, _) => Some(400),
+        _ => None,
     }
+}
 
-    /// A handle for one connection, taken when it is accepted: it counts as open from then on.
-    fn watcher(&self) -> Watcher {
-        Watcher {
-            signal: self.signal.clone(),
-            alive: self.alive.subscribe(),
+/// One of the listener's connection slots, given back when the connection's task ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>) -> Slot {
+        open.fetch_add(1, Ordering::Relaxed);
+        Slot(open.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request in hand on its connection, from the moment its head was read until its response
+/// ended or its handling was dropped: whoever holds it last tells the connection.
+struct InHand {
+    state: Arc<ConnState>,
+    h1: bool,
+}
+
+impl Drop for InHand {
+    fn drop(&mut self) {
+        self.state.request_ended(self.h1);
+    }
+}
+
+pin_project! {
+    /// The handler's future as a service's: its response as `Ok`, with the request's
+    /// [`InHand`] moved into the response body. No async block around it, so that hyper boxes
+    /// exactly the handler's state.
+    struct Answer<F> {
+        #[pin]
+        response: F,
+        guard: Option<InHand>,
+    }
+}
+
+impl<F, B> Future for Answer<F>
+where
+    F: Future<Output = Response<B>>,
+{
+    type Output = Result<Response<InHandBody<B>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.response.poll(cx));
+        let guard = this.guard.take();
+        Poll::Ready(Ok(response.map(|inner| InHandBody { inner, guard })))
+    }
+}
+
+pin_project! {
+    /// A response body that ends its request's [`InHand`] when it ends or is dropped.
+    struct InHandBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<InHand>,
+    }
+}
+
+impl<B> Body for InHandBody<B>
+where
+    B: Body<Data = Bytes, Error = BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.guard.take();
         }
+        polled
     }
 
-    /// Tells every watched connection to shut down gracefully, then resolves once all of them
-    /// (and every watcher not yet used) are gone.
-    async fn shutdown(self) {
-        self.signal.draining.store(true, Ordering::Release);
-        self.signal.notify.notify_waiters();
-        self.alive.closed().await;
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
-}
 
-/// One connection's share of a [`Drain`].
-struct Watcher {
-    signal: Signal,
-    alive: watch::Receiver<()>,
-}
-
-impl Watcher {
-    /// `conn`, shut down gracefully once the drain begins (at once if it already has).
-    fn watch<C: GracefulConnection>(self, conn: C) -> Watched<C> {
-        Watched {
-            conn,
-            // Created now, so it sees a drain that begins before its first poll.
-            notified: self.signal.notify.notified_owned(),
-            draining: self.signal.draining,
-            registered: None,
-            stopping: false,
-            _alive: self.alive,
-        }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A connection that a [`Drain`] can shut down gracefully.
-    struct Watched<C> {
+pin_project! {
+    /// An HTTP/2 connection that closes gracefully once it has had no stream for its idle limit.
+    struct H2Idle<C> {
         #[pin]
         conn: C,
+        state: Arc<ConnState>,
+        idle: Duration,
         #[pin]
-        notified: OwnedNotified,
-        draining: Arc<AtomicBool>,
-        // The waker `notified` was last polled with: while the task's waker stays the same, a
-        // drain wakes it and sets the flag, so `notified` need not be polled again until then.
-        registered: Option<Waker>,
+        timer: Sleep,
+        armed: bool,
         stopping: bool,
-        _alive: watch::Receiver<()>,
     }
 }
 
-impl<C: GracefulConnection> Future for Watched<C> {
+impl<C: Graceful> Future for H2Idle<C> {
     type Output = C::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if !*this.stopping {
-            // The flag is what says a drain began (`notified` misses one that began before it
-            // was created); `notified` is there to wake an idle connection when it does.
-            let mut begun = this.draining.load(Ordering::Acquire);
-            let stale = this
-                .registered
-                .as_ref()
-                .is_none_or(|waker| !waker.will_wake(cx.waker()));
-            if !begun && stale {
-                begun = this.notified.as_mut().poll(cx).is_ready();
-                *this.registered = Some(cx.waker().clone());
-            }
-            if begun {
-                *this.stopping = true;
-                this.conn.as_mut().graceful_shutdown();
+            if this.state.no_streams(cx) {
+                if !*this.armed {
+                    *this.armed = true;
+                    this.timer.as_mut().reset(Instant::now() + *this.idle);
+                }
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    *this.stopping = true;
+                    this.state.close_for(CloseReason::Http2Idle);
+                    this.conn.as_mut().graceful_shutdown();
+                }
+            } else {
+                *this.armed = false;
             }
         }
         this.conn.poll(cx)
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The handler's future as a service's: its response as `Ok`. No async block around it, so
-    /// that hyper boxes exactly the handler's state.
-    struct Answer<F> {
-        #[pin]
-        response: F,
+impl<C: Graceful> Graceful for H2Idle<C> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        let this = self.project();
+        *this.stopping = true;
+        this.conn.graceful_shutdown();
     }
 }
-
-impl<F: Future> Future for Answer<F> {
-    type Output = Result<F::Output, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().response.poll(cx).map(Ok)
-    }
-}
-
-/// Longest request head (request line and header fields). uvicorn, which serves vLLM, takes
-/// heads up to 16 KiB.
-pub const MAX_HEAD: usize = 64 * 1024;
 
 /// The start of the HTTP/2 connection preface (RFC 9113 §3.4); no HTTP/1.1 method is `PRI`.
 const H2_START: &[u8] = b"PRI ";
@@ -271,143 +468,4 @@ async fn is_http2(stream: &TcpStream) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use http_body_util::BodyExt;
-    use tokio::io::AsyncWriteExt;
-
-    /// `is_http2` on the accepted side of a connection whose client writes `parts` with a pause
-    /// between them, then closes.
-    async fn sniff(parts: &[&'static [u8]]) -> bool {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let parts = parts.to_vec();
-        let client = tokio::spawn(async move {
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.set_nodelay(true).unwrap();
-            for part in parts {
-                c.write_all(part).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        });
-        let (server, _) = listener.accept().await.unwrap();
-        let verdict = is_http2(&server).await;
-        client.await.unwrap();
-        verdict
-    }
-
-    #[tokio::test]
-    async fn the_http2_preface_is_told_from_http1_requests() {
-        assert!(sniff(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]).await);
-        assert!(!sniff(&[b"POST /v1/chat/completions HTTP/1.1\r\n"]).await);
-        assert!(!sniff(&[b"PUT / HTTP/1.1\r\n"]).await);
-        assert!(!sniff(&[b"GET / HTTP/1.1\r\n"]).await);
-    }
-
-    #[tokio::test]
-    async fn a_preface_split_across_packets_waits_for_the_rest() {
-        assert!(sniff(&[b"PR", b"I * HTTP/2.0\r\n\r\nSM\r\n\r\n"]).await);
-        assert!(!sniff(&[b"P", b"OST / HTTP/1.1\r\n"]).await);
-    }
-
-    /// A server answering every request with `ok`, with 30 s of grace: its address, the sender
-    /// that starts its drain, and its task.
-    async fn ok_server() -> (
-        SocketAddr,
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let handler = |_req: Request<ClientBody>, _remote: SocketAddr| async {
-            Response::new(
-                http_body_util::Full::new(bytes::Bytes::from_static(b"ok"))
-                    .map_err(|never| match never {}),
-            )
-        };
-        let server = tokio::spawn(serve(
-            listener,
-            handler,
-            async {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(30),
-            "test",
-        ));
-        (addr, stop, server)
-    }
-
-    #[tokio::test]
-    async fn a_connection_that_sent_nothing_does_not_hold_up_the_drain() {
-        let (addr, stop, server) = ok_server().await;
-        let _silent = TcpStream::connect(addr).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), server)
-            .await
-            .expect("drained without waiting for the silent connection")
-            .unwrap();
-    }
-
-    /// The drain wakes and closes keep-alive connections that sit idle between requests.
-    #[tokio::test]
-    async fn the_drain_closes_idle_keep_alive_connections() {
-        use tokio::io::AsyncReadExt;
-        let (addr, stop, server) = ok_server().await;
-        let mut clients = Vec::new();
-        for _ in 0..2 {
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                .await
-                .unwrap();
-            let mut got = Vec::new();
-            while !got.ends_with(b"ok") {
-                let mut buf = [0u8; 256];
-                let n = c.read(&mut buf).await.unwrap();
-                assert!(n > 0, "closed before the response");
-                got.extend_from_slice(&buf[..n]);
-            }
-            clients.push(c);
-        }
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), server)
-            .await
-            .expect("drained without waiting out the grace period")
-            .unwrap();
-        for mut c in clients {
-            let mut buf = [0u8; 16];
-            assert_eq!(c.read(&mut buf).await.unwrap(), 0, "closed by the server");
-        }
-    }
-
-    /// A drain that began before a watched connection was first polled still shuts it down:
-    /// an idle HTTP/1.1 connection, whose client stays open and silent, ends only that way.
-    #[tokio::test]
-    async fn a_connection_watched_after_the_drain_began_is_shut_down() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (stream, _) = listener.accept().await.unwrap();
-        let drain = Drain::new();
-        let watcher = drain.watcher();
-        let stopping = tokio::spawn(drain.shutdown());
-        tokio::task::yield_now().await;
-        let service = service_fn(|_req: Request<Incoming>| async {
-            Ok::<_, Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
-        });
-        let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-        tokio::time::timeout(Duration::from_secs(5), watcher.watch(conn))
-            .await
-            .expect("shut down")
-            .unwrap();
-        stopping.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_connection_closed_early_goes_to_http1() {
-        assert!(!sniff(&[]).await);
-        assert!(!sniff(&[b"PR"]).await);
-    }
-}
+mod tests;

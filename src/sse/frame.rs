@@ -27,6 +27,15 @@ pub struct SseParser {
     in_block: bool,
     /// The previous frame ended in `\r`: a leading `\n` in the next one belongs to it.
     skip_lf: bool,
+    /// The current event is longer than `max_event`: its lines are passed over, unread, until
+    /// the blank line that ends it.
+    oversized: bool,
+    /// Passing over an oversized event, a line that began in an earlier frame has not ended.
+    in_skipped_line: bool,
+    /// Bytes of the current event's lines so far (line ends counted as one byte each).
+    event_len: usize,
+    /// Longest event (or line) read; longer ones are reported as [`EventKind::Oversized`].
+    max_event: usize,
     /// An incomplete line carried over from earlier frames.
     line: Vec<u8>,
     state: Data,
@@ -42,14 +51,29 @@ impl Default for SseParser {
 }
 
 impl SseParser {
-    /// A parser at the start of a stream.
+    /// The longest event read by default, bytes (`proxy.max_sse_event_bytes`).
+    pub const DEFAULT_MAX_EVENT: usize = 1024 * 1024;
+
+    /// A parser at the start of a stream, reading events up to the default size.
     pub fn new() -> Self {
+        Self::with_max_event(Self::DEFAULT_MAX_EVENT)
+    }
+
+    /// A parser at the start of a stream that holds at most `max_event` bytes of one event (or
+    /// line): past that, the rest of the event is passed over unread and it is reported as
+    /// [`EventKind::Oversized`] at its blank line, so that what the parser holds stays bounded
+    /// whatever the stream sends.
+    pub fn with_max_event(max_event: usize) -> Self {
         SseParser {
             line: Vec::new(),
             data: Vec::new(),
             state: Data::Empty,
             in_block: false,
             skip_lf: false,
+            oversized: false,
+            in_skipped_line: false,
+            event_len: 0,
+            max_event,
             choices: Vec::new(),
             prefix: Box::default(),
         }
@@ -69,7 +93,7 @@ impl SseParser {
         }
         while pos < frame.len() {
             let Some(i) = memchr::memchr2(b'\n', b'\r', &frame[pos..]) else {
-                self.line.extend_from_slice(&frame[pos..]);
+                self.line_continues(&frame[pos..]);
                 break;
             };
             let eol = pos + i;
@@ -85,8 +109,16 @@ impl SseParser {
             } else {
                 eol + 1
             };
-            if self.line.is_empty() {
-                self.line_in_frame(frame, pos, eol, next, &mut on_event);
+            if self.oversized {
+                self.skip_line(eol == pos, next, &mut on_event);
+            } else if self.line.is_empty() {
+                if eol > pos && self.too_long(eol - pos) {
+                    self.pass_over();
+                } else {
+                    self.line_in_frame(frame, pos, eol, next, &mut on_event);
+                }
+            } else if self.too_long(eol - pos) {
+                self.pass_over();
             } else {
                 self.line.extend_from_slice(&frame[pos..eol]);
                 let line = std::mem::take(&mut self.line);
@@ -104,13 +136,69 @@ impl SseParser {
         }
     }
 
+    /// Counts `n` more bytes of the current event's lines (and a line end); true when that makes
+    /// the event longer than it may be.
+    fn too_long(&mut self, n: usize) -> bool {
+        self.event_len = self.event_len.saturating_add(n + 1);
+        self.event_len > self.max_event
+    }
+
+    /// The rest of the frame is the start (or more) of a line that ends in a later frame.
+    fn line_continues(&mut self, rest: &[u8]) {
+        if self.oversized {
+            self.in_skipped_line = true;
+        } else if self.too_long(rest.len()) {
+            self.pass_over();
+            self.in_skipped_line = true;
+        } else {
+            self.line.extend_from_slice(rest);
+        }
+    }
+
+    /// The current event is too long: what is held of it is dropped, and its lines are passed
+    /// over until its blank line.
+    #[cold]
+    fn pass_over(&mut self) {
+        self.oversized = true;
+        self.in_block = true;
+        self.state = Data::Empty;
+        // Whatever was held for this event goes, memory included.
+        self.line = Vec::new();
+        self.data = Vec::new();
+    }
+
+    /// A line of an oversized event ended at `next`: a blank one ends the event.
+    #[cold]
+    fn skip_line(&mut self, empty: bool, next: usize, on_event: &mut impl FnMut(&Event<'_>)) {
+        if self.in_skipped_line {
+            // The end of a line that began in an earlier frame: not blank.
+            self.in_skipped_line = false;
+            return;
+        }
+        if !empty {
+            return;
+        }
+        self.oversized = false;
+        self.in_block = false;
+        self.event_len = 0;
+        on_event(&Event {
+            kind: EventKind::Oversized,
+            choices: &[],
+            usage: None,
+            end: next,
+            id: None,
+            model: None,
+            data: &[],
+        });
+    }
+
     /// Reports `frame` when it is exactly one event, `data: `, a payload that fits the template
     /// of the payloads before it, and a blank line: most chunks of a stream after its first
     /// events. Such a payload has no line break (the template's text has none, and its content
     /// string none unescaped), so reading it line by line would report the same event; this
     /// skips that reading. False, having changed nothing, for any other frame.
     fn one_templated_event(&mut self, frame: &[u8], on_event: &mut impl FnMut(&Event<'_>)) -> bool {
-        if self.in_block || self.skip_lf || !self.line.is_empty() {
+        if self.in_block || self.skip_lf || !self.line.is_empty() || frame.len() > self.max_event {
             return false;
         }
         let Some(payload) = frame
@@ -199,6 +287,7 @@ impl SseParser {
             return;
         }
         self.in_block = false;
+        self.event_len = 0;
         let state = std::mem::replace(&mut self.state, Data::Empty);
         let data = std::mem::take(&mut self.data);
         let payload: Option<&[u8]> = match (state, frame) {

@@ -21,6 +21,8 @@ pub enum EventKind {
     Other,
     /// A block with no `data:` line (comments, `event:`/`id:`/`retry:` only).
     NoData,
+    /// An event longer than the parser may hold: passed over unread.
+    Oversized,
 }
 
 /// What one choice of a token event carried.

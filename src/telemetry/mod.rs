@@ -108,6 +108,118 @@ impl UpstreamHealth {
     }
 }
 
+/// Why the proxy closed or refused a client connection itself: the `reason` label of
+/// `tokentap_connections_closed_total` (docs/limits.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// No whole request head within `proxy.header_timeout_secs`.
+    HeaderTimeout,
+    /// A kept-alive connection idle for `proxy.keepalive_idle_secs`.
+    KeepaliveIdle,
+    /// A write to the client made no progress for `proxy.send_timeout_secs`.
+    SendTimeout,
+    /// An HTTP/2 connection without streams for `proxy.keepalive_idle_secs`.
+    Http2Idle,
+    /// An HTTP/2 keep-alive ping went unanswered.
+    Http2PingTimeout,
+    /// Accepted beyond `proxy.max_connections`, closed at once.
+    MaxConnections,
+    /// A request head that could not be read (answered 400, 414 or 431 by the server).
+    BadRequest,
+}
+
+impl CloseReason {
+    /// Every reason, in the order of [`ConnMetrics`]' counters.
+    pub const ALL: [CloseReason; 7] = [
+        CloseReason::HeaderTimeout,
+        CloseReason::KeepaliveIdle,
+        CloseReason::SendTimeout,
+        CloseReason::Http2Idle,
+        CloseReason::Http2PingTimeout,
+        CloseReason::MaxConnections,
+        CloseReason::BadRequest,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::HeaderTimeout => "header_timeout",
+            CloseReason::KeepaliveIdle => "keepalive_idle",
+            CloseReason::SendTimeout => "send_timeout",
+            CloseReason::Http2Idle => "http2_idle",
+            CloseReason::Http2PingTimeout => "http2_ping_timeout",
+            CloseReason::MaxConnections => "max_connections",
+            CloseReason::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// The metrics of client connections, resolved once and shared by the accept loop and every
+/// connection.
+#[derive(Clone, Debug)]
+pub struct ConnMetrics {
+    closed: [Counter; 7],
+    open: Gauge,
+    accept_errors: Counter,
+    /// Where requests the server refused itself are counted (`None`: nowhere).
+    telemetry: Option<Arc<Telemetry>>,
+}
+
+impl ConnMetrics {
+    /// The statuses a server refuses a request with itself: a head it cannot read (400), one
+    /// too slow (408), a target too long (414), a head too large (431).
+    pub const REFUSED: [u16; 4] = [400, 408, 414, 431];
+
+    /// Metrics that go nowhere (a listener that is not counted, such as the admin one).
+    pub fn noop() -> Self {
+        ConnMetrics {
+            closed: std::array::from_fn(|_| Counter::noop()),
+            open: Gauge::noop(),
+            accept_errors: Counter::noop(),
+            telemetry: None,
+        }
+    }
+
+    /// Counts a request the server refused itself with `status` (one of
+    /// [`ConnMetrics::REFUSED`]) as `outcome="rejected"`, `model="none"`, `endpoint="other"`.
+    pub fn refused(&self, status: u16) {
+        if let Some(telemetry) = &self.telemetry
+            && Self::REFUSED.contains(&status)
+        {
+            let route = telemetry.route(Arc::from(MODEL_NONE), Endpoint::Other);
+            telemetry
+                .requests_counter(&route, Outcome::Rejected, status)
+                .increment(1);
+        }
+    }
+
+    /// Counts a connection closed or refused for `reason`.
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason as usize].increment(1);
+    }
+
+    /// Counts a failed accept.
+    pub fn accept_error(&self) {
+        self.accept_errors.increment(1);
+    }
+
+    /// Tracks a connection as open until the returned guard is dropped.
+    pub fn open(&self) -> OpenConnection {
+        self.open.increment(1.0);
+        OpenConnection(self.open.clone())
+    }
+}
+
+/// A client connection counted as open; dropping it counts it closed.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 /// Metric handles of one (model, endpoint) pair, resolved once and shared.
 #[derive(Debug)]
 pub struct RouteMetrics {
@@ -141,6 +253,8 @@ pub struct RouteMetrics {
     pub generation_tokens_total: Counter,
     /// Unrecognized SSE events counter.
     pub unrecognized: Counter,
+    /// Oversized SSE events counter.
+    pub oversized: Counter,
     /// In-flight gauge.
     pub in_flight: Gauge,
     /// `/stats` summary of the model (chat and completions only).
@@ -288,6 +402,7 @@ impl Telemetry {
             prompt_tokens_total: gc(names::PROMPT_TOKENS_TOTAL),
             generation_tokens_total: gc(names::GENERATION_TOKENS_TOTAL),
             unrecognized: c(names::UNRECOGNIZED),
+            oversized: c(names::OVERSIZED),
             in_flight: r.register_gauge(&Key::from_parts(names::IN_FLIGHT, labels()), &METADATA),
             stats: endpoint.is_generation().then(|| self.stats.model(&model)),
             requests: Mutex::new(Vec::new()),
@@ -394,6 +509,31 @@ impl Telemetry {
         let mut out = self.handle.render();
         self.histograms.render_into(&mut out);
         out
+    }
+
+    /// The client-connection metrics of the proxy's listener.
+    pub fn connections(self: &Arc<Self>) -> ConnMetrics {
+        let r = &self.recorder;
+        ConnMetrics {
+            closed: CloseReason::ALL.map(|reason| {
+                r.register_counter(
+                    &Key::from_parts(
+                        names::CONNECTIONS_CLOSED,
+                        vec![Label::new("reason", reason.as_str())],
+                    ),
+                    &METADATA,
+                )
+            }),
+            open: r.register_gauge(&Key::from_name(names::CONNECTIONS_OPEN), &METADATA),
+            accept_errors: r.register_counter(&Key::from_name(names::ACCEPT_ERRORS), &METADATA),
+            telemetry: Some(self.clone()),
+        }
+    }
+
+    /// The gauge of request-body bytes held in memory.
+    pub fn body_bytes_held(&self) -> Gauge {
+        self.recorder
+            .register_gauge(&Key::from_name(names::BODY_BYTES_HELD), &METADATA)
     }
 
     /// Lets the exporter do its periodic housekeeping; run every few seconds. (Histograms,

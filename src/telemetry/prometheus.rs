@@ -65,6 +65,16 @@ pub mod names {
     pub const UPSTREAM_READY: &str = "tokentap_upstream_ready";
     /// Gauge: always 1, labelled with the version.
     pub const BUILD_INFO: &str = "tokentap_build_info";
+    /// Counter: client connections the proxy closed or refused itself, by reason.
+    pub const CONNECTIONS_CLOSED: &str = "tokentap_connections_closed_total";
+    /// Gauge: open client connections.
+    pub const CONNECTIONS_OPEN: &str = "tokentap_connections_open";
+    /// Counter: failed accepts of client connections (for example at the open-file limit).
+    pub const ACCEPT_ERRORS: &str = "tokentap_accept_errors_total";
+    /// Gauge: request-body bytes held in memory now (bodies read to be inspected).
+    pub const BODY_BYTES_HELD: &str = "tokentap_request_body_bytes_held";
+    /// Counter: SSE events longer than `proxy.max_sse_event_bytes`, forwarded unparsed.
+    pub const OVERSIZED: &str = "tokentap_sse_oversized_events_total";
 }
 
 /// Gives every metric its help text; histograms also get their bucket bounds.
@@ -175,6 +185,36 @@ pub(super) fn describe<'a>(
         None,
         "1 while the upstream answered within telemetry.ready_window_secs, else 0.",
         'g',
+    );
+    d(
+        names::CONNECTIONS_CLOSED,
+        None,
+        "Client connections the proxy closed or refused itself, by reason (a timeout or limit of docs/limits.md, or a request head it could not read).",
+        'c',
+    );
+    d(
+        names::CONNECTIONS_OPEN,
+        None,
+        "Open client connections.",
+        'g',
+    );
+    d(
+        names::ACCEPT_ERRORS,
+        None,
+        "Failed accepts of client connections (for example at the open-file limit).",
+        'c',
+    );
+    d(
+        names::BODY_BYTES_HELD,
+        None,
+        "Request-body bytes held in memory now, of proxy.body_budget_bytes.",
+        'g',
+    );
+    d(
+        names::OVERSIZED,
+        None,
+        "SSE events longer than proxy.max_sse_event_bytes, forwarded as they came without being parsed.",
+        'c',
     );
     d(
         names::BUILD_INFO,
