@@ -43,8 +43,9 @@ pub(super) struct ConnState {
     busy: AtomicBool,
     /// HTTP/2: streams whose response has not ended.
     streams: AtomicUsize,
-    /// HTTP/2: the connection's task, woken when its last stream ends (to start the idle limit).
-    idle: AtomicWaker,
+    /// The connection's task, woken when its request (HTTP/1.1) or its last stream (HTTP/2)
+    /// ends, to start the idle limit.
+    wake: AtomicWaker,
     /// The limit that closed the connection, if one did: `CloseReason as u8 + 1`.
     reason: AtomicU8,
     /// A 408 was written for a head that came too slowly.
@@ -64,15 +65,16 @@ impl ConnState {
     /// A request's response ended (or its handling was dropped).
     pub(super) fn request_ended(&self, h1: bool) {
         if h1 {
-            self.busy.store(false, Ordering::Relaxed);
+            self.busy.store(false, Ordering::Release);
+            self.wake.wake();
         } else if self.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.idle.wake();
+            self.wake.wake();
         }
     }
 
     /// HTTP/2: no stream is open. Registers `cx` to be woken when the last one ends.
     pub(super) fn no_streams(&self, cx: &Context<'_>) -> bool {
-        self.idle.register(cx.waker());
+        self.wake.register(cx.waker());
         self.streams.load(Ordering::Acquire) == 0
     }
 
@@ -163,9 +165,18 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.h1 || this.state.busy.load(Ordering::Relaxed) {
-            this.phase = Phase::Busy;
+        if !this.h1 {
             return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        if this.state.busy.load(Ordering::Relaxed) {
+            this.phase = Phase::Busy;
+            let read = Pin::new(&mut this.io).poll_read(cx, buf);
+            if read.is_pending() {
+                // Woken when the request ends, to start the keep-alive wait: the server, idle
+                // by then, would otherwise read again only when the client sends something.
+                this.state.wake.register(cx.waker());
+            }
+            return read;
         }
         if this.phase == Phase::Busy {
             // The response in hand has ended: the connection waits for the next request.
