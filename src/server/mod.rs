@@ -294,10 +294,12 @@ fn refused_status(
 ) -> Option<u16> {
     match (reason, result) {
         (CloseReason::HeaderTimeout, _) if state.answered_408() => Some(408),
-        (CloseReason::BadRequest, Err(error)) if error.is_parse_too_large() => Some(431),
+        // hyper answers a target too long for its buffer with 414, other heads too large with
+        // 431; both are `is_parse_too_large`.
         (CloseReason::BadRequest, Err(error)) if error.to_string().contains("URI too long") => {
             Some(414)
         }
+        (CloseReason::BadRequest, Err(error)) if error.is_parse_too_large() => Some(431),
         (CloseReason::BadRequest, _) => Some(400),
         _ => None,
     }
