@@ -166,7 +166,8 @@ pub async fn serve<H, Fut, B>(
     // the keep-alive wait, which hyper's would cut short.
     h1.max_header_size(MAX_HEAD)
         .max_headers(MAX_HEADERS)
-        .max_buf_size(2 * MAX_HEAD);
+        .max_buf_size(2 * MAX_HEAD)
+        .writev(false);
     let drain = Drain::new();
     // Tells connections that have not sent their first bytes yet (so are not watched by
     // `drain`) that the server is draining.
