@@ -128,8 +128,8 @@ pub async fn run(
 /// Builds the runtime every `tokentap` command runs on, before anything starts: `workers`
 /// threads, or when `None` one per CPU the process may run on (`TOKIO_WORKER_THREADS` if set,
 /// else what `taskset` and cgroup CPU limits allow). One worker gets tokio's single-threaded
-/// scheduler: with no thread to hand work to, work stealing only costs (about 6 % of the
-/// proxy's user-space instructions per chunk); more get the work-stealing one.
+/// scheduler: with no thread to hand work to, work stealing only costs instructions on every
+/// poll; more get the work-stealing one.
 pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let workers = workers.or_else(workers_from_env).unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)

@@ -30,8 +30,8 @@ pub enum Parsed {
 
 /// Parses the response head at the start of `buf`, the answer to a `method` request.
 pub fn parse_response_head(buf: &[u8], method: &Method) -> Result<Parsed, Error> {
-    // Room for a few fields first: setting up all `MAX_HEADERS` slots (3.2 KiB) cost ~1k
-    // instructions per response, for heads that mostly carry half a dozen fields.
+    // Room for a few fields first: setting up all `MAX_HEADERS` slots costs more than the rest
+    // of the parse, for heads that mostly carry half a dozen fields.
     let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
     match parse_response_head_into(buf, method, &mut few) {
         Err(Error::Head(httparse::Error::TooManyHeaders)) => {

@@ -1,8 +1,8 @@
 //! Fixed-bucket Prometheus histograms, recorded with atomics and rendered on scrape.
 //!
 //! The exporter's own histograms keep every sample in a lock-free queue (an epoch-pinned push)
-//! and sort them into buckets later, at upkeep or scrape: about 0.35k instructions per sample,
-//! once per forwarded chunk for ITL. Here a sample is a search of the bucket bounds and two
+//! and sort them into buckets later, at upkeep or scrape: work per sample, and an ITL sample
+//! comes with every forwarded chunk. Here a sample is a search of the bucket bounds and two
 //! atomic updates; `/metrics` reads the counters as they are. The text is the exporter's: the
 //! same `_bucket`/`_sum`/`_count` lines, cumulative buckets and a `+Inf` bucket.
 
