@@ -28,11 +28,12 @@ pub enum BodyLength {
 }
 
 /// Writes the head of a request for `target` (origin form) to `out` and returns how its body is
-/// to be framed. Framing headers follow the body, as hyper's client sets them, except that a
-/// `Transfer-Encoding` from the caller is always dropped (it is hop-by-hop): a body of known
-/// length is sent with that length as `Content-Length`; a streamed one of unknown length keeps
-/// a valid `Content-Length` from the caller, or else is chunked, except for `GET`, `HEAD` and
-/// `CONNECT`, which send none.
+/// to be framed. Framing headers follow the body, and a `Transfer-Encoding` from the caller is
+/// always dropped (it is hop-by-hop): a body of known length is sent with that length as
+/// `Content-Length`; a streamed one of unknown length keeps a valid `Content-Length` from the
+/// caller, or else is chunked, whatever the method. (hyper's client sends no body at all for a
+/// `GET`, `HEAD` or `CONNECT` of unknown length; a proxy that did so would drop the chunked body
+/// a client sent with one, and the upstream would answer a request the client did not make.)
 pub fn encode_request_head(
     method: &Method,
     target: &str,
@@ -50,16 +51,12 @@ pub fn encode_request_head(
             Encoding::Length(len)
         }
         (BodyLength::Unknown, None) => {
-            if matches!(*method, Method::GET | Method::HEAD | Method::CONNECT) {
-                Encoding::Empty
-            } else {
-                headers.remove(header::CONTENT_LENGTH);
-                headers.insert(
-                    header::TRANSFER_ENCODING,
-                    HeaderValue::from_static("chunked"),
-                );
-                Encoding::Chunked
-            }
+            headers.remove(header::CONTENT_LENGTH);
+            headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+            Encoding::Chunked
         }
     };
     out.extend_from_slice(method.as_str().as_bytes());

@@ -316,8 +316,14 @@ fn request_heads_carry_the_framing_the_body_needs() {
     );
     assert_eq!(enc, Encoding::Chunked);
     let (head, enc) = request(Method::GET, &[("a", "b")], BodyLength::Unknown);
-    assert_eq!(head, "GET /v1/x?y=1 HTTP/1.1\r\na: b\r\n\r\n");
-    assert_eq!(enc, Encoding::Empty);
+    assert_eq!(
+        (head.as_str(), enc),
+        (
+            "GET /v1/x?y=1 HTTP/1.1\r\na: b\r\ntransfer-encoding: chunked\r\n\r\n",
+            Encoding::Chunked
+        ),
+        "a client's chunked body goes on whatever the method"
+    );
     let (head, enc) = request(Method::GET, &[], BodyLength::Empty);
     assert_eq!(
         (head.as_str(), enc),

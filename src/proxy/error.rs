@@ -46,14 +46,20 @@ impl Refusal {
         }
     }
 
-    /// `CONNECT`: the proxy serves an API, it does not open tunnels.
+    /// `CONNECT`: the proxy serves an API, it does not open tunnels. The connection closes
+    /// after the answer: what a client sends after `CONNECT` is meant for the tunnel, and read
+    /// as the next request it would be a request that anything in front of the proxy which
+    /// tunnels without waiting for the answer never saw.
     pub fn connect() -> Refusal {
-        Refusal::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            Outcome::Rejected,
-            "invalid_request_error",
-            "CONNECT is not served: requests go to the upstream's API, no tunnel is opened",
-        )
+        Refusal {
+            close: true,
+            ..Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Outcome::Rejected,
+                "invalid_request_error",
+                "CONNECT is not served: requests go to the upstream's API, no tunnel is opened",
+            )
+        }
     }
 
     /// A request body that could not be read (whole, or streamed on to the upstream).
