@@ -511,17 +511,17 @@ async fn check_success(rx: &mut Receiver) {
     assert_eq!(span.double("gen_ai.response.time_to_first_chunk"), ttft);
     let e2el = span.double("tokentap.e2el_s");
     assert!(e2el >= ttft);
-    assert!(span.double("tokentap.ttfc_s") >= ttft);
+    assert!(span.double("tokentap.ttfa_s") >= ttft);
     assert!(span.double("tokentap.tpot_s") >= 0.0);
     assert!(span.double("tokentap.itl_mean_s") >= 0.0);
     assert!(span.double("tokentap.itl_max_s") >= span.double("tokentap.itl_mean_s"));
     assert_eq!(span.int("tokentap.chunks"), 4);
     assert_eq!(span.str("tokentap.token_source"), "usage");
     assert_eq!(span.str("tokentap.outcome"), "ok");
-    // One event at the first token and one at the first content, inside the span; none per
+    // One event at the first token and one at the first answer, inside the span; none per
     // chunk.
     let names: Vec<&str> = span.events.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["gen_ai.first_token", "gen_ai.first_content"]);
+    assert_eq!(names, ["gen_ai.first_token", "gen_ai.first_answer"]);
     for (name, at) in &span.events {
         assert!(
             span.start <= *at && *at <= span.end,
