@@ -87,7 +87,6 @@ pub struct Latency {
     last_token: Option<Instant>,
     first_token: Option<Instant>,
     first_answer: Option<Instant>,
-    first_reasoning: Option<Instant>,
     token_events: u64,
     choice_events: u64,
     itl_count: u64,
@@ -95,6 +94,8 @@ pub struct Latency {
     itl_max: Duration,
     last_by_choice: SmallVec<[Option<Instant>; 1]>,
     finish_reason: Option<FinishReason>,
+    /// Read by an output event only when it carried reasoning: past the per-chunk fields.
+    first_reasoning: Option<Instant>,
     usage_seen: bool,
     inband_error: bool,
     done: bool,

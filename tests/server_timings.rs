@@ -24,7 +24,6 @@ use tokio::time::Sleep;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 
-const MS: Duration = Duration::from_millis(1);
 
 /// A body that sends each frame a given time after the one before.
 struct Scripted {
@@ -65,7 +64,7 @@ async fn scripted_upstream(
     let steps: Arc<Vec<(Duration, Bytes)>> = Arc::new(
         steps
             .into_iter()
-            .map(|(ms, s)| (ms * MS, Bytes::from(s)))
+            .map(|(ms, s)| (Duration::from_millis(ms), Bytes::from(s)))
             .collect(),
     );
     tokio::spawn(async move {

@@ -72,11 +72,12 @@ impl Recorder {
         span: Option<RequestSpan>,
     ) -> Self {
         route.in_flight.increment(1.0);
+        let latency = Latency::with_definitions(t0, telemetry.definitions);
         Recorder {
             telemetry,
             route,
             request_id,
-            latency: Latency::with_definitions(t0, telemetry.definitions),
+            latency,
             status: 0,
             mode: Mode::Opaque,
             meta_seen: span.is_none(),

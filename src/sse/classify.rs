@@ -300,8 +300,9 @@ impl<'de> Visitor<'de> for ChoicesSeed<'_> {
 struct Choice<'a> {
     #[serde(default)]
     index: Option<u32>,
-    #[serde(borrow, default)]
-    delta: Option<Delta<'a>>,
+    /// `None` without a `delta` (a completions choice), `Some(None)` for `delta: null`.
+    #[serde(borrow, default, deserialize_with = "present")]
+    delta: Option<Option<Delta<'a>>>,
     #[serde(borrow, default)]
     text: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -330,7 +331,8 @@ impl Choice<'_> {
             r.map(|r| r.get().as_bytes()).filter(|r| *r != b"null")
         }
         let (output, answer, reasoning) = match &self.delta {
-            Some(d) => delta_output(&DeltaFields {
+            Some(None) => (false, false, false),
+            Some(Some(d)) => delta_output(&DeltaFields {
                 role: raw(d.role),
                 content: raw(d.content),
                 reasoning: raw(d.reasoning),
@@ -348,6 +350,14 @@ impl Choice<'_> {
             finish_reason: finish_reason(raw(self.finish_reason)),
         }
     }
+}
+
+/// A field that is present, `null` or not: `Some(None)` for `null`, `None` (by `default`)
+/// when absent.
+fn present<'de, D: Deserializer<'de>, T: serde::Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    <Option<T> as serde::Deserialize<'de>>::deserialize(d).map(Some)
 }
 
 /// The raw values of a chat `delta`'s fields that classification reads (`None` when absent or
