@@ -196,10 +196,18 @@ fn python_client_joins_the_access_log_per_request() {
         "decode time, Python client vs access log: median gap {:.3} ms, largest {:.3} ms, within 1 ms: {within}/20",
         gaps[10], gaps[19]
     );
-    // A shared machine can stall the Python process for milliseconds at any moment, which it
-    // then counts and the proxy does not; a proxy stamping the wrong event would be off by a
-    // whole 15 ms step on every request.
-    assert!(within >= 18, "decode time within 1 ms for only {within}/20");
+    // On a quiet machine every request agrees within 1 ms. A shared one can stall the Python
+    // process for milliseconds at any moment, which it then counts and the proxy does not
+    // (one run with the machine's load at 14 on 2 cores: 14/20 within 1 ms, median 0.19 ms,
+    // largest 4.3 ms). A proxy or client stamping the wrong event would be off by a whole
+    // 15 ms step, on every request: the median and every request stay well within that.
+    assert!(gaps[10] < 1.0, "median decode-time gap {:.3} ms", gaps[10]);
+    assert!(
+        gaps[19] < 7.5,
+        "a decode time differs by {:.3} ms, half a step",
+        gaps[19]
+    );
+    assert!(within >= 12, "decode time within 1 ms for only {within}/20");
     proxy_rt.block_on(proxy.shutdown());
     sim_rt.block_on(sim.shutdown());
 }
