@@ -676,8 +676,7 @@ mod tests {
             advance(7 * MS).await;
             let f = lat.figures(Instant::now());
             assert_eq!(f.ttft, Some(at(v.ttft_event) - t0), "{}", v.name);
-            let expected: Vec<Duration> =
-                v.itl_pairs.iter().map(|&(a, b)| at(b) - at(a)).collect();
+            let expected: Vec<Duration> = v.itl_pairs.iter().map(|&(a, b)| at(b) - at(a)).collect();
             assert_eq!(itls, expected, "{}", v.name);
             assert_eq!(f.itl_count, expected.len() as u64, "{}", v.name);
             assert_eq!(f.itl_max, expected.iter().max().copied(), "{}", v.name);

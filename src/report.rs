@@ -78,7 +78,11 @@ impl BesideTtft {
     pub fn rows(&self) -> [(&'static str, &'static str, Option<&Distribution>); 6] {
         [
             ("Queue", "TTFT: Queue (upstream)", self.queue_ms.as_ref()),
-            ("Prefill", "TTFT: Prefill (upstream)", self.prefill_ms.as_ref()),
+            (
+                "Prefill",
+                "TTFT: Prefill (upstream)",
+                self.prefill_ms.as_ref(),
+            ),
             (
                 "Outside",
                 "TTFT: Outside the Engine",
@@ -86,7 +90,11 @@ impl BesideTtft {
             ),
             ("TTFA", "Time to First Answer", self.ttfa_ms.as_ref()),
             ("Reasoning", "Reasoning Time", self.reasoning_ms.as_ref()),
-            ("Max ITL", "Max Inter-token Latency", self.max_itl_ms.as_ref()),
+            (
+                "Max ITL",
+                "Max Inter-token Latency",
+                self.max_itl_ms.as_ref(),
+            ),
         ]
     }
 }

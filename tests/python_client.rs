@@ -19,10 +19,7 @@ use serde_json::Value;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 
-const SCRIPT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/python/stream_client.py"
-);
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/stream_client.py");
 const VECTORS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/vectors/vllm-bench-0.33.json"
@@ -72,7 +69,10 @@ fn python_client_reads_the_vectors_as_bench_does() {
     for v in file["vectors"].as_array().unwrap() {
         let name = v["name"].as_str().unwrap();
         if v["endpoint"] == "responses" {
-            assert!(got.get(name).is_none(), "{name}: Responses streams are not read");
+            assert!(
+                got.get(name).is_none(),
+                "{name}: Responses streams are not read"
+            );
             continue;
         }
         let g = &got[name];

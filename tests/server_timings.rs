@@ -24,7 +24,6 @@ use tokio::time::Sleep;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 
-
 /// A body that sends each frame a given time after the one before.
 struct Scripted {
     steps: VecDeque<(Duration, Bytes)>,

@@ -22,9 +22,9 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::latency::{Latency, Observation};
 use crate::net;
 use crate::report::{ALL_METRICS, Distribution, ModelSummary, fmt_pct, render_table};
-use crate::latency::{Latency, Observation};
 use crate::sse::{EventKind, SseParser};
 use dataset::Sample;
 
@@ -802,12 +802,25 @@ pub fn save(args: &BenchArgs, result: &BenchResult) -> Result<PathBuf, BenchErro
         "errors": result.requests.iter().map(|r| &r.error).collect::<Vec<_>>(),
     });
     // The server's own timings, when it reported them (vLLM `--enable-per-request-metrics`).
-    if result.requests.iter().any(|r| r.server_queue_time.is_some() || r.server_ttft.is_some()) {
+    if result
+        .requests
+        .iter()
+        .any(|r| r.server_queue_time.is_some() || r.server_ttft.is_some())
+    {
         json["server_queue_times"] = serde_json::json!(
-            result.requests.iter().map(|r| r.server_queue_time).collect::<Vec<_>>()
+            result
+                .requests
+                .iter()
+                .map(|r| r.server_queue_time)
+                .collect::<Vec<_>>()
         );
-        json["server_ttfts"] =
-            serde_json::json!(result.requests.iter().map(|r| r.server_ttft).collect::<Vec<_>>());
+        json["server_ttfts"] = serde_json::json!(
+            result
+                .requests
+                .iter()
+                .map(|r| r.server_ttft)
+                .collect::<Vec<_>>()
+        );
     }
     if let Some(c) = chunk_latency_summary(result) {
         json["chunk_latency_us"] = c;

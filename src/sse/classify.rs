@@ -90,7 +90,10 @@ pub(super) fn classify_serde<'a>(
 
 /// The classification of a parsed event (the same for both parsers), whose token choices are
 /// in `choices`; an error event keeps none.
-pub(super) fn classified_in<'a>(top: &scan::Top<'a>, choices: &mut Vec<ChoiceInfo>) -> Classified<'a> {
+pub(super) fn classified_in<'a>(
+    top: &scan::Top<'a>,
+    choices: &mut Vec<ChoiceInfo>,
+) -> Classified<'a> {
     let c = classified(top, !choices.is_empty());
     if c.kind == EventKind::Error {
         choices.clear();

@@ -489,7 +489,10 @@ fn reasoning_and_tool_call_deltas_are_output() {
     for (delta, reasoning) in [
         (r#"{"reasoning_content":"think"}"#, true),
         (r#"{"reasoning":"think"}"#, true),
-        (r#"{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}"#, false),
+        (
+            r#"{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}"#,
+            false,
+        ),
         (r#"{"function_call":{"arguments":"{"}}"#, false),
     ] {
         let s = format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{delta}}}]}}\n\n");

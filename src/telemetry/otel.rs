@@ -418,10 +418,7 @@ impl RequestSpan {
                 }
             }
             if let Some(n) = figures.cached_prompt_tokens {
-                attributes.push(KeyValue::new(
-                    "tokentap.cached_prompt_tokens",
-                    clamp(n),
-                ));
+                attributes.push(KeyValue::new("tokentap.cached_prompt_tokens", clamp(n)));
             }
             if let Some(reasoning) = figures.reasoning {
                 attributes.push(KeyValue::new(

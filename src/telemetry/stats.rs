@@ -433,7 +433,10 @@ mod tests {
         }
         // Not asked for TTFT: nothing beside it either.
         let table = crate::report::render_table("t", &r.models["m"], &[], &["itl"]);
-        assert!(!table.contains("TTFA") && !table.contains("Queue"), "{table}");
+        assert!(
+            !table.contains("TTFA") && !table.contains("Queue"),
+            "{table}"
+        );
         let json = serde_json::to_value(&r.models["m"]).unwrap();
         assert_eq!(json["queue_ms"]["count"], 1);
         assert!(json.get("decode_ms").is_none());
