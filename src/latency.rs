@@ -233,7 +233,7 @@ impl Latency {
         if let Some(usage) = event.usage {
             self.merge_usage(usage);
         }
-        if let Some(server) = event.server {
+        if let Some(server) = event.server.timings() {
             self.on_server(server);
         }
     }

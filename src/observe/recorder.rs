@@ -195,7 +195,7 @@ impl Recorder {
                 if let Some(usage) = body.usage {
                     self.latency.on_usage(usage);
                 }
-                if let Some(server) = body.server {
+                if let Some(server) = body.server.timings() {
                     self.latency.on_server(server);
                 }
                 if let (Some(span), Some(id), Some(model)) = (&mut self.span, body.id, body.model) {

@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 use std::fmt;
 
 use super::scan;
-use super::{ChoiceInfo, EventKind, FinishReason, ServerTimings, Usage};
+use super::{ChoiceInfo, EventKind, FinishReason, ServerRaw, ServerTimings, Usage};
 
 /// What [`classify`] found in one event's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,7 +16,7 @@ pub struct Classified<'a> {
     /// The `usage` object, if any.
     pub usage: Option<Usage>,
     /// The upstream's own timings (`metrics` or `timings`), if any.
-    pub server: Option<ServerTimings>,
+    pub server: ServerRaw<'a>,
     /// The chunk's `id`.
     pub id: Option<&'a str>,
     /// The chunk's `model`.
@@ -28,7 +28,7 @@ impl Classified<'_> {
         Classified {
             kind,
             usage: None,
-            server: None,
+            server: ServerRaw::default(),
             id: None,
             model: None,
         }
@@ -78,10 +78,10 @@ pub(super) fn classify_serde<'a>(
     let top = scan::Top {
         error: top.error,
         usage: top.usage,
-        server: server_timings(
-            top.metrics.map(|r| r.get().as_bytes()),
-            top.timings.map(|r| r.get().as_bytes()),
-        ),
+        server: ServerRaw {
+            metrics: top.metrics.map(|r| r.get().as_bytes()),
+            timings: top.timings.map(|r| r.get().as_bytes()),
+        },
         id: top.id.and_then(|r| plain_string(r.get().as_bytes())),
         model: top.model.and_then(|r| plain_string(r.get().as_bytes())),
     };
@@ -119,7 +119,11 @@ pub(super) fn classified<'a>(top: &scan::Top<'a>, has_choices: bool) -> Classifi
         usage: if other { None } else { usage },
         // Read from any event that carries them: some llama.cpp versions put `timings` on
         // the finish-only choice event.
-        server: if top.error { None } else { top.server },
+        server: if top.error {
+            ServerRaw::default()
+        } else {
+            top.server
+        },
         id: top.id,
         model: top.model,
     }

@@ -185,7 +185,7 @@ impl SseParser {
             kind: EventKind::Oversized,
             choices: &[],
             usage: None,
-            server: None,
+            server: Default::default(),
             end: next,
             id: None,
             model: None,

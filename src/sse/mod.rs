@@ -91,6 +91,24 @@ pub struct Usage {
     pub cached_prompt_tokens: Option<u64>,
 }
 
+/// The raw `metrics` (vLLM) and `timings` (llama.cpp) values of an event, both `None` for
+/// almost every event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerRaw<'a> {
+    pub(crate) metrics: Option<&'a [u8]>,
+    pub(crate) timings: Option<&'a [u8]>,
+}
+
+impl ServerRaw<'_> {
+    /// What they say, when the event carried a usable field (`docs/METRICS.md` §6).
+    pub fn timings(&self) -> Option<ServerTimings> {
+        if self.metrics.is_none() && self.timings.is_none() {
+            return None;
+        }
+        classify::server_timings(self.metrics, self.timings)
+    }
+}
+
 /// Where the upstream says a request's time went (`docs/METRICS.md` §6): vLLM's per-request
 /// `metrics` object (`--enable-per-request-metrics`) or llama.cpp's `timings`, read from
 /// whichever event (or JSON body) carries them. A field that is absent, `null`, not a number
@@ -117,8 +135,9 @@ pub struct Event<'a> {
     /// The `usage` object, when the event had one (usage events, and every chunk under
     /// vLLM's `continuous_usage_stats`).
     pub usage: Option<Usage>,
-    /// The upstream's own timings (`metrics` or `timings`), when the event carried them.
-    pub server: Option<ServerTimings>,
+    /// The upstream's own timings (`metrics` or `timings`), when the event carried them: read
+    /// with [`ServerRaw::timings`] (most events carry none, and pay nothing for them).
+    pub server: ServerRaw<'a>,
     /// Offset in the current frame just past the blank line that ends this event.
     pub end: usize,
     /// The chunk's `id` (for example `chatcmpl-…`), when it is a plain JSON string.

@@ -9,15 +9,13 @@
 
 use smallvec::SmallVec;
 
-use super::classify::{
-    DeltaFields, cached_tokens, delta_output, finish_reason, non_empty, server_timings,
-};
-use super::{ChoiceInfo, ServerTimings, Usage};
+use super::classify::{DeltaFields, cached_tokens, delta_output, finish_reason, non_empty};
+use super::{ChoiceInfo, ServerRaw, Usage};
 
 /// What the top level carried.
 pub(super) struct Top<'a> {
     pub(super) usage: Option<Usage>,
-    pub(super) server: Option<ServerTimings>,
+    pub(super) server: ServerRaw<'a>,
     pub(super) error: bool,
     pub(super) id: Option<&'a str>,
     pub(super) model: Option<&'a str>,
@@ -264,10 +262,9 @@ fn top_of<'a>(json: &'a [u8], known: &'a str, f: &Fields) -> Option<Top<'a>> {
     let raw = |r: Option<(usize, usize)>| r.and_then(|(start, end)| json.get(start..end));
     Some(Top {
         usage: f.usage,
-        server: if f.metrics.is_some() || f.timings.is_some() {
-            server_timings(raw(f.metrics), raw(f.timings))
-        } else {
-            None
+        server: ServerRaw {
+            metrics: raw(f.metrics),
+            timings: raw(f.timings),
         },
         error: f.error,
         id: text(json, known, f.id)?,
