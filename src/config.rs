@@ -186,6 +186,23 @@ pub struct TelemetryConfig {
     pub buckets: BucketConfig,
     /// Length of the sliding window `/stats` summarizes, seconds.
     pub stats_window_secs: f64,
+    /// Which `vllm bench serve` decides what an output event is: `"vllm-bench"` (the current
+    /// one, default) or `"vllm-bench-0.10"` (every event with choices is a token, for
+    /// comparing with old benchmark runs). See `docs/METRICS.md` §1.
+    pub definitions: Definitions,
+}
+
+/// Which `vllm bench serve` decides what an output event is (`telemetry.definitions`, see
+/// `docs/METRICS.md` §1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum Definitions {
+    /// `"vllm-bench"`: the current bench (vLLM 0.33).
+    #[default]
+    #[serde(rename = "vllm-bench")]
+    VllmBench,
+    /// `"vllm-bench-0.10"`: the bench of the vLLM 0.10 line, for comparing with old runs.
+    #[serde(rename = "vllm-bench-0.10")]
+    VllmBench010,
 }
 
 impl Default for TelemetryConfig {
@@ -200,6 +217,7 @@ impl Default for TelemetryConfig {
             log_format: LogFormat::Text,
             buckets: BucketConfig::default(),
             stats_window_secs: 300.0,
+            definitions: Definitions::default(),
         }
     }
 }
@@ -208,7 +226,8 @@ impl Default for TelemetryConfig {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BucketConfig {
-    /// `tokentap_time_to_first_token_seconds` and `tokentap_time_to_first_content_seconds`.
+    /// `tokentap_time_to_first_token_seconds`, `tokentap_time_to_first_answer_seconds` and
+    /// `tokentap_reasoning_time_seconds`.
     pub ttft: Option<Vec<f64>>,
     /// `tokentap_inter_token_latency_seconds`.
     pub itl: Option<Vec<f64>>,
@@ -587,6 +606,16 @@ mod tests {
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tokentap.toml"))
                 .unwrap();
         assert_eq!(Config::parse(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn definitions_are_named_as_bench_versions() {
+        let c = Config::parse("[telemetry]\ndefinitions = \"vllm-bench-0.10\"\n").unwrap();
+        assert_eq!(c.telemetry.definitions, Definitions::VllmBench010);
+        let c = Config::parse("[telemetry]\ndefinitions = \"vllm-bench\"\n").unwrap();
+        assert_eq!(c.telemetry.definitions, Definitions::VllmBench);
+        let err = Config::parse("[telemetry]\ndefinitions = \"0.10\"\n").unwrap_err();
+        assert!(err.to_string().contains("vllm-bench-0.10"), "{err}");
     }
 
     #[test]

@@ -2,27 +2,55 @@
 //! the client in, figures out.
 //!
 //! Pure: no I/O and no clock of its own. The body wrapper passes `now` with each event; tests
-//! pass instants from tokio's paused clock. Definitions are those of `docs/METRICS.md` §2.
+//! pass instants from tokio's paused clock. Definitions are those of `docs/METRICS.md` §2, with
+//! the output events of §1 as the current `vllm bench serve` counts them, or as the 0.10 line
+//! did ([`Definitions`]).
 
 use std::time::Duration;
 
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use crate::sse::{Event, EventKind, FinishReason, Usage};
+use crate::sse::{Event, EventKind, FinishReason, ServerTimings, Usage};
 
 /// Choice indexes at or above this are not tracked for per-choice ITL (an upstream that sends
 /// `"index": 4000000000` must not make the proxy allocate for it).
 pub const MAX_TRACKED_CHOICES: usize = 128;
 
+/// Which `vllm bench serve` decides what an output event is (`telemetry.definitions`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Definitions {
+    /// The current bench (vLLM 0.33): only events whose choice streamed output count; a role
+    /// chunk or a finish-only chunk neither starts TTFT, nor makes an ITL sample, nor moves
+    /// E2EL.
+    #[default]
+    VllmBench,
+    /// The bench of the vLLM 0.10 line: every event with non-empty `choices` is a token, the
+    /// role chunk and a finish-only chunk included. For comparing with old benchmark runs.
+    VllmBench010,
+}
+
+impl Definitions {
+    /// The configuration name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Definitions::VllmBench => "vllm-bench",
+            Definitions::VllmBench010 => "vllm-bench-0.10",
+        }
+    }
+}
+
 /// A figure available as soon as the event that produces it has been handed downstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Observation {
-    /// The first token event: its time since the request arrived (TTFT).
+    /// The first output event: its time since the request arrived (TTFT).
     FirstToken(Duration),
-    /// The first token event with content (TTFC).
-    FirstContent(Duration),
-    /// The gap since the previous token event of the same choice (one ITL sample).
+    /// The first output event with answer text (time to first answer).
+    FirstAnswer(Duration),
+    /// The first answer came this long after the first reasoning (reasoning time), for a
+    /// request that reasoned before answering.
+    Reasoning(Duration),
+    /// The gap since the previous output event of the same choice (one ITL sample).
     Itl(Duration),
     /// Completion tokens a token event carried, known from cumulative usage.
     TokensPerChunk(u64),
@@ -33,7 +61,7 @@ pub enum Observation {
 pub enum TokenSource {
     /// `usage.completion_tokens` of the last usage the response carried.
     Usage,
-    /// The number of token events that carried content (no usage was sent).
+    /// The number of output events (no usage was sent).
     Chunks,
     /// Nothing to count (no usage and no token events).
     None,
@@ -58,31 +86,37 @@ pub struct Latency {
     last_byte: Option<Instant>,
     last_token: Option<Instant>,
     first_token: Option<Instant>,
-    first_content: Option<Instant>,
+    first_answer: Option<Instant>,
     token_events: u64,
-    content_events: u64,
+    choice_events: u64,
     itl_count: u64,
     itl_sum: Duration,
     itl_max: Duration,
     last_by_choice: SmallVec<[Option<Instant>; 1]>,
     finish_reason: Option<FinishReason>,
+    /// Read by an output event only when it carried reasoning: past the per-chunk fields.
+    first_reasoning: Option<Instant>,
     usage_seen: bool,
     inband_error: bool,
     done: bool,
     cumulative_completion: u64,
     other_events: u64,
     usage: Usage,
+    server: ServerTimings,
+    definitions: Definitions,
     t0: Instant,
 }
 
 /// What a finished request measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Figures {
-    /// Time to the first token event.
+    /// Time to the first output event.
     pub ttft: Option<Duration>,
-    /// Time to the first token event with content.
-    pub ttfc: Option<Duration>,
-    /// Time to the last token event; for a response without token events, to its last byte.
+    /// Time to the first output event with answer text (`content` or `text`).
+    pub ttfa: Option<Duration>,
+    /// From the first reasoning to the first answer, when the request reasoned and answered.
+    pub reasoning: Option<Duration>,
+    /// Time to the last output event; for a response without output events, to its last byte.
     pub e2el: Duration,
     /// Mean of the ITL samples.
     pub itl_mean: Option<Duration>,
@@ -98,14 +132,31 @@ pub struct Figures {
     pub token_source: TokenSource,
     /// `usage.prompt_tokens`, when the response carried it.
     pub prompt_tokens: Option<u64>,
-    /// Token events seen.
+    /// Output events seen.
     pub chunks: u64,
+    /// Events with non-empty `choices` that streamed no output (role and finish-only chunks).
+    pub empty_choice_events: u64,
     /// An error event arrived in the stream.
     pub inband_error: bool,
     /// `[DONE]` arrived.
     pub done: bool,
     /// Events that were none of token/usage/error/done.
     pub other_events: u64,
+    /// The upstream's queue time (vLLM `queue_time_ms`).
+    pub queue: Option<Duration>,
+    /// The upstream's prefill time (vLLM `time_to_first_token_ms`, llama.cpp `prompt_ms`).
+    pub prefill: Option<Duration>,
+    /// The upstream's decode time (vLLM `generation_time_ms`, llama.cpp `predicted_ms`).
+    pub decode: Option<Duration>,
+    /// TTFT − queue − prefill: the API server, the network both ways and the proxy. Known
+    /// when all three are and the remainder is not negative.
+    pub outside_engine: Option<Duration>,
+    /// TTFT − queue − prefill came out negative (clocks on two machines, rounding): not
+    /// recorded, but counted.
+    pub outside_engine_negative: bool,
+    /// Prompt tokens served from the prefix cache (`usage.prompt_tokens_details.cached_tokens`,
+    /// llama.cpp `cache_n`).
+    pub cached_prompt_tokens: Option<u64>,
     /// The last `finish_reason` a choice reported.
     pub finish_reason: Option<FinishReason>,
 }
@@ -115,12 +166,20 @@ impl Latency {
     #[cfg(test)]
     pub(crate) const TOKEN_FIELDS: usize = std::mem::offset_of!(Latency, finish_reason);
 
-    /// Starts the clock of a request that arrived at `t0`.
+    /// Starts the clock of a request that arrived at `t0`, with the current definitions.
     pub fn new(t0: Instant) -> Self {
+        Self::with_definitions(t0, Definitions::default())
+    }
+
+    /// Starts the clock of a request that arrived at `t0`, counting output events as
+    /// `definitions` says.
+    pub fn with_definitions(t0: Instant, definitions: Definitions) -> Self {
         Latency {
             t0,
+            definitions,
             first_token: None,
-            first_content: None,
+            first_answer: None,
+            first_reasoning: None,
             last_token: None,
             last_byte: None,
             last_by_choice: SmallVec::new(),
@@ -128,8 +187,9 @@ impl Latency {
             itl_sum: Duration::ZERO,
             itl_max: Duration::ZERO,
             token_events: 0,
-            content_events: 0,
+            choice_events: 0,
             usage: Usage::default(),
+            server: ServerTimings::default(),
             usage_seen: false,
             cumulative_completion: 0,
             inband_error: false,
@@ -173,26 +233,38 @@ impl Latency {
         if let Some(usage) = event.usage {
             self.merge_usage(usage);
         }
+        if let Some(server) = event.server.timings() {
+            self.on_server(server);
+        }
+    }
+
+    /// Records the upstream's own timings (from the stream, or a non-streaming body); a field
+    /// seen later replaces one seen earlier.
+    pub fn on_server(&mut self, t: ServerTimings) {
+        let s = &mut self.server;
+        s.queue = t.queue.or(s.queue);
+        s.prefill = t.prefill.or(s.prefill);
+        s.decode = t.decode.or(s.decode);
+        s.cached_prompt_tokens = t.cached_prompt_tokens.or(s.cached_prompt_tokens);
     }
 
     fn on_token(&mut self, event: &Event<'_>, now: Instant, observe: &mut impl FnMut(Observation)) {
-        self.token_events += 1;
-        if self.first_token.is_none() {
-            self.first_token = Some(now);
-            observe(Observation::FirstToken(now - self.t0));
-        }
-        let has_content = event.choices.iter().any(|c| c.has_content);
-        if has_content {
-            self.content_events += 1;
-            if self.first_content.is_none() {
-                self.first_content = Some(now);
-                observe(Observation::FirstContent(now - self.t0));
-            }
-        }
+        self.choice_events += 1;
+        let every = self.definitions == Definitions::VllmBench010;
+        let mut output = false;
+        let mut answer = false;
+        let mut reasoning = false;
         for choice in event.choices {
             if let Some(reason) = choice.finish_reason {
                 self.finish_reason = Some(reason);
             }
+            if !(every || choice.output) {
+                // No sample, and the clock of the choice runs on from its last output.
+                continue;
+            }
+            output = true;
+            answer |= choice.answer;
+            reasoning |= choice.reasoning;
             let index = choice.index as usize;
             if index >= MAX_TRACKED_CHOICES {
                 continue;
@@ -215,6 +287,24 @@ impl Latency {
                 observe(Observation::TokensPerChunk(carried));
             }
         }
+        if !output {
+            return;
+        }
+        self.token_events += 1;
+        if self.first_token.is_none() {
+            self.first_token = Some(now);
+            observe(Observation::FirstToken(now - self.t0));
+        }
+        if reasoning && self.first_reasoning.is_none() {
+            self.first_reasoning = Some(now);
+        }
+        if answer && self.first_answer.is_none() {
+            self.first_answer = Some(now);
+            observe(Observation::FirstAnswer(now - self.t0));
+            if let Some(first_reasoning) = self.first_reasoning {
+                observe(Observation::Reasoning(now - first_reasoning));
+            }
+        }
         self.last_token = Some(now);
     }
 
@@ -225,6 +315,9 @@ impl Latency {
         }
         if usage.completion_tokens.is_some() {
             self.usage.completion_tokens = usage.completion_tokens;
+        }
+        if usage.cached_prompt_tokens.is_some() {
+            self.usage.cached_prompt_tokens = usage.cached_prompt_tokens;
         }
     }
 
@@ -240,16 +333,38 @@ impl Latency {
         let e2el = last.saturating_duration_since(self.t0);
         let (output_tokens, token_source) = match self.usage.completion_tokens {
             Some(n) if self.usage_seen => (Some(n), TokenSource::Usage),
-            _ if self.token_events > 0 => (Some(self.content_events), TokenSource::Chunks),
+            _ if self.token_events > 0 => (Some(self.token_events), TokenSource::Chunks),
             _ => (None, TokenSource::None),
         };
         let tpot = match (ttft, output_tokens) {
             (Some(ttft), Some(n)) if n > 1 => Some(e2el.saturating_sub(ttft) / (n - 1) as u32),
             _ => None,
         };
+        let server = self.server;
+        let engine = server.queue.zip(server.prefill).map(|(q, p)| q + p);
+        let (outside_engine, outside_engine_negative) = match (ttft, engine) {
+            (Some(ttft), Some(engine)) => match ttft.checked_sub(engine) {
+                Some(outside) => (Some(outside), false),
+                None => (None, true),
+            },
+            _ => (None, false),
+        };
         Figures {
+            queue: server.queue,
+            prefill: server.prefill,
+            decode: server.decode,
+            outside_engine,
+            outside_engine_negative,
+            cached_prompt_tokens: self
+                .usage
+                .cached_prompt_tokens
+                .or(server.cached_prompt_tokens),
             ttft,
-            ttfc: self.first_content.map(|t| t - self.t0),
+            ttfa: self.first_answer.map(|t| t - self.t0),
+            reasoning: match (self.first_reasoning, self.first_answer) {
+                (Some(r), Some(a)) => Some(a - r),
+                _ => None,
+            },
             e2el,
             itl_mean: (self.itl_count > 0).then(|| self.itl_sum / self.itl_count as u32),
             itl_max: (self.itl_count > 0).then_some(self.itl_max),
@@ -259,6 +374,7 @@ impl Latency {
             token_source,
             prompt_tokens: self.usage.prompt_tokens,
             chunks: self.token_events,
+            empty_choice_events: self.choice_events - self.token_events,
             inband_error: self.inband_error,
             done: self.done,
             other_events: self.other_events,
@@ -342,6 +458,7 @@ mod tests {
             feed(&mut p, &mut lat, &chat(" there"), &mut seen);
         }
         advance(25 * MS).await;
+        // Empty content without a role: a token that decodes to nothing, which is output.
         feed(
             &mut p,
             &mut lat,
@@ -359,12 +476,12 @@ mod tests {
         feed(&mut p, &mut lat, "data: [DONE]\n\n", &mut seen);
         advance(MS).await;
 
+        // The role chunk makes no sample: no zero gap beside the first token.
         assert_eq!(
             seen,
             vec![
                 Observation::FirstToken(150 * MS),
-                Observation::FirstContent(150 * MS),
-                Observation::Itl(Duration::ZERO),
+                Observation::FirstAnswer(150 * MS),
                 Observation::Itl(20 * MS),
                 Observation::Itl(20 * MS),
                 Observation::Itl(20 * MS),
@@ -373,24 +490,29 @@ mod tests {
         );
         let f = lat.figures(Instant::now());
         assert_eq!(f.ttft, Some(150 * MS));
-        assert_eq!(f.ttfc, Some(150 * MS));
-        // E2EL ends at the last token event: usage, [DONE] and the end do not move it.
+        assert_eq!(f.ttfa, Some(150 * MS));
+        assert_eq!(f.reasoning, None);
+        // E2EL ends at the last output event: usage, [DONE] and the end do not move it.
         assert_eq!(f.e2el, 235 * MS);
         assert_eq!(f.output_tokens, Some(5));
         assert_eq!(f.token_source, TokenSource::Usage);
         assert_eq!(f.prompt_tokens, Some(9));
         assert_eq!(f.tpot, Some((235 - 150) * MS / 4));
-        assert_eq!(f.itl_count, 5);
-        assert_eq!(f.itl_mean, Some(85 * MS / 5));
+        assert_eq!(f.itl_count, 4);
+        assert_eq!(f.itl_mean, Some(85 * MS / 4));
         assert_eq!(f.itl_max, Some(25 * MS));
-        assert_eq!(f.chunks, 6);
+        assert_eq!(f.chunks, 5);
+        assert_eq!(f.empty_choice_events, 1);
         assert!(f.done);
         assert!(!f.inband_error);
         assert_eq!(f.finish_reason, Some(FinishReason::Stop));
     }
 
+    /// llama.cpp's shape: a role chunk with `content: null` well before the first token, and a
+    /// finish-only chunk well after the last. Neither is a token; the finish reason is still
+    /// read from the finish-only chunk.
     #[tokio::test(start_paused = true)]
-    async fn early_role_chunk_separates_ttft_from_ttfc() {
+    async fn role_and_finish_only_chunks_neither_start_nor_end_nor_sample() {
         let mut p = SseParser::new();
         let mut lat = Latency::new(Instant::now());
         let mut seen = Vec::new();
@@ -398,18 +520,176 @@ mod tests {
         feed(
             &mut p,
             &mut lat,
-            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null}}]}\n\n",
             &mut seen,
         );
         advance(90 * MS).await;
         feed(&mut p, &mut lat, &chat("a"), &mut seen);
+        advance(30 * MS).await;
+        feed(&mut p, &mut lat, &chat("b"), &mut seen);
+        advance(40 * MS).await;
+        // A finish-only chunk 40 ms later: no ITL sample, E2EL stays at "b".
+        feed(
+            &mut p,
+            &mut lat,
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n",
+            &mut seen,
+        );
+        advance(5 * MS).await;
+        let f = lat.figures(Instant::now());
+        assert_eq!(f.ttft, Some(100 * MS));
+        assert_eq!(f.ttfa, Some(100 * MS));
+        assert_eq!(f.e2el, 130 * MS);
+        assert_eq!(f.itl_count, 1);
+        assert_eq!(f.itl_max, Some(30 * MS));
+        // No usage: output tokens are the output events.
+        assert_eq!(f.output_tokens, Some(2));
+        assert_eq!(f.token_source, TokenSource::Chunks);
+        assert_eq!(f.tpot, Some(30 * MS));
+        assert_eq!(f.chunks, 2);
+        assert_eq!(f.empty_choice_events, 2);
+        assert_eq!(f.finish_reason, Some(FinishReason::Length));
+    }
+
+    /// The same stream under `telemetry.definitions = "vllm-bench-0.10"`: every event with
+    /// choices is a token, as that bench counted them.
+    #[tokio::test(start_paused = true)]
+    async fn old_definitions_count_every_choice_event() {
+        let mut p = SseParser::new();
+        let mut lat = Latency::with_definitions(Instant::now(), Definitions::VllmBench010);
+        let mut seen = Vec::new();
+        advance(10 * MS).await;
+        feed(
+            &mut p,
+            &mut lat,
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null}}]}\n\n",
+            &mut seen,
+        );
+        advance(90 * MS).await;
+        feed(&mut p, &mut lat, &chat("a"), &mut seen);
+        advance(30 * MS).await;
+        feed(&mut p, &mut lat, &chat("b"), &mut seen);
+        advance(40 * MS).await;
+        feed(
+            &mut p,
+            &mut lat,
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n",
+            &mut seen,
+        );
+        advance(5 * MS).await;
         let f = lat.figures(Instant::now());
         assert_eq!(f.ttft, Some(10 * MS));
-        assert_eq!(f.ttfc, Some(100 * MS));
-        // No usage: output tokens are the token events with content.
-        assert_eq!(f.output_tokens, Some(1));
-        assert_eq!(f.token_source, TokenSource::Chunks);
-        assert_eq!(f.tpot, None);
+        assert_eq!(f.ttfa, Some(100 * MS), "the answer starts where it did");
+        assert_eq!(f.e2el, 170 * MS);
+        assert_eq!(f.itl_count, 3);
+        assert_eq!(f.itl_max, Some(90 * MS));
+        assert_eq!(f.output_tokens, Some(4));
+        assert_eq!(f.chunks, 4);
+        assert_eq!(f.empty_choice_events, 0);
+    }
+
+    /// A reasoning model: reasoning deltas are output (TTFT at the first), the answer starts
+    /// at the first content, and the reasoning time lies between. A tool-call delta is output
+    /// but no answer.
+    #[tokio::test(start_paused = true)]
+    async fn reasoning_then_answer_times_are_exact() {
+        let mut p = SseParser::new();
+        let mut lat = Latency::new(Instant::now());
+        let mut seen = Vec::new();
+        let delta = |d: &str| format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{d}}}]}}\n\n");
+        advance(50 * MS).await;
+        feed(
+            &mut p,
+            &mut lat,
+            &delta(r#"{"role":"assistant","content":""}"#),
+            &mut seen,
+        );
+        advance(10 * MS).await;
+        feed(&mut p, &mut lat, &delta(r#"{"reasoning":"hm"}"#), &mut seen);
+        advance(15 * MS).await;
+        feed(
+            &mut p,
+            &mut lat,
+            &delta(r#"{"reasoning_content":"so"}"#),
+            &mut seen,
+        );
+        advance(200 * MS).await;
+        feed(&mut p, &mut lat, &chat("Yes"), &mut seen);
+        advance(15 * MS).await;
+        feed(&mut p, &mut lat, &chat("."), &mut seen);
+        assert_eq!(
+            seen,
+            vec![
+                Observation::FirstToken(60 * MS),
+                Observation::Itl(15 * MS),
+                Observation::Itl(200 * MS),
+                Observation::FirstAnswer(275 * MS),
+                Observation::Reasoning(215 * MS),
+                Observation::Itl(15 * MS),
+            ]
+        );
+        let f = lat.figures(Instant::now());
+        assert_eq!(f.ttft, Some(60 * MS));
+        assert_eq!(f.ttfa, Some(275 * MS));
+        assert_eq!(f.reasoning, Some(215 * MS));
+        assert_eq!(f.itl_max, Some(200 * MS));
+        assert_eq!(f.e2el, 290 * MS);
+
+        let mut p = SseParser::new();
+        let mut lat = Latency::new(Instant::now());
+        advance(20 * MS).await;
+        feed(
+            &mut p,
+            &mut lat,
+            &delta(r#"{"tool_calls":[{"index":0,"function":{"name":"f"}}]}"#),
+            &mut seen,
+        );
+        let f = lat.figures(Instant::now());
+        assert_eq!(f.ttft, Some(20 * MS));
+        assert_eq!(f.ttfa, None);
+        assert_eq!(f.reasoning, None);
+    }
+
+    /// Every chat and completions vector of bench 0.33: each event handed downstream at its
+    /// own instant (event `i` at `(i + 1)²` ms, so every gap differs), and the figures are
+    /// bench's, to the nanosecond.
+    #[tokio::test(start_paused = true)]
+    async fn vectors_give_benchs_figures() {
+        for v in crate::sse::tests::vectors::load() {
+            let t0 = Instant::now();
+            let at = |i: usize| t0 + ((i as u32 + 1) * (i as u32 + 1)) * MS;
+            let mut p = SseParser::new();
+            let mut lat = Latency::new(t0);
+            let mut itls = Vec::new();
+            for (i, e) in v.events.iter().enumerate() {
+                let now = at(i);
+                advance(now - Instant::now()).await;
+                lat.on_bytes(now);
+                p.feed(crate::sse::tests::vectors::sse(e).as_bytes(), |ev| {
+                    lat.on_event(ev, now, |o| {
+                        if let Observation::Itl(d) = o {
+                            itls.push(d);
+                        }
+                    })
+                });
+            }
+            advance(7 * MS).await;
+            let f = lat.figures(Instant::now());
+            assert_eq!(f.ttft, Some(at(v.ttft_event) - t0), "{}", v.name);
+            let expected: Vec<Duration> = v.itl_pairs.iter().map(|&(a, b)| at(b) - at(a)).collect();
+            assert_eq!(itls, expected, "{}", v.name);
+            assert_eq!(f.itl_count, expected.len() as u64, "{}", v.name);
+            assert_eq!(f.itl_max, expected.iter().max().copied(), "{}", v.name);
+            assert_eq!(f.e2el, at(v.e2el_event) - t0, "{}", v.name);
+            assert_eq!(f.output_tokens, Some(v.output_tokens), "{}", v.name);
+            let decode = at(v.e2el_event) - at(v.ttft_event);
+            assert_eq!(
+                f.tpot,
+                Some(decode / (v.output_tokens as u32 - 1)),
+                "{}",
+                v.name
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -496,6 +776,7 @@ mod tests {
         lat.on_usage(Usage {
             prompt_tokens: Some(3),
             completion_tokens: Some(12),
+            cached_prompt_tokens: None,
         });
         advance(70 * MS).await;
         let f = lat.figures(Instant::now());

@@ -43,6 +43,60 @@ pub struct ModelSummary {
     pub itl_ms: Distribution,
     /// E2EL, ms.
     pub e2el_ms: Distribution,
+    /// Figures beside TTFT that `vllm bench serve` does not print (time to first answer,
+    /// reasoning time, max ITL, and where TTFT went when the upstream reports its timings),
+    /// each shown once it has a sample.
+    #[serde(flatten)]
+    pub beside_ttft: BesideTtft,
+}
+
+/// The figures `/stats` shows beside TTFT, ms; `None` without a sample in the window.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct BesideTtft {
+    /// Time to the first answer text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttfa_ms: Option<Distribution>,
+    /// First reasoning to first answer, of requests that reasoned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_ms: Option<Distribution>,
+    /// Largest ITL of each request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_itl_ms: Option<Distribution>,
+    /// The upstream's queue time, when it reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<Distribution>,
+    /// The upstream's prefill time, when it reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_ms: Option<Distribution>,
+    /// TTFT − queue − prefill, when the upstream reports both.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outside_engine_ms: Option<Distribution>,
+}
+
+impl BesideTtft {
+    /// `(short name, header, distribution)` of each figure, in the order a table shows them.
+    pub fn rows(&self) -> [(&'static str, &'static str, Option<&Distribution>); 6] {
+        [
+            ("Queue", "TTFT: Queue (upstream)", self.queue_ms.as_ref()),
+            (
+                "Prefill",
+                "TTFT: Prefill (upstream)",
+                self.prefill_ms.as_ref(),
+            ),
+            (
+                "Outside",
+                "TTFT: Outside the Engine",
+                self.outside_engine_ms.as_ref(),
+            ),
+            ("TTFA", "Time to First Answer", self.ttfa_ms.as_ref()),
+            ("Reasoning", "Reasoning Time", self.reasoning_ms.as_ref()),
+            (
+                "Max ITL",
+                "Max Inter-token Latency",
+                self.max_itl_ms.as_ref(),
+            ),
+        ]
+    }
 }
 
 /// The figures a table can show, by the names `--percentile-metrics` takes.
@@ -96,8 +150,18 @@ pub fn render_table(
         "Total Token throughput (tok/s):",
         format!("{:.2}", s.total_token_throughput),
     );
+    let wanted = |name: &str| metrics.iter().any(|m| m.eq_ignore_ascii_case(name));
+    let mut sections: Vec<(&str, &str, &Distribution)> = Vec::new();
+    if wanted("ttft") {
+        sections.push(("TTFT", "Time to First Token", &s.ttft_ms));
+        // Beside TTFT: what `vllm bench serve` does not print, once it has samples.
+        for (name, header, d) in s.beside_ttft.rows() {
+            if let Some(d) = d {
+                sections.push((name, header, d));
+            }
+        }
+    }
     for (name, header, d) in [
-        ("TTFT", "Time to First Token", &s.ttft_ms),
         (
             "TPOT",
             "Time per Output Token (excl. 1st token)",
@@ -106,9 +170,11 @@ pub fn render_table(
         ("ITL", "Inter-token Latency", &s.itl_ms),
         ("E2EL", "End-to-end Latency", &s.e2el_ms),
     ] {
-        if !metrics.iter().any(|m| m.eq_ignore_ascii_case(name)) {
-            continue;
+        if wanted(name) {
+            sections.push((name, header, d));
         }
+    }
+    for (name, header, d) in sections {
         let _ = writeln!(out, "{header:-^50}");
         line(
             &mut out,

@@ -511,17 +511,18 @@ async fn check_success(rx: &mut Receiver) {
     assert_eq!(span.double("gen_ai.response.time_to_first_chunk"), ttft);
     let e2el = span.double("tokentap.e2el_s");
     assert!(e2el >= ttft);
-    assert!(span.double("tokentap.ttfc_s") >= ttft);
+    assert!(span.double("tokentap.ttfa_s") >= ttft);
     assert!(span.double("tokentap.tpot_s") >= 0.0);
     assert!(span.double("tokentap.itl_mean_s") >= 0.0);
     assert!(span.double("tokentap.itl_max_s") >= span.double("tokentap.itl_mean_s"));
-    assert_eq!(span.int("tokentap.chunks"), 4);
+    // Output events: the role chunk and the finish-only chunk are none.
+    assert_eq!(span.int("tokentap.chunks"), 2);
     assert_eq!(span.str("tokentap.token_source"), "usage");
     assert_eq!(span.str("tokentap.outcome"), "ok");
-    // One event at the first token and one at the first content, inside the span; none per
+    // One event at the first token and one at the first answer, inside the span; none per
     // chunk.
     let names: Vec<&str> = span.events.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["gen_ai.first_token", "gen_ai.first_content"]);
+    assert_eq!(names, ["gen_ai.first_token", "gen_ai.first_answer"]);
     for (name, at) in &span.events {
         assert!(
             span.start <= *at && *at <= span.end,
@@ -572,7 +573,10 @@ async fn check_success(rx: &mut Receiver) {
 
 /// Each failure ends its span with `error.type` = the outcome and status ERROR.
 async fn check_outcomes(rx: &mut Receiver) {
-    let sim = sim(exact_sim(5.0, 5.0)).await;
+    // Decode steps far apart: on a busy runtime the simulator's steps must not run together,
+    // or it aborts the connection before the tokens it wrote reach the proxy, and a span with
+    // partial timings would have no first token to show.
+    let sim = sim(exact_sim(5.0, 40.0)).await;
     let mut tracing = rx.tracing();
     tracing.provider_name = Some("sim".to_owned());
     let mut config = traced(&sim.base_url(), tracing.clone());

@@ -22,6 +22,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::latency::{Latency, Observation};
 use crate::net;
 use crate::report::{ALL_METRICS, Distribution, ModelSummary, fmt_pct, render_table};
 use crate::sse::{EventKind, SseParser};
@@ -157,14 +158,26 @@ pub struct RequestResult {
     pub success: bool,
     /// Why it failed.
     pub error: String,
-    /// Seconds to the first token event.
+    /// Seconds to the first output event.
     pub ttft: f64,
-    /// Gaps between token events, seconds.
+    /// Gaps between output events of a choice, seconds.
     pub itl: Vec<f64>,
-    /// Seconds to the last token event.
+    /// Seconds to the last output event.
     pub latency: f64,
-    /// Completion tokens (usage, else counted content chunks).
+    /// Completion tokens (usage, else counted output events).
     pub output_tokens: u64,
+    /// The server's queue time, seconds, when it reported one (vLLM's per-request `metrics`,
+    /// as `vllm bench serve` reads it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_queue_time: Option<f64>,
+    /// The server's prefill time (vLLM `time_to_first_token_ms`, llama.cpp `prompt_ms`),
+    /// seconds, when it reported one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_ttft: Option<f64>,
+    /// The server's decode time (vLLM `generation_time_ms`, llama.cpp `predicted_ms`),
+    /// seconds, when it reported one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_decode_time: Option<f64>,
     /// Prompt tokens (usage, else the estimate).
     pub prompt_len: u64,
     /// Seconds from the start of the run to sending this request.
@@ -260,6 +273,7 @@ impl BenchResult {
             tpot_ms: distribution(&tpots, percentiles),
             itl_ms: distribution(&itls, percentiles),
             e2el_ms: distribution(&e2els, percentiles),
+            beside_ttft: Default::default(),
         }
     }
 
@@ -568,11 +582,10 @@ async fn one_request(
         out.error = format!("HTTP {status}: {}", String::from_utf8_lossy(&text));
         return out;
     }
+    // The proxy's own state machine: the same output events, TTFT, ITL and E2EL rules
+    // (`docs/METRICS.md` §1–2, those of the current `vllm bench serve`), timed from the send.
     let mut parser = SseParser::new();
-    let mut first: Option<Instant> = None;
-    let mut last = st;
-    let mut content_chunks = 0u64;
-    let mut usage_tokens = None;
+    let mut latency = Latency::new(st);
     let mut error = None;
     while let Some(frame) = body.frame().await {
         let frame = match frame {
@@ -587,44 +600,40 @@ async fn one_request(
         };
         let now = Instant::now();
         let wall = if stamps { unix_nanos() } else { 0 };
+        latency.on_bytes(now);
         parser.feed(&data, |e| {
             match e.kind {
-                EventKind::Token => {
-                    if stamps && let Some(emitted) = emit_stamp(e.data) {
+                EventKind::Token if stamps && e.choices.iter().any(|c| c.output) => {
+                    if let Some(emitted) = emit_stamp(e.data) {
                         out.chunk_latency
                             .push(wall.saturating_sub(emitted) as f64 / 1e9);
-                    }
-                    if first.is_none() {
-                        first = Some(now);
-                    } else {
-                        out.itl.push((now - last).as_secs_f64());
-                    }
-                    last = now;
-                    if e.choices.iter().any(|c| c.has_content) {
-                        content_chunks += 1;
                     }
                 }
                 EventKind::Error => error = Some("error event in the stream".to_owned()),
                 _ => {}
             }
-            if let Some(u) = e.usage {
-                if u.completion_tokens.is_some() {
-                    usage_tokens = u.completion_tokens;
+            latency.on_event(e, now, |o| {
+                if let Observation::Itl(d) = o {
+                    out.itl.push(d.as_secs_f64());
                 }
-                if let Some(p) = u.prompt_tokens {
-                    out.prompt_len = p;
-                }
+            });
+            if let Some(p) = e.usage.and_then(|u| u.prompt_tokens) {
+                out.prompt_len = p;
             }
         });
     }
-    match (error, first) {
+    let f = latency.figures(Instant::now());
+    match (error, f.ttft) {
         (Some(e), _) => out.error = e,
-        (None, None) => out.error = "no token event in the stream".to_owned(),
-        (None, Some(first)) => {
+        (None, None) => out.error = "no output event in the stream".to_owned(),
+        (None, Some(ttft)) => {
             out.success = true;
-            out.ttft = (first - st).as_secs_f64();
-            out.latency = (last - st).as_secs_f64();
-            out.output_tokens = usage_tokens.unwrap_or(content_chunks);
+            out.ttft = ttft.as_secs_f64();
+            out.latency = f.e2el.as_secs_f64();
+            out.output_tokens = f.output_tokens.unwrap_or(0);
+            out.server_queue_time = f.queue.map(|d| d.as_secs_f64());
+            out.server_ttft = f.prefill.map(|d| d.as_secs_f64());
+            out.server_decode_time = f.decode.map(|d| d.as_secs_f64());
         }
     }
     out
@@ -792,6 +801,27 @@ pub fn save(args: &BenchArgs, result: &BenchResult) -> Result<PathBuf, BenchErro
         "start_times": result.requests.iter().map(|r| r.start_time).collect::<Vec<_>>(),
         "errors": result.requests.iter().map(|r| &r.error).collect::<Vec<_>>(),
     });
+    // The server's own timings, when it reported them (vLLM `--enable-per-request-metrics`).
+    if result
+        .requests
+        .iter()
+        .any(|r| r.server_queue_time.is_some() || r.server_ttft.is_some())
+    {
+        json["server_queue_times"] = serde_json::json!(
+            result
+                .requests
+                .iter()
+                .map(|r| r.server_queue_time)
+                .collect::<Vec<_>>()
+        );
+        json["server_ttfts"] = serde_json::json!(
+            result
+                .requests
+                .iter()
+                .map(|r| r.server_ttft)
+                .collect::<Vec<_>>()
+        );
+    }
     if let Some(c) = chunk_latency_summary(result) {
         json["chunk_latency_us"] = c;
     }

@@ -72,11 +72,12 @@ impl Recorder {
         span: Option<RequestSpan>,
     ) -> Self {
         route.in_flight.increment(1.0);
+        let latency = Latency::with_definitions(t0, telemetry.definitions);
         Recorder {
             telemetry,
             route,
             request_id,
-            latency: Latency::new(t0),
+            latency,
             status: 0,
             mode: Mode::Opaque,
             meta_seen: span.is_none(),
@@ -194,6 +195,9 @@ impl Recorder {
                 if let Some(usage) = body.usage {
                     self.latency.on_usage(usage);
                 }
+                if let Some(server) = body.server.timings() {
+                    self.latency.on_server(server);
+                }
                 if let (Some(span), Some(id), Some(model)) = (&mut self.span, body.id, body.model) {
                     span.on_response_meta(id, model);
                 }
@@ -223,7 +227,7 @@ impl Recorder {
                 status: self.status,
                 outcome,
                 figures: &figures,
-                stream: figures.chunks > 0,
+                stream: figures.chunks + figures.empty_choice_events > 0,
             },
             self.latency.t0(),
             now,
@@ -246,12 +250,13 @@ fn observe(
                 span.on_first_token(d);
             }
         }
-        Observation::FirstContent(d) => {
-            route.ttfc.record(d.as_secs_f64());
+        Observation::FirstAnswer(d) => {
+            route.ttfa.record(d.as_secs_f64());
             if let Some(span) = span {
-                span.on_first_content(d);
+                span.on_first_answer(d);
             }
         }
+        Observation::Reasoning(d) => route.reasoning.record(d.as_secs_f64()),
         Observation::Itl(d) => {
             route.itl.record(d.as_secs_f64());
             if let Some(stats) = &route.stats {

@@ -185,6 +185,7 @@ impl SseParser {
             kind: EventKind::Oversized,
             choices: &[],
             usage: None,
+            server: Default::default(),
             end: next,
             id: None,
             model: None,
@@ -210,7 +211,7 @@ impl SseParser {
         let Some((top, choices)) = scan::templated(payload, &self.prefix) else {
             return false;
         };
-        let c = classified(top.error, top.usage, top.id, top.model, !choices.is_empty());
+        let c = classified(&top, !choices.is_empty());
         on_event(&Event::of(c, choices, frame.len(), payload));
         true
     }

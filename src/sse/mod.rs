@@ -9,7 +9,8 @@
 /// What an SSE event is, for telemetry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// A JSON object whose `choices` array is non-empty.
+    /// A JSON object whose `choices` array is non-empty (a choice event). Whether it streamed
+    /// output is per choice: [`ChoiceInfo::output`].
     Token,
     /// `choices` empty or absent, `usage` present.
     Usage,
@@ -30,9 +31,17 @@ pub enum EventKind {
 pub struct ChoiceInfo {
     /// The choice's `index` (0 when absent).
     pub index: u32,
-    /// `delta.content`, `delta.reasoning_content`, `delta.reasoning`, `delta.tool_calls` or
-    /// `text` was non-empty.
-    pub has_content: bool,
+    /// The choice streamed output, by the rules of the current `vllm bench serve`
+    /// (`docs/METRICS.md` §1): a chat delta with non-empty `content`, `reasoning`,
+    /// `reasoning_content`, `tool_calls` or `function_call`, or with `content: ""` and no `role`
+    /// (a special token that decodes to nothing); any completions choice (no `delta`), empty
+    /// `text` included. Not so: a role chunk (`{"role":"assistant","content":""}` or
+    /// `content: null`) or a finish-only `{"delta":{}}`.
+    pub output: bool,
+    /// Non-empty `delta.content` or `text`: part of the answer a person reads.
+    pub answer: bool,
+    /// Non-empty `delta.reasoning` or `delta.reasoning_content`: the model is thinking.
+    pub reasoning: bool,
     /// `finish_reason` was set.
     pub finish_reason: Option<FinishReason>,
 }
@@ -71,6 +80,49 @@ pub struct Usage {
     /// `usage.completion_tokens`.
     #[serde(default)]
     pub completion_tokens: Option<u64>,
+    /// `usage.prompt_tokens_details.cached_tokens`: prompt tokens served from the prefix
+    /// cache. A details object that is not one, or a count that is not a non-negative
+    /// integer, is no observation (never a reason to drop the rest of the usage).
+    #[serde(
+        default,
+        rename = "prompt_tokens_details",
+        deserialize_with = "classify::cached_tokens_de"
+    )]
+    pub cached_prompt_tokens: Option<u64>,
+}
+
+/// The raw `metrics` (vLLM) and `timings` (llama.cpp) values of an event, both `None` for
+/// almost every event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerRaw<'a> {
+    pub(crate) metrics: Option<&'a [u8]>,
+    pub(crate) timings: Option<&'a [u8]>,
+}
+
+impl ServerRaw<'_> {
+    /// What they say, when the event carried a usable field (`docs/METRICS.md` §6).
+    pub fn timings(&self) -> Option<ServerTimings> {
+        if self.metrics.is_none() && self.timings.is_none() {
+            return None;
+        }
+        classify::server_timings(self.metrics, self.timings)
+    }
+}
+
+/// Where the upstream says a request's time went (`docs/METRICS.md` §6): vLLM's per-request
+/// `metrics` object (`--enable-per-request-metrics`) or llama.cpp's `timings`, read from
+/// whichever event (or JSON body) carries them. A field that is absent, `null`, not a number
+/// or negative is `None`: no observation, never a zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServerTimings {
+    /// vLLM `queue_time_ms`: queued until scheduled.
+    pub queue: Option<std::time::Duration>,
+    /// vLLM `time_to_first_token_ms` (scheduled to first token), llama.cpp `prompt_ms`.
+    pub prefill: Option<std::time::Duration>,
+    /// vLLM `generation_time_ms`, llama.cpp `predicted_ms`: first token to last.
+    pub decode: Option<std::time::Duration>,
+    /// llama.cpp `cache_n`: prompt tokens reused from the cache.
+    pub cached_prompt_tokens: Option<u64>,
 }
 
 /// One complete event, reported by [`SseParser::feed`] at the blank line that ends it.
@@ -83,6 +135,9 @@ pub struct Event<'a> {
     /// The `usage` object, when the event had one (usage events, and every chunk under
     /// vLLM's `continuous_usage_stats`).
     pub usage: Option<Usage>,
+    /// The upstream's own timings (`metrics` or `timings`), when the event carried them: read
+    /// with [`ServerRaw::timings`] (most events carry none, and pay nothing for them).
+    pub server: ServerRaw<'a>,
     /// Offset in the current frame just past the blank line that ends this event.
     pub end: usize,
     /// The chunk's `id` (for example `chatcmpl-…`), when it is a plain JSON string.
@@ -104,6 +159,7 @@ impl<'a> Event<'a> {
                 &[]
             },
             usage: c.usage,
+            server: c.server,
             end,
             id: c.id,
             model: c.model,
@@ -120,4 +176,4 @@ pub use classify::{Classified, classify};
 pub use frame::SseParser;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -9,12 +9,13 @@
 
 use smallvec::SmallVec;
 
-use super::classify::{finish_reason, non_empty};
-use super::{ChoiceInfo, Usage};
+use super::classify::{DeltaFields, cached_tokens, delta_output, finish_reason, non_empty};
+use super::{ChoiceInfo, ServerRaw, Usage};
 
 /// What the top level carried.
 pub(super) struct Top<'a> {
     pub(super) usage: Option<Usage>,
+    pub(super) server: ServerRaw<'a>,
     pub(super) error: bool,
     pub(super) id: Option<&'a str>,
     pub(super) model: Option<&'a str>,
@@ -31,6 +32,9 @@ struct Fields {
     id: Option<(usize, usize)>,
     /// Where the `model` string's text is, when it is a plain string.
     model: Option<(usize, usize)>,
+    /// Where the raw `metrics` (vLLM) and `timings` (llama.cpp) values are.
+    metrics: Option<(usize, usize)>,
+    timings: Option<(usize, usize)>,
 }
 
 impl Fields {
@@ -43,6 +47,8 @@ impl Fields {
             b"error" => 4,
             b"id" => 8,
             b"model" => 16,
+            b"metrics" => 32,
+            b"timings" => 64,
             _ => return s.value(1),
         };
         if self.seen & bit != 0 {
@@ -54,7 +60,9 @@ impl Fields {
             2 => self.usage = s.usage()?,
             4 => self.error = s.raw(1)? != b"null",
             8 => self.id = s.plain_string()?,
-            _ => self.model = s.plain_string()?,
+            16 => self.model = s.plain_string()?,
+            32 => self.metrics = Some(s.raw_range()?),
+            _ => self.timings = Some(s.raw_range()?),
         }
         Some(())
     }
@@ -140,7 +148,12 @@ impl Prefix {
     fn remember(&mut self, var: Option<(usize, usize)>, f: Fields, choices: &[ChoiceInfo]) {
         let before = |open: usize, r: Option<(usize, usize)>| r.is_none_or(|(_, end)| end < open);
         match var {
-            Some((open, close)) if before(open, f.id) && before(open, f.model) => {
+            Some((open, close))
+                if before(open, f.id)
+                    && before(open, f.model)
+                    && before(open, f.metrics)
+                    && before(open, f.timings) =>
+            {
                 let t = self.template.get_or_insert_with(Template::default);
                 (t.open, t.close, t.fields) = (open, close, f);
                 t.choices.clear();
@@ -246,8 +259,13 @@ pub(super) fn templated<'a>(json: &'a [u8], p: &'a Prefix) -> Option<(Top<'a>, &
 /// What the top level of `json` carried, from the fields read; `known` is a start of `json`
 /// already checked to be UTF-8.
 fn top_of<'a>(json: &'a [u8], known: &'a str, f: &Fields) -> Option<Top<'a>> {
+    let raw = |r: Option<(usize, usize)>| r.and_then(|(start, end)| json.get(start..end));
     Some(Top {
         usage: f.usage,
+        server: ServerRaw {
+            metrics: raw(f.metrics),
+            timings: raw(f.timings),
+        },
         error: f.error,
         id: text(json, known, f.id)?,
         model: text(json, known, f.model)?,
@@ -489,6 +507,13 @@ impl<'a> Scan<'a> {
         Some(raw)
     }
 
+    /// A raw value's range, checked as [`Self::raw`] checks it.
+    fn raw_range(&mut self) -> Option<(usize, usize)> {
+        let start = self.i;
+        self.raw(1)?;
+        Some((start, self.i))
+    }
+
     /// A value read as a raw value would be, and where its text is when it is a string
     /// without escapes (see `super::plain_string`; the caller checks the text is UTF-8).
     fn plain_string(&mut self) -> Option<Option<(usize, usize)>> {
@@ -626,7 +651,7 @@ impl<'a> Scan<'a> {
             return None;
         }
         let mut index = None;
-        let mut delta_content = false;
+        let mut delta = None;
         let mut text = None;
         let mut finish = None;
         let keys: [&[u8]; 4] = [b"index", b"delta", b"text", b"finish_reason"];
@@ -638,7 +663,7 @@ impl<'a> Scan<'a> {
                         return None;
                     }
                 }
-                1 => delta_content = s.delta()?,
+                1 => delta = Some(s.delta()?),
                 2 => {
                     let at = s.i;
                     text = s.opt_raw()?;
@@ -648,37 +673,53 @@ impl<'a> Scan<'a> {
             }
             Some(())
         })?;
+        // Without a `delta` it is a completions choice: bench counts every one, empty `text`
+        // included.
+        let (output, answer, reasoning) = delta.unwrap_or((true, non_empty(text), false));
         Some(ChoiceInfo {
             index: index.map_or(0, |i| i as u32),
-            has_content: delta_content || non_empty(text),
+            output,
+            answer,
+            reasoning,
             finish_reason: finish_reason(finish),
         })
     }
 
-    /// `delta`: `null` or an object; true when one of its content fields is non-empty.
-    fn delta(&mut self) -> Option<bool> {
+    /// `delta`: `null` or an object; whether it streamed output, carried answer text and
+    /// carried reasoning (see [`delta_output`]).
+    fn delta(&mut self) -> Option<(bool, bool, bool)> {
         match *self.b.get(self.i)? {
             b'n' => {
                 self.literal(b"null")?;
-                Some(false)
+                Some((false, false, false))
             }
             b'{' => {
-                let mut content = false;
-                let keys: [&[u8]; 4] = [
+                let mut d = DeltaFields::default();
+                let keys: [&[u8]; 6] = [
                     b"content",
                     b"reasoning_content",
                     b"reasoning",
                     b"tool_calls",
+                    b"role",
+                    b"function_call",
                 ];
                 self.fields(&keys, 3, |s, k| {
                     let at = s.i;
-                    content |= non_empty(s.opt_raw()?);
-                    if k == 0 {
-                        s.note_var(at);
+                    let v = s.opt_raw()?;
+                    match k {
+                        0 => {
+                            d.content = v;
+                            s.note_var(at);
+                        }
+                        1 => d.reasoning_content = v,
+                        2 => d.reasoning = v,
+                        3 => d.tool_calls = v,
+                        4 => d.role = v,
+                        _ => d.function_call = v,
                     }
                     Some(())
                 })?;
-                Some(content)
+                Some(delta_output(&d))
             }
             _ => None,
         }
@@ -693,12 +734,20 @@ impl<'a> Scan<'a> {
             }
             b'{' => {
                 let mut u = Usage::default();
-                self.fields(&[b"prompt_tokens", b"completion_tokens"], 2, |s, k| {
-                    let v = s.opt_uint()?;
-                    if k == 0 {
-                        u.prompt_tokens = v;
-                    } else {
-                        u.completion_tokens = v;
+                let keys: [&[u8]; 3] = [
+                    b"prompt_tokens",
+                    b"completion_tokens",
+                    b"prompt_tokens_details",
+                ];
+                self.fields(&keys, 2, |s, k| {
+                    match k {
+                        0 => u.prompt_tokens = s.opt_uint()?,
+                        1 => u.completion_tokens = s.opt_uint()?,
+                        _ => {
+                            let raw = s.raw(2)?;
+                            let v: serde_json::Value = serde_json::from_slice(raw).ok()?;
+                            u.cached_prompt_tokens = cached_tokens(&v);
+                        }
                     }
                     Some(())
                 })?;

@@ -40,27 +40,29 @@ fn stream() -> String {
 
 fn expected(s: &str) -> Vec<Seen> {
     let mut ends = s.match_indices("\n\n").map(|(i, _)| i + 2);
-    let tok = |has_content, finish_reason| ChoiceInfo {
+    let tok = |output, answer, finish_reason| ChoiceInfo {
         index: 0,
-        has_content,
+        output,
+        answer,
+        reasoning: false,
         finish_reason,
     };
     vec![
         Seen {
             kind: EventKind::Token,
-            choices: vec![tok(false, None)],
+            choices: vec![tok(false, false, None)],
             usage: None,
             end: ends.next().unwrap(),
         },
         Seen {
             kind: EventKind::Token,
-            choices: vec![tok(true, None)],
+            choices: vec![tok(true, true, None)],
             usage: None,
             end: ends.next().unwrap(),
         },
         Seen {
             kind: EventKind::Token,
-            choices: vec![tok(false, Some(FinishReason::Length))],
+            choices: vec![tok(true, false, Some(FinishReason::Length))],
             usage: None,
             end: ends.next().unwrap(),
         },
@@ -70,6 +72,7 @@ fn expected(s: &str) -> Vec<Seen> {
             usage: Some(Usage {
                 prompt_tokens: Some(12),
                 completion_tokens: Some(100),
+                cached_prompt_tokens: None,
             }),
             end: ends.next().unwrap(),
         },
@@ -128,7 +131,7 @@ fn fast_path_agrees_with_serde() {
     ) -> Option<(Classified<'a>, Vec<ChoiceInfo>)> {
         let mut choices = Vec::new();
         let top = scan::top(json, &mut choices, prefix)?;
-        let c = classified_in(top.error, top.usage, top.id, top.model, &mut choices);
+        let c = classified_in(&top, &mut choices);
         Some((c, choices))
     }
     let mut accepted = 0;
@@ -392,7 +395,7 @@ fn comments_and_other_fields_are_not_data() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].kind, EventKind::NoData);
     assert_eq!(seen[1].kind, EventKind::Token);
-    assert!(seen[1].choices[0].has_content);
+    assert!(seen[1].choices[0].output && seen[1].choices[0].answer);
 }
 
 #[test]
@@ -403,7 +406,7 @@ fn multi_line_data_is_joined_with_newlines() {
         let (seen, _) = run(&[a, b]);
         assert_eq!(seen.len(), 1, "split at {cut}");
         assert_eq!(seen[0].kind, EventKind::Token, "split at {cut}");
-        assert!(seen[0].choices[0].has_content);
+        assert!(seen[0].choices[0].output && seen[0].choices[0].answer);
     }
 }
 
@@ -426,21 +429,28 @@ data: {"choices":[{"index":0,"text":"","finish_reason":"stop"},{"index":1,"text"
         seen[0].choices,
         vec![ChoiceInfo {
             index: 1,
-            has_content: true,
+            output: true,
+            answer: true,
+            reasoning: false,
             finish_reason: None
         }]
     );
     assert_eq!(
         seen[1].choices,
         vec![
+            // Bench counts a completions choice with empty text as a token.
             ChoiceInfo {
                 index: 0,
-                has_content: false,
+                output: true,
+                answer: false,
+                reasoning: false,
                 finish_reason: Some(FinishReason::Stop)
             },
             ChoiceInfo {
                 index: 1,
-                has_content: true,
+                output: true,
+                answer: true,
+                reasoning: false,
                 finish_reason: None
             }
         ]
@@ -458,7 +468,8 @@ fn continuous_usage_rides_on_token_events() {
         seen[0].usage,
         Some(Usage {
             prompt_tokens: Some(3),
-            completion_tokens: Some(2)
+            completion_tokens: Some(2),
+            cached_prompt_tokens: None,
         })
     );
 }
@@ -474,19 +485,54 @@ fn null_usage_and_null_choices_are_absent() {
 }
 
 #[test]
-fn reasoning_and_tool_call_deltas_are_content() {
-    for delta in [
-        r#"{"reasoning_content":"think"}"#,
-        r#"{"reasoning":"think"}"#,
-        r#"{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}"#,
+fn reasoning_and_tool_call_deltas_are_output() {
+    for (delta, reasoning) in [
+        (r#"{"reasoning_content":"think"}"#, true),
+        (r#"{"reasoning":"think"}"#, true),
+        (
+            r#"{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}"#,
+            false,
+        ),
+        (r#"{"function_call":{"arguments":"{"}}"#, false),
     ] {
         let s = format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{delta}}}]}}\n\n");
         let (seen, _) = run(&[s.as_bytes()]);
-        assert!(seen[0].choices[0].has_content, "{delta}");
+        let c = seen[0].choices[0];
+        assert!(c.output, "{delta}");
+        assert!(!c.answer, "{delta}");
+        assert_eq!(c.reasoning, reasoning, "{delta}");
     }
     let (seen, _) =
         run(&[b"data: {\"choices\":[{\"delta\":{\"content\":null,\"tool_calls\":[]}}]}\n\n"]);
-    assert!(!seen[0].choices[0].has_content);
+    assert!(!seen[0].choices[0].output);
+}
+
+/// The chat deltas that are not output, and the empty ones that are (`docs/METRICS.md` §1).
+#[test]
+fn role_and_finish_only_chunks_are_not_output() {
+    for (delta, output) in [
+        (r#"{"role":"assistant","content":""}"#, false),
+        (r#"{"role":"assistant","content":null}"#, false),
+        (r#"{"role":"assistant"}"#, false),
+        (r#"{}"#, false),
+        (r#"null"#, false),
+        (r#"{"content":null}"#, false),
+        // A special token that decodes to nothing.
+        (r#"{"content":""}"#, true),
+        (r#"{"role":null,"content":""}"#, true),
+        (r#"{"role":"assistant","content":"a"}"#, true),
+    ] {
+        let s = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":\"length\"}}]}}\n\n"
+        );
+        let (seen, _) = run(&[s.as_bytes()]);
+        assert_eq!(seen[0].kind, EventKind::Token, "{delta}");
+        assert_eq!(seen[0].choices[0].output, output, "{delta}");
+        let mut serde = Vec::new();
+        let payload = &s.as_bytes()[6..s.len() - 2];
+        classify_serde(payload, &mut serde);
+        assert_eq!(serde, seen[0].choices, "serde agrees on {delta}");
+    }
 }
 
 #[test]
@@ -527,4 +573,117 @@ fn empty_frames_change_nothing() {
     let (seen, _) = run(&[b"data: [DONE]\r", b"", b"\n\r\n"]);
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].kind, EventKind::Done);
+}
+
+/// The streams of `tests/vectors/vllm-bench-0.33.json`, run through bench 0.33's own request
+/// functions, with the events it took as output.
+pub(crate) mod vectors {
+    /// One stream and bench's reading of it.
+    #[derive(serde::Deserialize)]
+    pub(crate) struct Vector {
+        pub(crate) name: String,
+        pub(crate) endpoint: String,
+        pub(crate) events: Vec<String>,
+        pub(crate) ttft_event: usize,
+        pub(crate) itl_pairs: Vec<(usize, usize)>,
+        pub(crate) e2el_event: usize,
+        pub(crate) output_tokens: u64,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct File {
+        vectors: Vec<Vector>,
+    }
+
+    /// The chat and completions vectors (the proxy measures no Responses API streams), with
+    /// tokentap's documented answer where it differs from bench on purpose: bench 0.33 does
+    /// not read `reasoning_content`, tokentap counts it as output (`docs/METRICS.md` §1).
+    pub(crate) fn load() -> Vec<Vector> {
+        let file: File =
+            serde_json::from_str(include_str!("../../tests/vectors/vllm-bench-0.33.json"))
+                .expect("the vectors parse");
+        let mut out = Vec::new();
+        for mut v in file.vectors {
+            if v.endpoint == "responses" {
+                continue;
+            }
+            if v.name == "reasoning_content_field" {
+                v.ttft_event = 1;
+                v.itl_pairs = vec![(1, 2)];
+                v.e2el_event = 2;
+            }
+            out.push(v);
+        }
+        assert_eq!(out.len(), 10, "every chat and completions vector is read");
+        out
+    }
+
+    /// The SSE bytes of event `e` of a vector (a comment stays a comment).
+    pub(crate) fn sse(e: &str) -> String {
+        if e.starts_with(':') {
+            format!("{e}\n\n")
+        } else {
+            format!("data: {e}\n\n")
+        }
+    }
+}
+
+/// Every vector: the classifier marks as output exactly the events bench took as tokens.
+#[test]
+fn vectors_output_events_are_benchs() {
+    for v in vectors::load() {
+        let mut expected: Vec<usize> = vec![v.ttft_event];
+        expected.extend(v.itl_pairs.iter().map(|&(_, b)| b));
+        let mut output = Vec::new();
+        let mut usage = None;
+        for (i, e) in v.events.iter().enumerate() {
+            let s = vectors::sse(e);
+            let (seen, partial) = run(&[s.as_bytes()]);
+            assert!(!partial, "{}: event {i}", v.name);
+            assert_eq!(seen.len(), 1, "{}: event {i}", v.name);
+            if seen[0].choices.iter().any(|c| c.output) {
+                output.push(i);
+            }
+            usage = usage.or(seen[0].usage);
+            // The serde reference agrees on every event.
+            if e.starts_with('{') {
+                let mut choices = Vec::new();
+                let c = classify_serde(e.as_bytes(), &mut choices);
+                assert_eq!(c.kind, seen[0].kind, "{}: event {i}", v.name);
+                if c.kind == EventKind::Token {
+                    assert_eq!(choices, seen[0].choices, "{}: event {i}", v.name);
+                }
+            }
+        }
+        assert_eq!(output, expected, "{}", v.name);
+        assert_eq!(
+            usage.and_then(|u| u.completion_tokens),
+            Some(v.output_tokens),
+            "{}",
+            v.name
+        );
+    }
+}
+
+/// The vectors as one stream each, every split point: the same output events.
+#[test]
+fn vectors_read_alike_in_any_frames() {
+    for v in vectors::load() {
+        let stream: String = v.events.iter().map(|e| vectors::sse(e)).collect();
+        let whole: Vec<bool> = run(&[stream.as_bytes()])
+            .0
+            .iter()
+            .map(|s| s.choices.iter().any(|c| c.output))
+            .collect();
+        assert_eq!(whole.len(), v.events.len(), "{}", v.name);
+        for cut in (0..stream.len()).step_by(7) {
+            let (a, b) = stream.as_bytes().split_at(cut);
+            let split: Vec<bool> = run(&[a, b])
+                .0
+                .iter()
+                .map(|s| s.choices.iter().any(|c| c.output))
+                .collect();
+            assert_eq!(split, whole, "{} split at {cut}", v.name);
+        }
+    }
 }

@@ -229,8 +229,24 @@ pub struct RouteMetrics {
     pub endpoint: Endpoint,
     /// TTFT histogram.
     pub ttft: Histogram,
-    /// TTFC histogram.
-    pub ttfc: Histogram,
+    /// Time-to-first-answer histogram.
+    pub ttfa: Histogram,
+    /// Reasoning-time histogram.
+    pub reasoning: Histogram,
+    /// Max-ITL histogram.
+    pub max_itl: Histogram,
+    /// Upstream queue-time histogram.
+    pub queue_time: Histogram,
+    /// Upstream prefill-time histogram.
+    pub prefill_time: Histogram,
+    /// Upstream decode-time histogram.
+    pub decode_time: Histogram,
+    /// TTFT-outside-the-engine histogram.
+    pub outside_engine: Histogram,
+    /// Negative TTFT-outside-the-engine counter.
+    pub outside_engine_negative: Counter,
+    /// Cached prompt tokens histogram.
+    pub cached_prompt_tokens: Histogram,
     /// ITL histogram.
     pub itl: Histogram,
     /// TPOT histogram.
@@ -298,6 +314,8 @@ pub struct Telemetry {
     ready_gauge: Gauge,
     slo: Slo,
     access_log: bool,
+    /// What counts as an output event (`telemetry.definitions`).
+    pub definitions: crate::latency::Definitions,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -319,10 +337,15 @@ impl Telemetry {
         let (e2el, tokens) = (pick(&b.e2el, E2EL_BUCKETS), pick(&b.tokens, TOKEN_BUCKETS));
         let bounds = |name: &str| -> &[f64] {
             match name {
-                names::TTFT | names::TTFC => &ttft,
-                names::ITL => &itl,
+                names::TTFT
+                | names::TTFA
+                | names::REASONING
+                | names::QUEUE_TIME
+                | names::PREFILL_TIME
+                | names::OUTSIDE_ENGINE => &ttft,
+                names::ITL | names::MAX_ITL => &itl,
                 names::TPOT => &tpot,
-                names::E2EL | names::HEADER_TIME => &e2el,
+                names::E2EL | names::HEADER_TIME | names::DECODE_TIME => &e2el,
                 _ => &tokens,
             }
         };
@@ -352,6 +375,12 @@ impl Telemetry {
             ready_gauge,
             slo: Slo::from_ms(config.slo.ttft_ms, config.slo.tpot_ms, config.slo.e2el_ms),
             access_log: config.telemetry.access_log,
+            definitions: match config.telemetry.definitions {
+                crate::config::Definitions::VllmBench => crate::latency::Definitions::VllmBench,
+                crate::config::Definitions::VllmBench010 => {
+                    crate::latency::Definitions::VllmBench010
+                }
+            },
         }
     }
 
@@ -390,7 +419,15 @@ impl Telemetry {
             model: model.clone(),
             endpoint,
             ttft: g(names::TTFT),
-            ttfc: g(names::TTFC),
+            ttfa: g(names::TTFA),
+            reasoning: g(names::REASONING),
+            max_itl: g(names::MAX_ITL),
+            queue_time: g(names::QUEUE_TIME),
+            prefill_time: g(names::PREFILL_TIME),
+            decode_time: g(names::DECODE_TIME),
+            outside_engine: g(names::OUTSIDE_ENGINE),
+            outside_engine_negative: gc(names::OUTSIDE_ENGINE_NEGATIVE),
+            cached_prompt_tokens: g(names::CACHED_PROMPT_TOKENS),
             itl: g(names::ITL),
             tpot: g(names::TPOT),
             e2el: h(names::E2EL),
@@ -465,6 +502,9 @@ impl Telemetry {
             if let Some(tpot) = f.tpot {
                 route.tpot.record(tpot.as_secs_f64());
             }
+            if let Some(max) = f.itl_max {
+                route.max_itl.record(max.as_secs_f64());
+            }
             if let Some(n) = f.prompt_tokens {
                 route.prompt_tokens.record(n as f64);
             }
@@ -477,6 +517,24 @@ impl Telemetry {
             if let Some(stats) = &route.stats {
                 stats.record_request(f, t0, now);
             }
+        }
+        // The upstream's own timings, whenever it reported them: they describe its side of
+        // the request even when the client went away at the end.
+        for (h, d) in [
+            (&route.queue_time, f.queue),
+            (&route.prefill_time, f.prefill),
+            (&route.decode_time, f.decode),
+            (&route.outside_engine, f.outside_engine),
+        ] {
+            if let Some(d) = d {
+                h.record(d.as_secs_f64());
+            }
+        }
+        if f.outside_engine_negative {
+            route.outside_engine_negative.increment(1);
+        }
+        if let Some(n) = f.cached_prompt_tokens {
+            route.cached_prompt_tokens.record(n as f64);
         }
         // Tokens the upstream generated count even when the request did not end well.
         if let Some(n) = f.output_tokens {

@@ -344,15 +344,16 @@ impl RequestSpan {
         }
     }
 
-    /// The first token event with content was handed to the client, `ttfc` after arrival:
-    /// adds the `gen_ai.first_content` event at this instant.
-    pub fn on_first_content(&mut self, ttfc: Duration) {
+    /// The first output event with answer text was handed to the client, `ttfa` after
+    /// arrival: adds the `gen_ai.first_answer` event at this instant (after the reasoning of a
+    /// reasoning model, the moment a person starts reading).
+    pub fn on_first_answer(&mut self, ttfa: Duration) {
         if self.span.is_recording() {
             let at = self.now();
             self.span.add_event_with_timestamp(
-                "gen_ai.first_content",
+                "gen_ai.first_answer",
                 at,
-                vec![KeyValue::new("tokentap.ttfc_s", ttfc.as_secs_f64())],
+                vec![KeyValue::new("tokentap.ttfa_s", ttfa.as_secs_f64())],
             );
         }
     }
@@ -403,8 +404,27 @@ impl RequestSpan {
                 }
                 attributes.push(KeyValue::new("tokentap.ttft_s", ttft.as_secs_f64()));
             }
-            if let Some(ttfc) = figures.ttfc {
-                attributes.push(KeyValue::new("tokentap.ttfc_s", ttfc.as_secs_f64()));
+            if let Some(ttfa) = figures.ttfa {
+                attributes.push(KeyValue::new("tokentap.ttfa_s", ttfa.as_secs_f64()));
+            }
+            for (key, d) in [
+                ("tokentap.upstream.queue_s", figures.queue),
+                ("tokentap.upstream.prefill_s", figures.prefill),
+                ("tokentap.upstream.decode_s", figures.decode),
+                ("tokentap.ttft_outside_engine_s", figures.outside_engine),
+            ] {
+                if let Some(d) = d {
+                    attributes.push(KeyValue::new(key, d.as_secs_f64()));
+                }
+            }
+            if let Some(n) = figures.cached_prompt_tokens {
+                attributes.push(KeyValue::new("tokentap.cached_prompt_tokens", clamp(n)));
+            }
+            if let Some(reasoning) = figures.reasoning {
+                attributes.push(KeyValue::new(
+                    "tokentap.reasoning_s",
+                    reasoning.as_secs_f64(),
+                ));
             }
             if let Some(tpot) = figures.tpot {
                 attributes.push(KeyValue::new("tokentap.tpot_s", tpot.as_secs_f64()));

@@ -33,8 +33,25 @@ pub const TOKEN_BUCKETS: &[f64] = &[
 pub mod names {
     /// Histogram: time to first token event, seconds.
     pub const TTFT: &str = "tokentap_time_to_first_token_seconds";
-    /// Histogram: time to first token event with content, seconds.
-    pub const TTFC: &str = "tokentap_time_to_first_content_seconds";
+    /// Histogram: time to the first output event with answer text, seconds.
+    pub const TTFA: &str = "tokentap_time_to_first_answer_seconds";
+    /// Histogram: first reasoning to first answer of requests that reasoned, seconds.
+    pub const REASONING: &str = "tokentap_reasoning_time_seconds";
+    /// Histogram: the largest ITL of each request, seconds.
+    pub const MAX_ITL: &str = "tokentap_max_inter_token_latency_seconds";
+    /// Histogram: the upstream's queue time (vLLM `queue_time_ms`), seconds.
+    pub const QUEUE_TIME: &str = "tokentap_upstream_queue_time_seconds";
+    /// Histogram: the upstream's prefill time, seconds.
+    pub const PREFILL_TIME: &str = "tokentap_upstream_prefill_time_seconds";
+    /// Histogram: the upstream's decode time, seconds.
+    pub const DECODE_TIME: &str = "tokentap_upstream_decode_time_seconds";
+    /// Histogram: TTFT − queue − prefill, seconds.
+    pub const OUTSIDE_ENGINE: &str = "tokentap_time_to_first_token_outside_engine_seconds";
+    /// Counter: requests whose TTFT − queue − prefill came out negative (not recorded).
+    pub const OUTSIDE_ENGINE_NEGATIVE: &str =
+        "tokentap_time_to_first_token_outside_engine_negative_total";
+    /// Histogram: prompt tokens served from the prefix cache, per request.
+    pub const CACHED_PROMPT_TOKENS: &str = "tokentap_request_cached_prompt_tokens";
     /// Histogram: gap between consecutive token events of a choice, seconds.
     pub const ITL: &str = "tokentap_inter_token_latency_seconds";
     /// Histogram: time per output token after the first, seconds.
@@ -98,19 +115,67 @@ pub(super) fn describe<'a>(
     d(
         names::TTFT,
         s,
-        "Time from request arrival to the first token event handed to the client (vllm bench serve TTFT).",
+        "Time from request arrival to the first output event handed to the client (vllm bench serve TTFT).",
         'h',
     );
     d(
-        names::TTFC,
+        names::TTFA,
         s,
-        "Time from request arrival to the first token event with non-empty content, reasoning or tool calls.",
+        "Time from request arrival to the first output event with answer text (content), after any reasoning or tool calls.",
+        'h',
+    );
+    d(
+        names::REASONING,
+        s,
+        "Time from the first reasoning event to the first answer event, of requests that reasoned before answering.",
+        'h',
+    );
+    d(
+        names::QUEUE_TIME,
+        s,
+        "Time the request waited for a slot in the engine, as the upstream reports it (vLLM --enable-per-request-metrics queue_time_ms).",
+        'h',
+    );
+    d(
+        names::PREFILL_TIME,
+        s,
+        "Time the engine spent reading the prompt, as the upstream reports it (vLLM time_to_first_token_ms, llama.cpp prompt_ms).",
+        'h',
+    );
+    d(
+        names::DECODE_TIME,
+        s,
+        "Time the engine spent generating after the first token, as the upstream reports it (vLLM generation_time_ms, llama.cpp predicted_ms).",
+        'h',
+    );
+    d(
+        names::OUTSIDE_ENGINE,
+        s,
+        "TTFT minus the upstream's queue and prefill time: API server, network both ways and the proxy. Recorded when the upstream reports both.",
+        'h',
+    );
+    d(
+        names::OUTSIDE_ENGINE_NEGATIVE,
+        None,
+        "Requests whose TTFT minus the upstream's queue and prefill time came out negative (not recorded in the histogram).",
+        'c',
+    );
+    d(
+        names::CACHED_PROMPT_TOKENS,
+        None,
+        "Prompt tokens served from the prefix cache, per request (usage.prompt_tokens_details.cached_tokens, llama.cpp cache_n).",
+        'h',
+    );
+    d(
+        names::MAX_ITL,
+        s,
+        "Largest inter-token latency of each request that ended ok with at least one ITL sample: a stalled stream.",
         'h',
     );
     d(
         names::ITL,
         s,
-        "Gap between consecutive token events of a choice, one sample per chunk after the first (vllm bench serve ITL).",
+        "Gap between consecutive output events of a choice, one sample per chunk after the first (vllm bench serve ITL).",
         'h',
     );
     d(
@@ -122,7 +187,7 @@ pub(super) fn describe<'a>(
     d(
         names::E2EL,
         s,
-        "Time from request arrival to the last token event (last body byte for non-streaming) of requests that ended ok (vllm bench serve E2EL).",
+        "Time from request arrival to the last output event (last body byte for non-streaming) of requests that ended ok (vllm bench serve E2EL).",
         'h',
     );
     d(

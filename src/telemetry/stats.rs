@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::latency::Figures;
-use crate::report::{Distribution, ModelSummary};
+use crate::report::{BesideTtft, Distribution, ModelSummary};
 
 /// Number of slices a window is cut into.
 const SLICES: u32 = 10;
@@ -29,12 +29,23 @@ enum Figure {
     Tpot = 1,
     Itl = 2,
     E2el = 3,
+    Ttfa = 4,
+    Reasoning = 5,
+    MaxItl = 6,
+    Queue = 7,
+    Prefill = 8,
+    OutsideEngine = 9,
 }
+
+/// Figures a slice summarizes.
+const FIGURES: usize = 10;
 
 #[derive(Debug)]
 struct Slice {
     epoch: u64,
-    hist: [Histogram<u32>; 4],
+    /// One histogram per [`Figure`], made at its first sample: a model whose requests never
+    /// reason costs no reasoning histograms.
+    hist: [Option<Box<Histogram<u32>>>; FIGURES],
     requests: u64,
     input_tokens: u64,
     output_tokens: u64,
@@ -43,10 +54,9 @@ struct Slice {
 
 impl Slice {
     fn new() -> Slice {
-        let h = || Histogram::new_with_bounds(1, MAX_US, 2).expect("static HDR bounds are valid");
         Slice {
             epoch: u64::MAX,
-            hist: [h(), h(), h(), h()],
+            hist: Default::default(),
             requests: 0,
             input_tokens: 0,
             output_tokens: 0,
@@ -56,7 +66,7 @@ impl Slice {
 
     fn reset(&mut self, epoch: u64) {
         self.epoch = epoch;
-        self.hist.iter_mut().for_each(Histogram::reset);
+        self.hist.iter_mut().flatten().for_each(|h| h.reset());
         self.requests = 0;
         self.input_tokens = 0;
         self.output_tokens = 0;
@@ -128,7 +138,7 @@ impl ModelStats {
         }
         self.with_slice(now, |s| {
             for &us in &batch.us[..batch.len] {
-                record_us(&mut s.hist[Figure::Itl as usize], u64::from(us));
+                record_us(s.hist(Figure::Itl), u64::from(us));
             }
         });
         batch.len = 0;
@@ -141,13 +151,21 @@ impl ModelStats {
             s.input_tokens += f.prompt_tokens.unwrap_or(0);
             s.output_tokens += f.output_tokens.unwrap_or(0);
             s.first = Some(s.first.map_or(t0, |first| first.min(t0)));
-            if let Some(ttft) = f.ttft {
-                record(&mut s.hist[Figure::Ttft as usize], ttft);
+            for (figure, value) in [
+                (Figure::Ttft, f.ttft),
+                (Figure::Tpot, f.tpot),
+                (Figure::E2el, Some(f.e2el)),
+                (Figure::Ttfa, f.ttfa),
+                (Figure::Reasoning, f.reasoning),
+                (Figure::MaxItl, f.itl_max),
+                (Figure::Queue, f.queue),
+                (Figure::Prefill, f.prefill),
+                (Figure::OutsideEngine, f.outside_engine),
+            ] {
+                if let Some(value) = value {
+                    record(s.hist(figure), value);
+                }
             }
-            if let Some(tpot) = f.tpot {
-                record(&mut s.hist[Figure::Tpot as usize], tpot);
-            }
-            record(&mut s.hist[Figure::E2el as usize], f.e2el);
         });
     }
 
@@ -161,7 +179,7 @@ impl ModelStats {
         let requests: u64 = live.iter().map(|s| s.requests).sum();
         let itl_samples: u64 = live
             .iter()
-            .map(|s| s.hist[Figure::Itl as usize].len())
+            .map(|s| s.hist[Figure::Itl as usize].as_ref().map_or(0, |h| h.len()))
             .sum();
         if requests == 0 && itl_samples == 0 {
             return None;
@@ -169,14 +187,17 @@ impl ModelStats {
         let first = live.iter().filter_map(|s| s.first).min().unwrap_or(now);
         let duration = (now - first).as_secs_f64().max(1e-9);
         let figure = |f: Figure| {
-            let mut h = Histogram::<u32>::new_with_bounds(1, MAX_US, 2)
-                .expect("static HDR bounds are valid");
+            let mut h = new_histogram();
             for s in &live {
-                // Same bounds on both sides: adding cannot fail.
-                let _ = h.add(&s.hist[f as usize]);
+                if let Some(sh) = &s.hist[f as usize] {
+                    // Same bounds on both sides: adding cannot fail.
+                    let _ = h.add(&**sh);
+                }
             }
             distribution_of(&h, percentiles)
         };
+        // A figure beside TTFT is shown once it has a sample.
+        let beside = |f: Figure| Some(figure(f)).filter(|d| d.count > 0);
         let input: u64 = live.iter().map(|s| s.input_tokens).sum();
         let output: u64 = live.iter().map(|s| s.output_tokens).sum();
         Some(ModelSummary {
@@ -191,8 +212,27 @@ impl ModelStats {
             tpot_ms: figure(Figure::Tpot),
             itl_ms: figure(Figure::Itl),
             e2el_ms: figure(Figure::E2el),
+            beside_ttft: BesideTtft {
+                ttfa_ms: beside(Figure::Ttfa),
+                reasoning_ms: beside(Figure::Reasoning),
+                max_itl_ms: beside(Figure::MaxItl),
+                queue_ms: beside(Figure::Queue),
+                prefill_ms: beside(Figure::Prefill),
+                outside_engine_ms: beside(Figure::OutsideEngine),
+            },
         })
     }
+}
+
+impl Slice {
+    /// The histogram of `f`, made at its first sample.
+    fn hist(&mut self, f: Figure) -> &mut Histogram<u32> {
+        self.hist[f as usize].get_or_insert_with(|| Box::new(new_histogram()))
+    }
+}
+
+fn new_histogram() -> Histogram<u32> {
+    Histogram::new_with_bounds(1, MAX_US, 2).expect("static HDR bounds are valid")
 }
 
 fn record(h: &mut Histogram<u32>, d: Duration) {
@@ -342,5 +382,63 @@ mod tests {
         assert!(table.contains("P99 ITL (ms):"));
         advance(Duration::from_secs(101)).await;
         assert!(stats.report(Instant::now(), &[50.0]).models.is_empty());
+    }
+
+    /// Time to first answer, reasoning time, max ITL and where TTFT went are shown beside TTFT
+    /// once they have a sample, and not at all before.
+    #[tokio::test(start_paused = true)]
+    async fn figures_beside_ttft_show_once_sampled() {
+        let stats = Stats::new(Duration::from_secs(100));
+        let m = stats.model(&Arc::from("m"));
+        let t0 = Instant::now();
+        m.record_request(&figures(40, 140, 11), t0, Instant::now());
+        let r = stats.report(Instant::now(), &[50.0]);
+        assert_eq!(r.models["m"].beside_ttft, BesideTtft::default());
+        let table = crate::report::render_table("t", &r.models["m"], &[], &["ttft"]);
+        assert!(!table.contains("TTFA"), "{table}");
+
+        let mut f = figures(40, 140, 11);
+        f.ttfa = Some(Duration::from_millis(90));
+        f.reasoning = Some(Duration::from_millis(50));
+        f.itl_max = Some(Duration::from_millis(30));
+        f.queue = Some(Duration::from_millis(5));
+        f.prefill = Some(Duration::from_millis(25));
+        f.outside_engine = Some(Duration::from_millis(10));
+        m.record_request(&f, t0, Instant::now());
+        let r = stats.report(Instant::now(), &[50.0]);
+        let b = &r.models["m"].beside_ttft;
+        for (d, ms) in [
+            (&b.ttfa_ms, 90.0),
+            (&b.reasoning_ms, 50.0),
+            (&b.max_itl_ms, 30.0),
+            (&b.queue_ms, 5.0),
+            (&b.prefill_ms, 25.0),
+            (&b.outside_engine_ms, 10.0),
+        ] {
+            let d = d.as_ref().expect("sampled");
+            assert_eq!(d.count, 1);
+            assert!((d.mean - ms).abs() < ms * 0.01, "{} vs {ms}", d.mean);
+        }
+        let table = crate::report::render_table("t", &r.models["m"], &[], &["ttft"]);
+        for line in [
+            "Mean TTFT (ms):",
+            "Mean Queue (ms):",
+            "Median Prefill (ms):",
+            "Mean Outside (ms):",
+            "Mean TTFA (ms):",
+            "Mean Reasoning (ms):",
+            "P50 Max ITL (ms):",
+        ] {
+            assert!(table.contains(line), "{line} missing from\n{table}");
+        }
+        // Not asked for TTFT: nothing beside it either.
+        let table = crate::report::render_table("t", &r.models["m"], &[], &["itl"]);
+        assert!(
+            !table.contains("TTFA") && !table.contains("Queue"),
+            "{table}"
+        );
+        let json = serde_json::to_value(&r.models["m"]).unwrap();
+        assert_eq!(json["queue_ms"]["count"], 1);
+        assert!(json.get("decode_ms").is_none());
     }
 }
