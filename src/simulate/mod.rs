@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+mod chunks;
 mod config;
 mod fault;
 mod generate;

@@ -15,14 +15,12 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::EMIT_STAMP_FIELD;
+use super::chunks::{ChunkWriter, Pieces, RequestMetrics, StreamShape, Timings};
 use super::config::Flavor;
 use super::fault::{FAULT_HEADER, Faults};
 use super::generate::{Event, Generation};
 use super::metrics::{Shared, Tracker, render as render_metrics};
-use super::render::{
-    self, ChoiceText, ChunkWriter, DONE, FullResponse, Pieces, RequestMetrics, StreamShape,
-    Timings, Usage,
-};
+use super::render::{self, ChoiceText, DONE, FullResponse, Usage};
 use super::request::{
     self, ApiError, Endpoint, SALT_FAULTS, SALT_IDS, TokenKind, fnv1a, mix, request_rng,
     text_tokens,
