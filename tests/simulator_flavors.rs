@@ -755,3 +755,52 @@ fn flavor_settings_parse_and_name_their_errors() {
     assert!("sglang".parse::<Flavor>().unwrap_err().contains("sglang"));
     assert_eq!(Flavor::LlamaCpp.to_string(), "llama.cpp");
 }
+
+/// Through the proxy, a client gets every flavor's bytes unchanged: with its own
+/// `include_usage` the usage chunk with `metrics` / `timings` too, without it the same stream
+/// minus the usage chunk the proxy asked for and cut.
+#[tokio::test]
+async fn flavors_pass_through_the_proxy_unchanged() {
+    for flavor in [Flavor::Vllm, Flavor::LlamaCpp] {
+        let mut config = common::exact_sim(2.0, 1.0);
+        config.flavor = flavor;
+        config.request_metrics = true;
+        config.reasoning_tokens = 1;
+        let sim = common::sim(config).await;
+        let proxy = tokentap::start(common::proxy_config(&sim.base_url()))
+            .await
+            .unwrap();
+        let c = common::client();
+        let direct = sim.base_url();
+        let via = format!("http://{}", proxy.addr());
+        for body in [
+            chat(json!({"stream": true, "max_tokens": 4,
+                "stream_options": {"include_usage": true}})),
+            chat(json!({"stream": true, "max_tokens": 4})),
+        ] {
+            let a = common::post(&c, &format!("{direct}/v1/chat/completions"), &body).await;
+            let b = common::post(&c, &format!("{via}/v1/chat/completions"), &body).await;
+            assert_eq!(b.status, 200);
+            let a = String::from_utf8(a.body.to_vec()).unwrap();
+            let b = String::from_utf8(b.body.to_vec()).unwrap();
+            if flavor == Flavor::LlamaCpp && !body.contains("include_usage") {
+                // llama.cpp puts `timings` on the finish chunk without a usage chunk, and on
+                // the usage chunk (cut by the proxy) when usage was asked for.
+                assert!(
+                    a.contains("\"delta\":{}}],") && a.contains("\"timings\":"),
+                    "{a}"
+                );
+                assert!(
+                    !b.contains("\"timings\":") && !b.contains("\"usage\""),
+                    "{b}"
+                );
+                assert_eq!(b.matches("data: ").count(), a.matches("data: ").count());
+            } else {
+                assert_eq!(a, b, "{flavor}");
+            }
+            assert!(a.ends_with("data: [DONE]\n\n"));
+        }
+        proxy.shutdown().await;
+        sim.shutdown().await;
+    }
+}
