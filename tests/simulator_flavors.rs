@@ -392,6 +392,11 @@ async fn vllm_request_metrics_follow_the_timing_model_and_real_queueing() {
         "{text}"
     );
     assert_eq!(v["usage"]["completion_tokens"], 4);
+    // Without a reasoning model the message keeps vLLM's `reasoning_content: null`.
+    assert!(
+        text.contains("\"tool_calls\":[],\"reasoning_content\":null},\"logprobs\""),
+        "{text}"
+    );
     let (_, v) = full(
         &c,
         &sim,

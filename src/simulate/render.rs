@@ -249,6 +249,8 @@ pub(crate) struct FullResponse<'a> {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub reasoning_key: &'static str,
+    /// `reasoning_tokens` is set: the message names its reasoning field `reasoning_key`.
+    pub reasoning_on: bool,
     /// (function name, call id) of a tool-call response.
     pub tool: Option<(&'a str, &'a str)>,
     /// `Some` with `request_metrics` on: the metrics for `n = 1`, `None` (null) otherwise.
@@ -278,8 +280,9 @@ impl FullResponse<'_> {
                     .map(|(index, (text, finish_reason))| {
                         let answered = !text.reasoning.is_empty() || self.tool.is_some();
                         let reasoning = Some(non_empty(&text.reasoning));
+                        // Without a reasoning model, vLLM's message ends `"reasoning_content":null`.
                         let (reasoning, reasoning_content) = match self.reasoning_key {
-                            "reasoning" => (reasoning, None),
+                            "reasoning" if self.reasoning_on => (reasoning, None),
                             _ => (None, reasoning),
                         };
                         ChatChoice {

@@ -563,6 +563,7 @@ async fn generate(
         prompt_tokens: u64::from(plan.prompt_tokens),
         completion_tokens: completion,
         reasoning_key,
+        reasoning_on: plan.reasoning_tokens > 0,
         tool: tool.as_ref().map(|(name, id)| (name.as_str(), id.as_str())),
         metrics: shared
             .config
