@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use crate::bench::{self, BenchArgs};
 use crate::config::Config;
 use crate::report::{Distribution, ModelSummary, fmt_pct};
-use crate::simulate::{SimConfig, Simulator};
+use crate::simulate::{Flavor, SimConfig, Simulator};
 
 /// `tokentap demo` options.
 #[derive(Clone, Debug, clap::Args)]
@@ -27,6 +27,9 @@ pub struct DemoArgs {
     /// End after printing the comparison instead of serving until Ctrl-C.
     #[arg(long)]
     pub exit: bool,
+    /// Response shapes of the simulated server: `vllm` or `llama.cpp`.
+    #[arg(long, default_value_t = Flavor::Vllm)]
+    pub flavor: Flavor,
 }
 
 /// Percentiles the comparison shows.
@@ -37,7 +40,11 @@ pub async fn run(
     args: &DemoArgs,
     shutdown: impl Future<Output = ()>,
 ) -> Result<String, Box<dyn std::error::Error>> {
-    let sim = Simulator::start(SimConfig::default(), "127.0.0.1:0".parse()?).await?;
+    let sim_config = SimConfig {
+        flavor: args.flavor,
+        ..SimConfig::default()
+    };
+    let sim = Simulator::start(sim_config, "127.0.0.1:0".parse()?).await?;
     let model = SimConfig::default()
         .models
         .first()

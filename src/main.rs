@@ -64,6 +64,9 @@ enum Command {
         /// TOML file with simulator settings (timing model, models, faults).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Response shapes: `vllm` or `llama.cpp`; overrides `flavor` in the file [default: vllm].
+        #[arg(long)]
+        flavor: Option<tokentap::simulate::Flavor>,
     },
 }
 
@@ -155,6 +158,7 @@ fn main() -> ExitCode {
                 listen,
                 seed,
                 config,
+                flavor,
             } => {
                 let mut sim = match config {
                     Some(path) => tokentap::simulate::SimConfig::load(&path)?,
@@ -162,6 +166,9 @@ fn main() -> ExitCode {
                 };
                 if seed.is_some() {
                     sim.seed = seed;
+                }
+                if let Some(flavor) = flavor {
+                    sim.flavor = flavor;
                 }
                 tokentap::simulate::run(sim, listen, tokentap::shutdown_signal()).await?;
                 Ok(())

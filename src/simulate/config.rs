@@ -4,6 +4,74 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// Which server's response shapes the simulator speaks. The timing model is the same for
+/// both; only the bytes differ.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+pub enum Flavor {
+    /// vLLM's OpenAI server: pydantic field order, a `{"role":"assistant","content":""}` chunk
+    /// in the same write as the first token, `finish_reason` on the last token's chunk.
+    #[default]
+    #[serde(rename = "vllm")]
+    Vllm,
+    /// llama.cpp's `llama-server`: nlohmann field order (`choices` first), a
+    /// `{"role":"assistant","content":null}` chunk sent when the request gets its slot (before
+    /// the first token), a finish-only `{"delta":{}}` chunk at the end, and a `timings` object
+    /// beside `usage`.
+    #[serde(rename = "llama.cpp", alias = "llamacpp", alias = "llama-cpp")]
+    LlamaCpp,
+}
+
+impl Flavor {
+    /// The name used in config files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flavor::Vllm => "vllm",
+            Flavor::LlamaCpp => "llama.cpp",
+        }
+    }
+}
+
+impl std::fmt::Display for Flavor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Flavor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vllm" => Ok(Flavor::Vllm),
+            "llama.cpp" | "llamacpp" | "llama-cpp" => Ok(Flavor::LlamaCpp),
+            other => Err(format!(
+                "unknown flavor `{other}` (expected `vllm` or `llama.cpp`)"
+            )),
+        }
+    }
+}
+
+/// The delta field reasoning text goes in.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum ReasoningField {
+    /// `reasoning`: vLLM 0.10 and later.
+    #[serde(rename = "reasoning")]
+    Reasoning,
+    /// `reasoning_content`: older vLLM, llama.cpp, DeepSeek, SGLang.
+    #[serde(rename = "reasoning_content")]
+    ReasoningContent,
+}
+
+impl ReasoningField {
+    /// The JSON key.
+    pub fn key(self) -> &'static str {
+        match self {
+            ReasoningField::Reasoning => "reasoning",
+            ReasoningField::ReasoningContent => "reasoning_content",
+        }
+    }
+}
+
 /// Everything the simulator can be told. Every field has a default, so an empty file is valid.
 ///
 /// The defaults describe a single-GPU deployment of a 7B–32B model: about 25 ms + 50 ms per
@@ -38,6 +106,25 @@ pub struct SimConfig {
     /// subtracts it from its own receive time. Off by default, because it changes the bytes
     /// (and makes seeded responses differ between runs). Default: false.
     pub stamp_emit_time: bool,
+    /// Whose response shapes to speak: `"vllm"` or `"llama.cpp"` (`--flavor`). Default: `"vllm"`.
+    pub flavor: Flavor,
+    /// A reasoning model: the first `reasoning_tokens` tokens of every chat choice are reasoning
+    /// deltas (`reasoning_field`), the rest content. They count in `completion_tokens`, and in
+    /// the timing model like any token. 0 = no reasoning. Default: 0.
+    pub reasoning_tokens: u32,
+    /// Delta field of reasoning text. Default: `"reasoning"` for vLLM (its name since 0.10),
+    /// `"reasoning_content"` for llama.cpp.
+    pub reasoning_field: Option<ReasoningField>,
+    /// Answer every chat request with one tool call instead of content: the first token is a
+    /// `tool_calls` delta with the call's id, type and function name (the request's first
+    /// `tools[].function.name`, else `"get_weather"`), every later token an argument fragment;
+    /// a choice that stops ends with `finish_reason: "tool_calls"`. Default: false.
+    pub tool_calls: bool,
+    /// Like vLLM's `--enable-per-request-metrics`: a `metrics` object (`time_to_first_token_ms`,
+    /// `generation_time_ms`, `queue_time_ms`, `mean_itl_ms`, `tokens_per_second`) beside `usage`
+    /// in the final usage chunk and in non-streaming bodies, from the timing model, for `n = 1`.
+    /// Default: false.
+    pub request_metrics: bool,
 }
 
 impl Default for SimConfig {
@@ -52,7 +139,24 @@ impl Default for SimConfig {
             output: OutputConfig::default(),
             faults: FaultRates::default(),
             stamp_emit_time: false,
+            flavor: Flavor::Vllm,
+            reasoning_tokens: 0,
+            reasoning_field: None,
+            tool_calls: false,
+            request_metrics: false,
         }
+    }
+}
+
+impl SimConfig {
+    /// The reasoning delta field in effect: `reasoning_field`, or the flavor's own name.
+    pub fn reasoning_key(&self) -> &'static str {
+        self.reasoning_field
+            .unwrap_or(match self.flavor {
+                Flavor::Vllm => ReasoningField::Reasoning,
+                Flavor::LlamaCpp => ReasoningField::ReasoningContent,
+            })
+            .key()
     }
 }
 

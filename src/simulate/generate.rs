@@ -17,7 +17,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::fault::Faults;
 use super::metrics::{Shared, WaitingGuard};
-use super::request::{Finish, GenPlan, SALT_TEXT, SALT_TIME, request_rng};
+use super::request::{GenPlan, SALT_TEXT, SALT_TIME, TokenKind, request_rng};
 use super::words::{WORDS, is_punctuation};
 
 type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
@@ -25,6 +25,8 @@ type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireE
 /// What the engine produced at a deadline.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Event {
+    /// The request got its sequence slot and prefill started (only with `announce_start`).
+    Started,
     /// Tokens of these steps (per choice; a choice shorter than the range has fewer).
     Tokens(RangeInclusive<u32>),
     /// An injected in-band error, where this step's tokens would have been.
@@ -65,6 +67,25 @@ pub(crate) struct Generation {
     max_len: u32,
     /// Whether step 0 has been sent (for TTFT).
     pub first_sent_at: Option<Instant>,
+    /// Return [`Event::Started`] when the slot is acquired.
+    announce_start: bool,
+    /// Engine-side instants (the schedule's deadlines, not the poll times): slot acquired,
+    /// first token produced, latest token produced.
+    scheduled_at: Option<Instant>,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+}
+
+/// Where one request's time went inside the simulated engine, from its own schedule: what
+/// vLLM's per-request `metrics` and llama.cpp's `timings` report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct EngineTimes {
+    /// Arrival (after any header delay) to getting a sequence slot.
+    pub queue: Duration,
+    /// Slot to first token: the prefill.
+    pub prefill: Duration,
+    /// First token to the latest token.
+    pub decode: Duration,
 }
 
 fn duration_ms(ms: f64) -> Duration {
@@ -92,7 +113,30 @@ impl Generation {
             armed: None,
             max_len,
             first_sent_at: None,
+            announce_start: false,
+            scheduled_at: None,
+            first_token_at: None,
+            last_token_at: None,
         }
+    }
+
+    /// Makes `poll_event` return [`Event::Started`] once, when the request gets its slot
+    /// (llama.cpp sends its role chunk then).
+    pub fn announce_start(mut self) -> Generation {
+        self.announce_start = true;
+        self
+    }
+
+    /// The engine's view of this request so far, once its first token is out.
+    pub fn engine_times(&self) -> Option<EngineTimes> {
+        let scheduled = self.scheduled_at?;
+        let first = self.first_token_at?;
+        let last = self.last_token_at.unwrap_or(first);
+        Some(EngineTimes {
+            queue: scheduled.saturating_duration_since(self.origin),
+            prefill: first.saturating_duration_since(scheduled),
+            decode: last.saturating_duration_since(first),
+        })
     }
 
     fn jitter(&mut self) -> f64 {
@@ -188,8 +232,12 @@ impl Generation {
                             / 1000.0;
                     let ms = prefill_ms * self.jitter();
                     self.deadline = start + duration_ms(ms) + self.stall_before(0);
+                    self.scheduled_at = Some(start);
                     self.phase = Phase::Prefill;
                     self.sleep.as_mut().reset(self.deadline);
+                    if self.announce_start {
+                        return Poll::Ready(Event::Started);
+                    }
                 }
                 Phase::Prefill => {
                     ready!(self.sleep.as_mut().poll(cx));
@@ -236,7 +284,9 @@ impl Generation {
         }
         if from == 0 && self.first_sent_at.is_none() {
             self.first_sent_at = Some(Instant::now());
+            self.first_token_at = Some(self.deadline);
         }
+        self.last_token_at = Some(self.deadline);
         self.next = e + 1;
         let tokens: u64 = self
             .plan
@@ -262,14 +312,34 @@ impl Generation {
         self.waiting = None;
     }
 
-    /// Appends the text of `choice`'s token at `step` (the end-of-sequence token is empty).
+    /// Appends the text of `choice`'s token at `step`: a word for content and reasoning, a
+    /// piece of `{"query": "..."}` for tool-call arguments (unescaped), nothing for the
+    /// end-of-sequence token and the tool call's opening token.
     pub fn push_token_text(&mut self, choice: usize, step: u32, out: &mut Vec<u8>) {
-        let len = self.plan.lengths[choice];
-        if step + 1 == len && self.plan.finish[choice] == Finish::Stop {
+        let kind = self.plan.kind(choice, step);
+        if matches!(kind, TokenKind::Eos | TokenKind::ToolStart) {
             return;
         }
         let word = WORDS[self.text_rng.random_range(0..WORDS.len())];
-        if step > 0 && !is_punctuation(word) {
+        if kind == TokenKind::ToolArgs {
+            if step == 1 {
+                out.extend_from_slice(b"{\"query\": \"");
+            } else {
+                out.push(b' ');
+            }
+            out.extend_from_slice(word.as_bytes());
+            if step + 1 == self.plan.lengths[choice]
+                || self.plan.kind(choice, step + 1) != TokenKind::ToolArgs
+            {
+                out.extend_from_slice(b"\"}");
+            }
+            return;
+        }
+        // The first word of the answer after reasoning starts without a space, like the first
+        // word of the reasoning.
+        let starts =
+            step == 0 || (kind == TokenKind::Content && step == self.plan.reasoning_tokens);
+        if !starts && !is_punctuation(word) {
             out.push(b' ');
         }
         out.extend_from_slice(word.as_bytes());

@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+mod chunks;
 mod config;
 mod fault;
 mod generate;
@@ -38,7 +39,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
-pub use config::{FaultRates, OutputConfig, SimConfig, SimConfigError, TimingConfig};
+pub use config::{
+    FaultRates, Flavor, OutputConfig, ReasoningField, SimConfig, SimConfigError, TimingConfig,
+};
 pub use fault::{FAULT_HEADER, FaultParseError, Faults};
 pub use service::{SimAbort, SimBody};
 

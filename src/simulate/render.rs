@@ -1,128 +1,12 @@
-//! Response bytes, shaped and ordered like vLLM's: stream chunks are written like pydantic's
-//! `model_dump_json(exclude_unset=True)` (compact, fields in model order), full responses like
-//! FastAPI's `JSONResponse(model.model_dump())`, in-band errors like `json.dumps` (spaces).
+//! Whole response bodies, shaped and ordered like the flavor's server: vLLM's full responses
+//! like FastAPI's `JSONResponse(model.model_dump())`, llama.cpp's in nlohmann's insertion order,
+//! in-band errors like `json.dumps` (spaces). Stream chunks are in [`super::chunks`].
 
 use serde::Serialize;
 
-use super::request::{ApiError, Endpoint, Finish};
-
-/// Writes the chunks of one stream. The constant head of every chunk is serialized once.
-pub(crate) struct ChunkWriter {
-    /// `data: {"id":...,"object":...,"created":...,"model":...,"choices":[`
-    head: Vec<u8>,
-    endpoint: Endpoint,
-    prompt_tokens: u32,
-}
-
-fn push_num(out: &mut Vec<u8>, n: impl std::fmt::Display) {
-    use std::io::Write as _;
-    let _ = write!(out, "{n}");
-}
-
-impl ChunkWriter {
-    pub fn new(
-        endpoint: Endpoint,
-        id: &str,
-        created: u64,
-        model: &str,
-        prompt_tokens: u32,
-    ) -> Self {
-        let object = match endpoint {
-            Endpoint::Chat => "chat.completion.chunk",
-            Endpoint::Completions => "text_completion",
-        };
-        let mut head = Vec::with_capacity(128 + model.len());
-        head.extend_from_slice(b"data: {\"id\":");
-        let _ = serde_json::to_writer(&mut head, id);
-        head.extend_from_slice(b",\"object\":\"");
-        head.extend_from_slice(object.as_bytes());
-        head.extend_from_slice(b"\",\"created\":");
-        push_num(&mut head, created);
-        head.extend_from_slice(b",\"model\":");
-        let _ = serde_json::to_writer(&mut head, model);
-        head.extend_from_slice(b",\"choices\":[");
-        ChunkWriter {
-            head,
-            endpoint,
-            prompt_tokens,
-        }
-    }
-
-    fn usage(&self, out: &mut Vec<u8>, completion: u64) {
-        let prompt = u64::from(self.prompt_tokens);
-        out.extend_from_slice(b"\"usage\":{\"prompt_tokens\":");
-        push_num(out, prompt);
-        out.extend_from_slice(b",\"total_tokens\":");
-        push_num(out, prompt + completion);
-        out.extend_from_slice(b",\"completion_tokens\":");
-        push_num(out, completion);
-        out.push(b'}');
-    }
-
-    fn end(&self, out: &mut Vec<u8>, usage: Option<u64>) {
-        out.push(b']');
-        if let Some(completion) = usage {
-            out.push(b',');
-            self.usage(out, completion);
-        }
-        out.extend_from_slice(b"}\n\n");
-    }
-
-    /// The first chunk of a chat choice: `delta: {"role":"assistant","content":""}`.
-    pub fn role(&self, out: &mut Vec<u8>, index: usize, usage: bool) {
-        out.extend_from_slice(&self.head);
-        out.extend_from_slice(b"{\"index\":");
-        push_num(out, index);
-        out.extend_from_slice(
-            b",\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,\"finish_reason\":null}",
-        );
-        self.end(out, usage.then_some(0));
-    }
-
-    /// A chunk with the text of one or more tokens of one choice; `finish` on its last.
-    /// `usage` is the choice's cumulative completion tokens (continuous usage stats).
-    pub fn tokens(
-        &self,
-        out: &mut Vec<u8>,
-        index: usize,
-        text: &[u8],
-        finish: Option<Finish>,
-        usage: Option<u64>,
-    ) {
-        out.extend_from_slice(&self.head);
-        out.extend_from_slice(b"{\"index\":");
-        push_num(out, index);
-        match self.endpoint {
-            Endpoint::Chat => out.extend_from_slice(b",\"delta\":{\"content\":\""),
-            Endpoint::Completions => out.extend_from_slice(b",\"text\":\""),
-        }
-        out.extend_from_slice(text);
-        match self.endpoint {
-            Endpoint::Chat => out.extend_from_slice(b"\"}"),
-            Endpoint::Completions => out.push(b'"'),
-        }
-        out.extend_from_slice(b",\"logprobs\":null,\"finish_reason\":");
-        match finish {
-            Some(f) => {
-                out.push(b'"');
-                out.extend_from_slice(f.as_str().as_bytes());
-                out.extend_from_slice(b"\",\"stop_reason\":null}");
-            }
-            // Completions set `stop_reason` on every chunk, chat only on the last.
-            None if self.endpoint == Endpoint::Completions => {
-                out.extend_from_slice(b"null,\"stop_reason\":null}")
-            }
-            None => out.extend_from_slice(b"null}"),
-        }
-        self.end(out, usage);
-    }
-
-    /// The usage-only chunk sent after the last token when `include_usage` is on.
-    pub fn usage_chunk(&self, out: &mut Vec<u8>, completion: u64) {
-        out.extend_from_slice(&self.head);
-        self.end(out, Some(completion));
-    }
-}
+use super::chunks::{LLAMA_CPP_FINGERPRINT, RequestMetrics, Timings};
+use super::config::Flavor;
+use super::request::{ApiError, Endpoint};
 
 /// The end of every stream.
 pub(crate) const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -182,16 +66,42 @@ impl Usage {
     }
 }
 
+/// llama.cpp's `usage`: completion, prompt, total.
+#[derive(Serialize)]
+struct LlamaUsage {
+    completion_tokens: u64,
+    prompt_tokens: u64,
+    total_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct VllmFunction<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
+#[derive(Serialize)]
+struct VllmToolCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: VllmFunction<'a>,
+}
+
 #[derive(Serialize)]
 struct ChatMessage<'a> {
     role: &'static str,
-    content: &'a str,
+    content: Option<&'a str>,
     refusal: Option<()>,
     annotations: Option<()>,
     audio: Option<()>,
     function_call: Option<()>,
-    tool_calls: [(); 0],
-    reasoning_content: Option<()>,
+    tool_calls: Vec<VllmToolCall<'a>>,
+    /// Exactly one of these two is written: the configured reasoning field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<Option<&'a str>>,
 }
 
 #[derive(Serialize)]
@@ -215,6 +125,9 @@ struct ChatResponse<'a> {
     usage: Usage,
     prompt_logprobs: Option<()>,
     kv_transfer_params: Option<()>,
+    /// Only with `request_metrics`: the object for `n = 1`, `null` otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<Option<RequestMetrics>>,
 }
 
 #[derive(Serialize)]
@@ -238,79 +151,265 @@ struct CompletionResponse<'a> {
     system_fingerprint: Option<()>,
     usage: Usage,
     kv_transfer_params: Option<()>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<Option<RequestMetrics>>,
+}
+
+#[derive(Serialize)]
+struct LlamaFunction<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
+/// llama.cpp's tool call in a message: type, function, id.
+#[derive(Serialize)]
+struct LlamaToolCall<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: LlamaFunction<'a>,
+    id: &'a str,
+}
+
+#[derive(Serialize)]
+struct LlamaMessage<'a> {
+    role: &'static str,
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<[LlamaToolCall<'a>; 1]>,
+}
+
+#[derive(Serialize)]
+struct LlamaChatChoice<'a> {
+    finish_reason: &'static str,
+    index: usize,
+    message: LlamaMessage<'a>,
+}
+
+#[derive(Serialize)]
+struct LlamaCompletionChoice<'a> {
+    text: &'a str,
+    index: usize,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+/// llama.cpp's response: choices, created, model, system_fingerprint, object, usage, id,
+/// timings.
+#[derive(Serialize)]
+struct LlamaResponse<C> {
+    choices: Vec<C>,
+    created: u64,
+    model: String,
+    system_fingerprint: &'static str,
+    object: &'static str,
+    usage: LlamaUsage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<Option<RequestMetrics>>,
+    id: String,
+    timings: Option<Timings>,
+}
+
+impl LlamaResponse<()> {
+    fn with<C>(self, choices: Vec<C>) -> LlamaResponse<C> {
+        LlamaResponse {
+            choices,
+            created: self.created,
+            model: self.model,
+            system_fingerprint: self.system_fingerprint,
+            object: self.object,
+            usage: self.usage,
+            metrics: self.metrics,
+            id: self.id,
+            timings: self.timings,
+        }
+    }
+}
+
+/// The generated text of one choice of a full response.
+#[derive(Debug, Default)]
+pub(crate) struct ChoiceText {
+    pub content: String,
+    pub reasoning: String,
+    pub args: String,
 }
 
 /// The whole non-streaming response of a chat or completions request.
 pub(crate) struct FullResponse<'a> {
+    pub flavor: Flavor,
     pub endpoint: Endpoint,
     pub id: &'a str,
     pub created: u64,
     pub model: &'a str,
-    pub texts: &'a [String],
-    pub finish: &'a [Finish],
-    pub usage: Usage,
+    pub choices: &'a [ChoiceText],
+    pub finish: &'a [&'static str],
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub reasoning_key: &'static str,
+    /// `reasoning_tokens` is set: the message names its reasoning field `reasoning_key`.
+    pub reasoning_on: bool,
+    /// (function name, call id) of a tool-call response.
+    pub tool: Option<(&'a str, &'a str)>,
+    /// `Some` with `request_metrics` on: the metrics for `n = 1`, `None` (null) otherwise.
+    pub metrics: Option<Option<RequestMetrics>>,
+    /// llama.cpp's `timings`.
+    pub timings: Option<Timings>,
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
 }
 
 impl FullResponse<'_> {
     pub fn into_json(self) -> Vec<u8> {
-        let result = match self.endpoint {
-            Endpoint::Chat => serde_json::to_vec(&ChatResponse {
+        let finishes = self
+            .choices
+            .iter()
+            .zip(self.finish.iter().copied())
+            .enumerate();
+        let result = match (self.flavor, self.endpoint) {
+            (Flavor::Vllm, Endpoint::Chat) => serde_json::to_vec(&ChatResponse {
                 id: self.id,
                 object: "chat.completion",
                 created: self.created,
                 model: self.model,
-                choices: self
-                    .texts
-                    .iter()
-                    .zip(self.finish)
-                    .enumerate()
-                    .map(|(index, (text, finish))| ChatChoice {
-                        index,
-                        message: ChatMessage {
-                            role: "assistant",
-                            content: text,
-                            refusal: None,
-                            annotations: None,
-                            audio: None,
-                            function_call: None,
-                            tool_calls: [],
-                            reasoning_content: None,
-                        },
-                        logprobs: None,
-                        finish_reason: finish.as_str(),
-                        stop_reason: None,
+                choices: finishes
+                    .map(|(index, (text, finish_reason))| {
+                        let answered = !text.reasoning.is_empty() || self.tool.is_some();
+                        let reasoning = Some(non_empty(&text.reasoning));
+                        // Without a reasoning model, vLLM's message ends `"reasoning_content":null`.
+                        let (reasoning, reasoning_content) = match self.reasoning_key {
+                            "reasoning" if self.reasoning_on => (reasoning, None),
+                            _ => (None, reasoning),
+                        };
+                        ChatChoice {
+                            index,
+                            message: ChatMessage {
+                                role: "assistant",
+                                // With a reasoning or tool parser, no answer text is null.
+                                content: if answered {
+                                    non_empty(&text.content)
+                                } else {
+                                    Some(&text.content)
+                                },
+                                refusal: None,
+                                annotations: None,
+                                audio: None,
+                                function_call: None,
+                                tool_calls: self
+                                    .tool
+                                    .map(|(name, id)| VllmToolCall {
+                                        id,
+                                        kind: "function",
+                                        function: VllmFunction {
+                                            name,
+                                            arguments: &text.args,
+                                        },
+                                    })
+                                    .into_iter()
+                                    .collect(),
+                                reasoning,
+                                reasoning_content,
+                            },
+                            logprobs: None,
+                            finish_reason,
+                            stop_reason: None,
+                        }
                     })
                     .collect(),
                 service_tier: None,
                 system_fingerprint: None,
-                usage: self.usage,
+                usage: Usage::new(self.prompt_tokens, self.completion_tokens),
                 prompt_logprobs: None,
                 kv_transfer_params: None,
+                metrics: self.metrics,
             }),
-            Endpoint::Completions => serde_json::to_vec(&CompletionResponse {
+            (Flavor::Vllm, Endpoint::Completions) => serde_json::to_vec(&CompletionResponse {
                 id: self.id,
                 object: "text_completion",
                 created: self.created,
                 model: self.model,
-                choices: self
-                    .texts
-                    .iter()
-                    .zip(self.finish)
-                    .enumerate()
-                    .map(|(index, (text, finish))| CompletionChoice {
+                choices: finishes
+                    .map(|(index, (text, finish_reason))| CompletionChoice {
                         index,
-                        text,
+                        text: &text.content,
                         logprobs: None,
-                        finish_reason: finish.as_str(),
+                        finish_reason,
                         stop_reason: None,
                         prompt_logprobs: None,
                     })
                     .collect(),
                 service_tier: None,
                 system_fingerprint: None,
-                usage: self.usage,
+                usage: Usage::new(self.prompt_tokens, self.completion_tokens),
                 kv_transfer_params: None,
+                metrics: self.metrics,
             }),
+            (Flavor::LlamaCpp, endpoint) => {
+                let usage = LlamaUsage {
+                    completion_tokens: self.completion_tokens,
+                    prompt_tokens: self.prompt_tokens,
+                    total_tokens: self.prompt_tokens + self.completion_tokens,
+                };
+                let common = |object| LlamaResponse::<()> {
+                    choices: Vec::new(),
+                    created: self.created,
+                    model: self.model.to_owned(),
+                    system_fingerprint: LLAMA_CPP_FINGERPRINT,
+                    object,
+                    usage,
+                    metrics: self.metrics,
+                    id: self.id.to_owned(),
+                    timings: self.timings,
+                };
+                if endpoint == Endpoint::Chat {
+                    let r = common("chat.completion");
+                    let choices: Vec<LlamaChatChoice<'_>> = finishes
+                        .map(|(index, (text, finish_reason))| {
+                            let reasoning = non_empty(&text.reasoning);
+                            let (reasoning, reasoning_content) = match self.reasoning_key {
+                                "reasoning" => (reasoning, None),
+                                _ => (None, reasoning),
+                            };
+                            LlamaChatChoice {
+                                finish_reason,
+                                index,
+                                message: LlamaMessage {
+                                    role: "assistant",
+                                    content: non_empty(&text.content),
+                                    reasoning,
+                                    reasoning_content,
+                                    tool_calls: self.tool.map(|(name, id)| {
+                                        [LlamaToolCall {
+                                            kind: "function",
+                                            function: LlamaFunction {
+                                                name,
+                                                arguments: &text.args,
+                                            },
+                                            id,
+                                        }]
+                                    }),
+                                },
+                            }
+                        })
+                        .collect();
+                    serde_json::to_vec(&r.with(choices))
+                } else {
+                    let r = common("text_completion");
+                    let choices: Vec<LlamaCompletionChoice<'_>> = finishes
+                        .map(|(index, (text, finish_reason))| LlamaCompletionChoice {
+                            text: &text.content,
+                            index,
+                            logprobs: None,
+                            finish_reason,
+                        })
+                        .collect();
+                    serde_json::to_vec(&r.with(choices))
+                }
+            }
         };
         result.unwrap_or_default()
     }

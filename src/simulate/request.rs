@@ -78,9 +78,53 @@ pub(crate) struct GenPlan {
     pub finish: Vec<Finish>,
     /// Hash of the request content (without `stream_options`): seeds the random streams.
     pub content_hash: u64,
+    /// Chat only, with `tool_calls` on: the function every choice calls.
+    pub tool_name: Option<String>,
+    /// Chat only: leading tokens of every choice that are reasoning, not content.
+    pub reasoning_tokens: u32,
+}
+
+/// What one token of a choice is, for the delta it goes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TokenKind {
+    /// Ordinary text.
+    Content,
+    /// Reasoning text (a `reasoning` / `reasoning_content` delta).
+    Reasoning,
+    /// The tool call's opening delta: id, type and function name.
+    ToolStart,
+    /// A fragment of the tool call's arguments.
+    ToolArgs,
+    /// The end-of-sequence token: no text.
+    Eos,
 }
 
 impl GenPlan {
+    /// The kind of `choice`'s token at `step`.
+    pub fn kind(&self, choice: usize, step: u32) -> TokenKind {
+        if step + 1 == self.lengths[choice] && self.finish[choice] == Finish::Stop {
+            TokenKind::Eos
+        } else if self.tool_name.is_some() {
+            if step == 0 {
+                TokenKind::ToolStart
+            } else {
+                TokenKind::ToolArgs
+            }
+        } else if step < self.reasoning_tokens {
+            TokenKind::Reasoning
+        } else {
+            TokenKind::Content
+        }
+    }
+
+    /// `finish_reason` of `choice`: a tool call that stops says `"tool_calls"`.
+    pub fn finish_reason(&self, choice: usize) -> &'static str {
+        match self.finish[choice] {
+            Finish::Stop if self.tool_name.is_some() => "tool_calls",
+            f => f.as_str(),
+        }
+    }
+
     pub fn n(&self) -> usize {
         self.lengths.len()
     }
@@ -317,6 +361,22 @@ pub(crate) fn plan(
         }
     };
 
+    let tool_name = (endpoint == Endpoint::Chat && config.tool_calls).then(|| {
+        obj.get("tools")
+            .and_then(Value::as_array)
+            .and_then(|tools| tools.first())
+            .and_then(|t| t.get("function"))
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .filter(|name| !name.is_empty())
+            .unwrap_or("get_weather")
+            .to_owned()
+    });
+    let reasoning_tokens = match endpoint {
+        Endpoint::Chat => config.reasoning_tokens,
+        Endpoint::Completions => 0,
+    };
+
     // The content hash ignores `stream_options`: a proxy that adds `include_usage` must get
     // the same ids, text and timings as a direct request.
     obj.remove("stream_options");
@@ -358,6 +418,8 @@ pub(crate) fn plan(
         lengths,
         finish,
         content_hash,
+        tool_name,
+        reasoning_tokens,
     })
 }
 

@@ -15,12 +15,15 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::EMIT_STAMP_FIELD;
+use super::chunks::{ChunkWriter, Pieces, RequestMetrics, StreamShape, Timings};
+use super::config::Flavor;
 use super::fault::{FAULT_HEADER, Faults};
 use super::generate::{Event, Generation};
 use super::metrics::{Shared, Tracker, render as render_metrics};
-use super::render::{self, ChunkWriter, DONE, FullResponse, Usage};
+use super::render::{self, ChoiceText, DONE, FullResponse, Usage};
 use super::request::{
-    self, ApiError, Endpoint, SALT_FAULTS, SALT_IDS, fnv1a, mix, request_rng, text_tokens,
+    self, ApiError, Endpoint, SALT_FAULTS, SALT_IDS, TokenKind, fnv1a, mix, request_rng,
+    text_tokens,
 };
 
 /// Largest request body read (larger ones get 413).
@@ -55,28 +58,71 @@ struct StreamBody {
     generation: Generation,
     writer: ChunkWriter,
     tracker: Tracker,
-    scratch: Vec<u8>,
+    pieces: Pieces,
     ended: bool,
     /// When the previous token chunk went out (for `vllm:inter_token_latency_seconds`).
     last_tokens: Option<Instant>,
 }
 
+/// Appends the text of `choice`'s token at `step` to the piece its kind goes in.
+fn push_piece(generation: &mut Generation, choice: usize, step: u32, pieces: &mut Pieces) {
+    match generation.plan.kind(choice, step) {
+        TokenKind::Content | TokenKind::Eos => {
+            generation.push_token_text(choice, step, &mut pieces.content)
+        }
+        TokenKind::Reasoning => generation.push_token_text(choice, step, &mut pieces.reasoning),
+        TokenKind::ToolStart => pieces.tool_start = true,
+        TokenKind::ToolArgs => generation.push_token_text(choice, step, &mut pieces.args),
+    }
+}
+
+/// vLLM's per-request `metrics`, when `request_metrics` is on and the request has one choice
+/// (vLLM cannot attribute its stats to one of several).
+fn request_metrics(shared: &Shared, generation: &Generation) -> Option<RequestMetrics> {
+    let plan = &generation.plan;
+    if !shared.config.request_metrics || plan.n() != 1 {
+        return None;
+    }
+    let tokens = plan.lengths.iter().map(|&l| u64::from(l)).sum();
+    Some(RequestMetrics::new(generation.engine_times()?, tokens))
+}
+
+/// llama.cpp's `timings`, for the llama.cpp flavor.
+fn timings(shared: &Shared, generation: &Generation) -> Option<Timings> {
+    if shared.config.flavor != Flavor::LlamaCpp {
+        return None;
+    }
+    let plan = &generation.plan;
+    let tokens = plan.lengths.iter().map(|&l| u64::from(l)).sum();
+    Some(Timings::new(
+        generation.engine_times()?,
+        u64::from(plan.prompt_tokens),
+        tokens,
+    ))
+}
+
 impl StreamBody {
     fn tokens(&mut self, steps: std::ops::RangeInclusive<u32>) -> Vec<u8> {
         let (from, to) = (*steps.start(), *steps.end());
+        let shared = self.tracker.shared().clone();
+        let flavor = shared.config.flavor;
         let plan = &self.generation.plan;
         let n = plan.n();
         let chat = plan.endpoint == Endpoint::Chat;
-        let continuous = plan.continuous_usage;
-        let mut out = Vec::with_capacity(n * (self.scratch.capacity().max(64) + 256));
+        let continuous = plan.continuous_usage && flavor == Flavor::Vllm;
+        let include_usage = plan.include_usage;
+        let max_len = plan.max_len();
+        // The choice whose end ends the response: llama.cpp puts `timings` on its last chunk.
+        let last_choice = (0..n).rev().find(|&i| plan.lengths[i] == max_len);
+        let mut out = Vec::with_capacity(n * 320);
         let now = Instant::now();
         if let Some(previous) = self.last_tokens.replace(now) {
-            self.tracker.shared().counters.itl.observe(now - previous);
+            shared.counters.itl.observe(now - previous);
         }
         if from == 0 {
             let ttft = Instant::now() - self.generation.origin();
-            self.tracker.shared().counters.observe_ttft(ttft);
-            if chat {
+            shared.counters.observe_ttft(ttft);
+            if chat && flavor == Flavor::Vllm {
                 for i in 0..n {
                     self.writer.role(&mut out, i, continuous);
                 }
@@ -88,15 +134,59 @@ impl StreamBody {
                 continue;
             }
             let last = to.min(len - 1);
-            self.scratch.clear();
+            self.pieces.clear();
             for step in from..=last {
-                self.generation.push_token_text(i, step, &mut self.scratch);
+                push_piece(&mut self.generation, i, step, &mut self.pieces);
             }
-            let finish = (last + 1 == len).then(|| self.generation.plan.finish[i]);
+            let plan = &self.generation.plan;
+            let finish = (last + 1 == len).then(|| plan.finish_reason(i));
             let usage = continuous.then(|| u64::from(self.generation.produced(i, last)));
-            self.writer
-                .tokens(&mut out, i, &self.scratch, finish, usage);
+            let ends_response = finish.is_some() && Some(i) == last_choice;
+            let final_timings = ends_response
+                .then(|| timings(&shared, &self.generation))
+                .flatten();
+            if flavor == Flavor::LlamaCpp && !chat {
+                self.writer
+                    .tokens(&mut out, i, &self.pieces, None, None, None);
+                if let Some(f) = finish {
+                    let metrics = ends_response
+                        .then(|| request_metrics(&shared, &self.generation))
+                        .flatten();
+                    self.writer.completion_final(
+                        &mut out,
+                        i,
+                        f,
+                        u64::from(len),
+                        metrics.as_ref(),
+                        final_timings.as_ref(),
+                    );
+                }
+            } else {
+                let on_finish = if include_usage { None } else { final_timings };
+                self.writer
+                    .tokens(&mut out, i, &self.pieces, finish, usage, on_finish.as_ref());
+            }
         }
+        out
+    }
+
+    /// The usage chunk (with `include_usage`) and `[DONE]`.
+    fn end(&mut self) -> Vec<u8> {
+        let shared = self.tracker.shared().clone();
+        let plan = &self.generation.plan;
+        let mut out = Vec::with_capacity(512);
+        // llama.cpp's completions carry usage in their last chunk instead.
+        let usage_chunk = plan.include_usage
+            && !(shared.config.flavor == Flavor::LlamaCpp
+                && plan.endpoint == Endpoint::Completions);
+        if usage_chunk {
+            let total = plan.lengths.iter().map(|&l| u64::from(l)).sum();
+            let metrics = request_metrics(&shared, &self.generation);
+            let timings = timings(&shared, &self.generation);
+            self.writer
+                .usage_chunk(&mut out, total, metrics.as_ref(), timings.as_ref());
+        }
+        out.extend_from_slice(DONE);
         out
     }
 }
@@ -116,6 +206,14 @@ impl Body for SimBody {
                     return Poll::Ready(None);
                 }
                 let out = match ready!(s.generation.poll_event(cx)) {
+                    Event::Started => {
+                        // llama.cpp: the role chunk goes out when prompt processing starts.
+                        let mut out = Vec::with_capacity(256);
+                        for i in 0..s.generation.plan.n() {
+                            s.writer.role(&mut out, i, false);
+                        }
+                        out
+                    }
                     Event::Tokens(steps) => s.tokens(steps),
                     Event::Error => {
                         s.ended = true;
@@ -132,13 +230,7 @@ impl Body for SimBody {
                     Event::End => {
                         s.ended = true;
                         s.tracker.complete();
-                        let mut out = Vec::with_capacity(256);
-                        if s.generation.plan.include_usage {
-                            let total = s.generation.plan.lengths.iter().map(|&l| u64::from(l));
-                            s.writer.usage_chunk(&mut out, total.sum());
-                        }
-                        out.extend_from_slice(DONE);
-                        out
+                        s.end()
                     }
                 };
                 let out = if s.tracker.shared().config.stamp_emit_time {
@@ -216,6 +308,17 @@ fn hex_id(prefix: &str, rng: &mut impl Rng) -> String {
         rng.random::<u64>(),
         rng.random::<u64>()
     )
+}
+
+/// llama.cpp's ids: `prefix` and 32 random letters and digits.
+fn alnum_id(prefix: &str, rng: &mut impl Rng) -> String {
+    const CHARS: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut id = String::with_capacity(prefix.len() + 32);
+    id.push_str(prefix);
+    for _ in 0..32 {
+        id.push(char::from(CHARS[rng.random_range(0..CHARS.len())]));
+    }
+    id
 }
 
 fn created(shared: &Shared) -> u64 {
@@ -332,13 +435,12 @@ async fn generate(
         .prompt_tokens
         .fetch_add(u64::from(plan.prompt_tokens), Relaxed);
     let mut ids = request_rng(shared.config.seed, plan.content_hash, SALT_IDS);
-    let id = hex_id(
-        match endpoint {
-            Endpoint::Chat => "chatcmpl-",
-            Endpoint::Completions => "cmpl-",
-        },
-        &mut ids,
-    );
+    let id = match (shared.config.flavor, endpoint) {
+        (Flavor::Vllm, Endpoint::Chat) => hex_id("chatcmpl-", &mut ids),
+        (Flavor::Vllm, Endpoint::Completions) => hex_id("cmpl-", &mut ids),
+        // llama-server names both kinds `chatcmpl-`.
+        (Flavor::LlamaCpp, _) => alnum_id("chatcmpl-", &mut ids),
+    };
     let created = created(&shared);
     let mut tracker = Tracker::new(
         shared.clone(),
@@ -360,15 +462,36 @@ async fn generate(
     }
     let origin = arrival + faults.header_delay;
     let stream = plan.stream;
-    let writer = ChunkWriter::new(endpoint, &id, created, &plan.model, plan.prompt_tokens);
+    let flavor = shared.config.flavor;
+    let reasoning_key = shared.config.reasoning_key();
+    let tool = plan.tool_name.clone().map(|name| {
+        let call_id = match flavor {
+            Flavor::Vllm => hex_id("chatcmpl-tool-", &mut ids),
+            Flavor::LlamaCpp => alnum_id("", &mut ids),
+        };
+        (name, call_id)
+    });
+    let writer = ChunkWriter::new(StreamShape {
+        flavor,
+        endpoint,
+        id: &id,
+        created,
+        model: &plan.model,
+        prompt_tokens: plan.prompt_tokens,
+        reasoning_key,
+        tool: tool.clone(),
+    });
     let mut generation = Generation::new(shared.clone(), plan, faults, origin);
     if stream {
+        if flavor == Flavor::LlamaCpp && endpoint == Endpoint::Chat {
+            generation = generation.announce_start();
+        }
         shared.counters.streams_started.fetch_add(1, Relaxed);
         let body = StreamBody {
             generation,
             writer,
             tracker,
-            scratch: Vec::with_capacity(64),
+            pieces: Pieces::default(),
             ended: false,
             last_tokens: None,
         };
@@ -385,9 +508,10 @@ async fn generate(
     }
 
     let n = generation.plan.n();
-    let mut texts: Vec<Vec<u8>> = vec![Vec::new(); n];
+    let mut texts: Vec<Pieces> = (0..n).map(|_| Pieces::default()).collect();
     loop {
         match std::future::poll_fn(|cx| generation.poll_event(cx)).await {
+            Event::Started => {}
             Event::Tokens(steps) => {
                 if *steps.start() == 0 {
                     shared.counters.observe_ttft(Instant::now() - origin);
@@ -395,7 +519,7 @@ async fn generate(
                 for (i, text) in texts.iter_mut().enumerate() {
                     let len = generation.plan.lengths[i];
                     for step in steps.clone().filter(|s| *s < len) {
-                        generation.push_token_text(i, step, text);
+                        push_piece(&mut generation, i, step, text);
                     }
                 }
             }
@@ -417,19 +541,35 @@ async fn generate(
     }
     tracker.complete();
     let plan = &generation.plan;
-    let texts: Vec<String> = texts
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap_or_default();
+    let choices: Vec<ChoiceText> = texts
         .into_iter()
-        .map(|t| String::from_utf8(t).unwrap_or_default())
+        .map(|p| ChoiceText {
+            content: text(p.content),
+            reasoning: text(p.reasoning),
+            args: text(p.args),
+        })
         .collect();
+    let finish: Vec<&'static str> = (0..n).map(|i| plan.finish_reason(i)).collect();
     let completion: u64 = plan.lengths.iter().map(|&l| u64::from(l)).sum();
     let body = FullResponse {
+        flavor,
         endpoint,
         id: &id,
         created,
         model: &plan.model,
-        texts: &texts,
-        finish: &plan.finish,
-        usage: Usage::new(u64::from(plan.prompt_tokens), completion),
+        choices: &choices,
+        finish: &finish,
+        prompt_tokens: u64::from(plan.prompt_tokens),
+        completion_tokens: completion,
+        reasoning_key,
+        reasoning_on: plan.reasoning_tokens > 0,
+        tool: tool.as_ref().map(|(name, id)| (name.as_str(), id.as_str())),
+        metrics: shared
+            .config
+            .request_metrics
+            .then(|| request_metrics(&shared, &generation)),
+        timings: timings(&shared, &generation),
     }
     .into_json();
     Ok(json(StatusCode::OK, body))
