@@ -74,20 +74,7 @@ where
                 Ok(data) => data,
                 Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
             };
-            let mut out = cut_usage(data, this.inner.boundaries(), this.pending);
-            if this.pending.len() > *this.max_held {
-                // An event too long to be parsed: what is held of it goes out now, and the rest
-                // of it is passed on as it comes.
-                out = if out.is_empty() {
-                    this.pending.split().freeze()
-                } else {
-                    let mut joined = BytesMut::with_capacity(out.len() + this.pending.len());
-                    joined.extend_from_slice(&out);
-                    joined.extend_from_slice(this.pending);
-                    this.pending.clear();
-                    joined.freeze()
-                };
-            }
+            let out = strip_frame(data, this.inner.boundaries(), this.pending, *this.max_held);
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
@@ -102,6 +89,30 @@ where
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
     }
+}
+
+/// What goes out for one data `frame` whose events end at `ends`: the bytes that complete
+/// events, without the cut ones, and, once more than `max_held` bytes are held back, those too.
+pub(crate) fn strip_frame(
+    frame: Bytes,
+    ends: &[(usize, bool)],
+    pending: &mut BytesMut,
+    max_held: usize,
+) -> Bytes {
+    let out = cut_usage(frame, ends, pending);
+    if pending.len() <= max_held {
+        return out;
+    }
+    // An event too long to be parsed: what is held of it goes out now, and the rest of it is
+    // passed on as it comes.
+    if out.is_empty() {
+        return pending.split().freeze();
+    }
+    let mut joined = BytesMut::with_capacity(out.len() + pending.len());
+    joined.extend_from_slice(&out);
+    joined.extend_from_slice(pending);
+    pending.clear();
+    joined.freeze()
 }
 
 /// Returns the bytes of `frame` that complete events, without the events marked in `ends`,

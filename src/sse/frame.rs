@@ -215,6 +215,16 @@ impl SseParser {
         true
     }
 
+    /// Bytes the parser holds between frames (allocated, not only used): an incomplete line,
+    /// the current event's data, and the earlier payload it remembers.
+    pub(super) fn held(&self) -> [usize; 3] {
+        [
+            self.line.capacity(),
+            self.data.capacity(),
+            self.prefix.text.capacity(),
+        ]
+    }
+
     /// True when bytes of an event that never got its blank line are pending: at end of stream
     /// that event is incomplete and, as the SSE standard says, is not dispatched.
     pub fn has_partial_event(&self) -> bool {
