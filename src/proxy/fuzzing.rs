@@ -2,7 +2,9 @@
 //! their corpora: request-body inspection's two readers and the usage cutter's per-frame step,
 //! which are not public otherwise. Not an API: no stability is promised.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+
+use super::strip::Cut;
 
 use crate::route::RequestInfo;
 use crate::sse::{EventKind, SseParser};
@@ -21,8 +23,7 @@ pub fn inspect_both(body: &[u8]) -> (Option<RequestInfo>, Option<RequestInfo>) {
 #[derive(Debug)]
 pub struct Cutter {
     parser: SseParser,
-    pending: BytesMut,
-    max_held: usize,
+    cut: Cut,
     ends: Vec<(usize, bool)>,
 }
 
@@ -31,8 +32,7 @@ impl Cutter {
     pub fn new(max_event: usize) -> Self {
         Cutter {
             parser: SseParser::with_max_event(max_event),
-            pending: BytesMut::new(),
-            max_held: max_event.saturating_mul(2),
+            cut: Cut::new(max_event),
             ends: Vec::new(),
         }
     }
@@ -43,21 +43,16 @@ impl Cutter {
         let ends = &mut self.ends;
         self.parser
             .feed(frame, |e| ends.push((e.end, e.kind == EventKind::Usage)));
-        super::strip::strip_frame(
-            Bytes::copy_from_slice(frame),
-            &self.ends,
-            &mut self.pending,
-            self.max_held,
-        )
+        self.cut.frame(Bytes::copy_from_slice(frame), &self.ends)
     }
 
     /// Bytes held back, waiting for the end of their event.
     pub fn held(&self) -> usize {
-        self.pending.len()
+        self.cut.held()
     }
 
     /// What goes out when the stream ends: the held bytes of an incomplete last event.
-    pub fn finish(self) -> Bytes {
-        self.pending.freeze()
+    pub fn finish(mut self) -> Bytes {
+        self.cut.finish()
     }
 }

@@ -19,11 +19,7 @@ pin_project! {
     pub struct StripUsage<B> {
         #[pin]
         inner: TimedBody<B>,
-        // Bytes of an incomplete event held back.
-        pending: BytesMut,
-        // Most bytes held: past it the event cannot be one the parser read (it counts at least
-        // half of an event's bytes, and stops at its own limit), so it is not the usage event.
-        max_held: usize,
+        cut: Cut,
         inner_done: bool,
     }
 }
@@ -34,10 +30,101 @@ impl<B> StripUsage<B> {
     pub fn new(inner: TimedBody<B>, max_event: usize) -> Self {
         StripUsage {
             inner,
-            pending: BytesMut::new(),
-            max_held: max_event.saturating_mul(2),
+            cut: Cut::new(max_event),
             inner_done: false,
         }
+    }
+}
+
+/// The cutter's state between frames.
+#[derive(Debug)]
+pub(crate) struct Cut {
+    /// Bytes of an incomplete event held back.
+    pending: BytesMut,
+    /// Most bytes held: past it the event cannot be one the parser read (it counts at least
+    /// half of an event's bytes, and stops at its own limit), so it is not the usage event.
+    max_held: usize,
+    /// The last frame ended with an event whose blank line ended in `\r`: a `\n` that starts
+    /// the next frame belongs to that event (cut with it, or sent with it), though the parser
+    /// reported the event before the `\n` came. `Some(true)` when that event was cut.
+    after_cr: Option<bool>,
+}
+
+impl Cut {
+    /// A cutter for events of up to `max_event` bytes.
+    pub(crate) fn new(max_event: usize) -> Self {
+        Cut {
+            pending: BytesMut::new(),
+            max_held: max_event.saturating_mul(2),
+            after_cr: None,
+        }
+    }
+
+    /// Bytes held back, waiting for the end of their event.
+    pub(crate) fn held(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// What goes out for one data `frame` whose events end at `ends` (offsets in the frame,
+    /// and whether to cut each): the bytes that complete events, without the cut ones, and,
+    /// once more than `max_held` bytes are held back, those too.
+    pub(crate) fn frame(&mut self, frame: Bytes, ends: &[(usize, bool)]) -> Bytes {
+        let ends_in_cr = |frame: &Bytes| {
+            ends.last()
+                .filter(|&&(end, _)| end == frame.len() && frame.ends_with(b"\r"))
+                .map(|&(_, cut)| cut)
+        };
+        let out = match self.after_cr.take() {
+            Some(cut) if frame.starts_with(b"\n") => {
+                // Offsets move with the byte taken off; the parser skipped it, so no event
+                // ends at it.
+                let next_cr = ends_in_cr(&frame);
+                let shifted: Vec<(usize, bool)> = ends
+                    .iter()
+                    .map(|&(end, c)| (end.saturating_sub(1), c))
+                    .collect();
+                let out = self.strip(frame.slice(1..), &shifted);
+                self.after_cr = next_cr;
+                if cut {
+                    out
+                } else {
+                    let mut joined = BytesMut::with_capacity(out.len() + 1);
+                    joined.extend_from_slice(b"\n");
+                    joined.extend_from_slice(&out);
+                    joined.freeze()
+                }
+            }
+            _ => {
+                let next_cr = ends_in_cr(&frame);
+                let out = self.strip(frame, ends);
+                self.after_cr = next_cr;
+                out
+            }
+        };
+        out
+    }
+
+    fn strip(&mut self, frame: Bytes, ends: &[(usize, bool)]) -> Bytes {
+        let pending = &mut self.pending;
+        let out = cut_usage(frame, ends, pending);
+        if pending.len() <= self.max_held {
+            return out;
+        }
+        // An event too long to be parsed: what is held of it goes out now, and the rest of it
+        // is passed on as it comes.
+        if out.is_empty() {
+            return pending.split().freeze();
+        }
+        let mut joined = BytesMut::with_capacity(out.len() + pending.len());
+        joined.extend_from_slice(&out);
+        joined.extend_from_slice(pending);
+        pending.clear();
+        joined.freeze()
+    }
+
+    /// What goes out when the stream ends: the held bytes of an incomplete last event.
+    pub(crate) fn finish(&mut self) -> Bytes {
+        self.pending.split().freeze()
     }
 }
 
@@ -57,10 +144,11 @@ where
         loop {
             if *this.inner_done {
                 // An incomplete last event is forwarded as it came.
-                if this.pending.is_empty() {
+                let rest = this.cut.finish();
+                if rest.is_empty() {
                     return Poll::Ready(None);
                 }
-                return Poll::Ready(Some(Ok(Frame::data(this.pending.split().freeze()))));
+                return Poll::Ready(Some(Ok(Frame::data(rest))));
             }
             let frame = match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
                 None => {
@@ -74,7 +162,7 @@ where
                 Ok(data) => data,
                 Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
             };
-            let out = strip_frame(data, this.inner.boundaries(), this.pending, *this.max_held);
+            let out = this.cut.frame(data, this.inner.boundaries());
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
@@ -83,36 +171,12 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner_done && self.pending.is_empty()
+        self.inner_done && self.cut.held() == 0
     }
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
     }
-}
-
-/// What goes out for one data `frame` whose events end at `ends`: the bytes that complete
-/// events, without the cut ones, and, once more than `max_held` bytes are held back, those too.
-pub(crate) fn strip_frame(
-    frame: Bytes,
-    ends: &[(usize, bool)],
-    pending: &mut BytesMut,
-    max_held: usize,
-) -> Bytes {
-    let out = cut_usage(frame, ends, pending);
-    if pending.len() <= max_held {
-        return out;
-    }
-    // An event too long to be parsed: what is held of it goes out now, and the rest of it is
-    // passed on as it comes.
-    if out.is_empty() {
-        return pending.split().freeze();
-    }
-    let mut joined = BytesMut::with_capacity(out.len() + pending.len());
-    joined.extend_from_slice(&out);
-    joined.extend_from_slice(pending);
-    pending.clear();
-    joined.freeze()
 }
 
 /// Returns the bytes of `frame` that complete events, without the events marked in `ends`,
