@@ -236,21 +236,36 @@ mod tests {
 
     fn cut(frames: &[&str]) -> String {
         let mut parser = SseParser::new();
-        let mut pending = BytesMut::new();
+        let mut cutter = Cut::new(SseParser::DEFAULT_MAX_EVENT);
         let mut out = Vec::new();
         for f in frames {
             let mut ends = Vec::new();
             parser.feed(f.as_bytes(), |e| {
                 ends.push((e.end, e.kind == EventKind::Usage))
             });
-            out.extend_from_slice(&cut_usage(
-                Bytes::copy_from_slice(f.as_bytes()),
-                &ends,
-                &mut pending,
-            ));
+            out.extend_from_slice(&cutter.frame(Bytes::copy_from_slice(f.as_bytes()), &ends));
         }
-        out.extend_from_slice(&pending);
+        out.extend_from_slice(&cutter.finish());
         String::from_utf8(out).unwrap()
+    }
+
+    /// A frame that ends between the CR and LF of an event's blank line: the LF goes with the
+    /// event, cut or kept, as when the stream comes in one frame.
+    #[test]
+    fn crlf_split_between_cr_and_lf() {
+        let tok = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\r\n\r\n";
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\r\n\r\n";
+        let done = "data: [DONE]\r\n\r\n";
+        let stream = format!("{tok}{usage}{usage}{done}");
+        let want = format!("{tok}{done}");
+        assert_eq!(cut(&[&stream]), want);
+        for a in 0..=stream.len() {
+            let got = cut(&[&stream[..a], &stream[a..]]);
+            assert_eq!(got, want, "split at {a}");
+        }
+        let bytes: Vec<String> = stream.chars().map(String::from).collect();
+        let frames: Vec<&str> = bytes.iter().map(String::as_str).collect();
+        assert_eq!(cut(&frames), want);
     }
 
     #[test]
