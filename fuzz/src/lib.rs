@@ -290,7 +290,6 @@ fn decode(framing: Framing, input: &[u8], frames: &[&[u8]]) -> Decoded {
                         end: Ending::End(buf.len() + input.len() - fed),
                     };
                 }
-                continue;
             }
             Step::Trailers(t) => {
                 assert!(decoder.is_end());

@@ -74,7 +74,7 @@ impl Cut {
                 .filter(|&&(end, _)| end == frame.len() && frame.ends_with(b"\r"))
                 .map(|&(_, cut)| cut)
         };
-        let out = match self.after_cr.take() {
+        match self.after_cr.take() {
             Some(cut) if frame.starts_with(b"\n") => {
                 // Offsets move with the byte taken off; the parser skipped it, so no event
                 // ends at it.
@@ -100,8 +100,7 @@ impl Cut {
                 self.after_cr = next_cr;
                 out
             }
-        };
-        out
+        }
     }
 
     fn strip(&mut self, frame: Bytes, ends: &[(usize, bool)]) -> Bytes {
