@@ -111,12 +111,17 @@ impl Decoder {
                     return Ok((Step::Data { start: pos, end }, end));
                 }
                 State::Size => {
+                    // The same limit whether the line's end came in this read or not, so that
+                    // how the upstream's bytes are split into reads changes nothing.
                     let Some(nl) = memchr::memchr(b'\n', rest) else {
                         if rest.len() > MAX_SIZE_LINE {
                             return Err(Error::Framing("chunk-size line too long"));
                         }
                         return Ok((Step::More, pos));
                     };
+                    if nl > MAX_SIZE_LINE {
+                        return Err(Error::Framing("chunk-size line too long"));
+                    }
                     let size = chunk_size(&rest[..=nl])?;
                     pos += nl + 1;
                     self.state = if size == 0 {

@@ -49,6 +49,16 @@ pub fn inspect(body: &[u8]) -> RequestInfo {
     }
 }
 
+/// What the scanner alone reads in a body; `None` where it declines.
+pub(super) fn scanned(body: &[u8]) -> Option<RequestInfo> {
+    scan(body).map(info)
+}
+
+/// What serde alone reads in a body (the reference); `None` where it refuses.
+pub(super) fn by_serde(body: &[u8]) -> Option<RequestInfo> {
+    serde_json::from_slice(body).ok().map(info)
+}
+
 /// What a body that parsed says.
 fn info(b: Body<'_>) -> RequestInfo {
     let has_stream_options = b.stream_options.is_some();

@@ -4,6 +4,8 @@
 mod body;
 mod error;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inspect;
 pub mod strip;
 

@@ -19,11 +19,7 @@ pin_project! {
     pub struct StripUsage<B> {
         #[pin]
         inner: TimedBody<B>,
-        // Bytes of an incomplete event held back.
-        pending: BytesMut,
-        // Most bytes held: past it the event cannot be one the parser read (it counts at least
-        // half of an event's bytes, and stops at its own limit), so it is not the usage event.
-        max_held: usize,
+        cut: Cut,
         inner_done: bool,
     }
 }
@@ -34,10 +30,100 @@ impl<B> StripUsage<B> {
     pub fn new(inner: TimedBody<B>, max_event: usize) -> Self {
         StripUsage {
             inner,
-            pending: BytesMut::new(),
-            max_held: max_event.saturating_mul(2),
+            cut: Cut::new(max_event),
             inner_done: false,
         }
+    }
+}
+
+/// The cutter's state between frames.
+#[derive(Debug)]
+pub(crate) struct Cut {
+    /// Bytes of an incomplete event held back.
+    pending: BytesMut,
+    /// Most bytes held: past it the event cannot be one the parser read (it counts at least
+    /// half of an event's bytes, and stops at its own limit), so it is not the usage event.
+    max_held: usize,
+    /// The last frame ended with an event whose blank line ended in `\r`: a `\n` that starts
+    /// the next frame belongs to that event (cut with it, or sent with it), though the parser
+    /// reported the event before the `\n` came. `Some(true)` when that event was cut.
+    after_cr: Option<bool>,
+}
+
+impl Cut {
+    /// A cutter for events of up to `max_event` bytes.
+    pub(crate) fn new(max_event: usize) -> Self {
+        Cut {
+            pending: BytesMut::new(),
+            max_held: max_event.saturating_mul(2),
+            after_cr: None,
+        }
+    }
+
+    /// Bytes held back, waiting for the end of their event.
+    pub(crate) fn held(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// What goes out for one data `frame` whose events end at `ends` (offsets in the frame,
+    /// and whether to cut each): the bytes that complete events, without the cut ones, and,
+    /// once more than `max_held` bytes are held back, those too.
+    pub(crate) fn frame(&mut self, frame: Bytes, ends: &[(usize, bool)]) -> Bytes {
+        let ends_in_cr = |frame: &Bytes| {
+            ends.last()
+                .filter(|&&(end, _)| end == frame.len() && frame.ends_with(b"\r"))
+                .map(|&(_, cut)| cut)
+        };
+        match self.after_cr.take() {
+            Some(cut) if frame.starts_with(b"\n") => {
+                // Offsets move with the byte taken off; the parser skipped it, so no event
+                // ends at it.
+                let next_cr = ends_in_cr(&frame);
+                let shifted: Vec<(usize, bool)> = ends
+                    .iter()
+                    .map(|&(end, c)| (end.saturating_sub(1), c))
+                    .collect();
+                let out = self.strip(frame.slice(1..), &shifted);
+                self.after_cr = next_cr;
+                if cut {
+                    out
+                } else {
+                    let mut joined = BytesMut::with_capacity(out.len() + 1);
+                    joined.extend_from_slice(b"\n");
+                    joined.extend_from_slice(&out);
+                    joined.freeze()
+                }
+            }
+            _ => {
+                let next_cr = ends_in_cr(&frame);
+                let out = self.strip(frame, ends);
+                self.after_cr = next_cr;
+                out
+            }
+        }
+    }
+
+    fn strip(&mut self, frame: Bytes, ends: &[(usize, bool)]) -> Bytes {
+        let pending = &mut self.pending;
+        let out = cut_usage(frame, ends, pending);
+        if pending.len() <= self.max_held {
+            return out;
+        }
+        // An event too long to be parsed: what is held of it goes out now, and the rest of it
+        // is passed on as it comes.
+        if out.is_empty() {
+            return pending.split().freeze();
+        }
+        let mut joined = BytesMut::with_capacity(out.len() + pending.len());
+        joined.extend_from_slice(&out);
+        joined.extend_from_slice(pending);
+        pending.clear();
+        joined.freeze()
+    }
+
+    /// What goes out when the stream ends: the held bytes of an incomplete last event.
+    pub(crate) fn finish(&mut self) -> Bytes {
+        self.pending.split().freeze()
     }
 }
 
@@ -57,10 +143,11 @@ where
         loop {
             if *this.inner_done {
                 // An incomplete last event is forwarded as it came.
-                if this.pending.is_empty() {
+                let rest = this.cut.finish();
+                if rest.is_empty() {
                     return Poll::Ready(None);
                 }
-                return Poll::Ready(Some(Ok(Frame::data(this.pending.split().freeze()))));
+                return Poll::Ready(Some(Ok(Frame::data(rest))));
             }
             let frame = match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
                 None => {
@@ -74,20 +161,7 @@ where
                 Ok(data) => data,
                 Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
             };
-            let mut out = cut_usage(data, this.inner.boundaries(), this.pending);
-            if this.pending.len() > *this.max_held {
-                // An event too long to be parsed: what is held of it goes out now, and the rest
-                // of it is passed on as it comes.
-                out = if out.is_empty() {
-                    this.pending.split().freeze()
-                } else {
-                    let mut joined = BytesMut::with_capacity(out.len() + this.pending.len());
-                    joined.extend_from_slice(&out);
-                    joined.extend_from_slice(this.pending);
-                    this.pending.clear();
-                    joined.freeze()
-                };
-            }
+            let out = this.cut.frame(data, this.inner.boundaries());
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
@@ -96,7 +170,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner_done && self.pending.is_empty()
+        self.inner_done && self.cut.held() == 0
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -161,21 +235,36 @@ mod tests {
 
     fn cut(frames: &[&str]) -> String {
         let mut parser = SseParser::new();
-        let mut pending = BytesMut::new();
+        let mut cutter = Cut::new(SseParser::DEFAULT_MAX_EVENT);
         let mut out = Vec::new();
         for f in frames {
             let mut ends = Vec::new();
             parser.feed(f.as_bytes(), |e| {
                 ends.push((e.end, e.kind == EventKind::Usage))
             });
-            out.extend_from_slice(&cut_usage(
-                Bytes::copy_from_slice(f.as_bytes()),
-                &ends,
-                &mut pending,
-            ));
+            out.extend_from_slice(&cutter.frame(Bytes::copy_from_slice(f.as_bytes()), &ends));
         }
-        out.extend_from_slice(&pending);
+        out.extend_from_slice(&cutter.finish());
         String::from_utf8(out).unwrap()
+    }
+
+    /// A frame that ends between the CR and LF of an event's blank line: the LF goes with the
+    /// event, cut or kept, as when the stream comes in one frame.
+    #[test]
+    fn crlf_split_between_cr_and_lf() {
+        let tok = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\r\n\r\n";
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\r\n\r\n";
+        let done = "data: [DONE]\r\n\r\n";
+        let stream = format!("{tok}{usage}{usage}{done}");
+        let want = format!("{tok}{done}");
+        assert_eq!(cut(&[&stream]), want);
+        for a in 0..=stream.len() {
+            let got = cut(&[&stream[..a], &stream[a..]]);
+            assert_eq!(got, want, "split at {a}");
+        }
+        let bytes: Vec<String> = stream.chars().map(String::from).collect();
+        let frames: Vec<&str> = bytes.iter().map(String::as_str).collect();
+        assert_eq!(cut(&frames), want);
     }
 
     #[test]

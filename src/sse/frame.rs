@@ -136,10 +136,17 @@ impl SseParser {
         }
     }
 
-    /// Counts `n` more bytes of the current event's lines (and a line end); true when that makes
-    /// the event longer than it may be.
+    /// Counts `n` more bytes of the current event's lines and the line end that follows them;
+    /// true when that makes the event longer than it may be.
     fn too_long(&mut self, n: usize) -> bool {
-        self.event_len = self.event_len.saturating_add(n + 1);
+        self.grows(n + 1)
+    }
+
+    /// Counts `n` more bytes of the current event; true when that makes it longer than it may
+    /// be. A line's bytes are counted once however many frames it spans, and its end once,
+    /// when it comes: the same event is oversized or not whatever the frames.
+    fn grows(&mut self, n: usize) -> bool {
+        self.event_len = self.event_len.saturating_add(n);
         self.event_len > self.max_event
     }
 
@@ -147,7 +154,7 @@ impl SseParser {
     fn line_continues(&mut self, rest: &[u8]) {
         if self.oversized {
             self.in_skipped_line = true;
-        } else if self.too_long(rest.len()) {
+        } else if self.grows(rest.len()) {
             self.pass_over();
             self.in_skipped_line = true;
         } else {
@@ -214,6 +221,16 @@ impl SseParser {
         let c = classified(&top, !choices.is_empty());
         on_event(&Event::of(c, choices, frame.len(), payload));
         true
+    }
+
+    /// Bytes the parser holds between frames (allocated, not only used): an incomplete line,
+    /// the current event's data, and the earlier payload it remembers.
+    pub(super) fn held(&self) -> [usize; 3] {
+        [
+            self.line.capacity(),
+            self.data.capacity(),
+            self.prefix.text.capacity(),
+        ]
     }
 
     /// True when bytes of an event that never got its blank line are pending: at end of stream

@@ -170,6 +170,8 @@ impl<'a> Event<'a> {
 
 mod classify;
 mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod scan;
 
 pub use classify::{Classified, classify};
