@@ -346,6 +346,19 @@ async def compare(req, r, kind, direct, stats):
 # Attacks. Each loops until stop, checks what it got against docs/limits.md and records it.
 
 
+OPEN = set()
+
+
+async def connect(port):
+    """Opens an attacker's connection, remembered so the end of the run can close it."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    if len(OPEN) > 500:
+        for w in [w for w in OPEN if w.is_closing()]:
+            OPEN.discard(w)
+    OPEN.add(writer)
+    return reader, writer
+
+
 async def closed_within(reader, limit):
     """Reads until the peer closes; returns (seconds, bytes) or (None, bytes) past limit."""
     t0 = time.monotonic()
@@ -386,14 +399,14 @@ def within(t, limit):
 
 
 async def silent(port, limit):
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await connect(port)
     t, data = await closed_within(reader, limit + 30)
     writer.close()
     STATS.attack("silent connection", within(t, limit) and data == b"", (t, data[:40]))
 
 
 async def slow_head(port, limit):
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await connect(port)
     t0 = time.monotonic()
     head = b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 1000
     got = bytearray()
@@ -417,6 +430,7 @@ async def slow_head(port, limit):
 
 async def idle_keepalive(port, limit):
     c = Conn(port)
+    c.reader, c.writer = await connect(port)
     r = await c.request("GET", "/v1/models")
     if r["status"] != 200:
         STATS.attack("idle keep-alive", False, r["status"])
@@ -428,7 +442,7 @@ async def idle_keepalive(port, limit):
 
 
 async def stalled_body(port, limit, size, sent):
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await connect(port)
     writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
                  f"application/json\r\ncontent-length: {size}\r\n\r\n".encode())
     writer.write(b'{"model":"' + MODEL.encode() + b'","messages":[{"role":"user","content":"'
@@ -443,7 +457,7 @@ async def stalled_body(port, limit, size, sent):
 
 
 async def declared_too_big(port):
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await connect(port)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
                  b"application/json\r\ncontent-length: 40000000\r\n\r\n")
     await writer.drain()
@@ -453,7 +467,7 @@ async def declared_too_big(port):
 
 
 async def big_head(port):
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await connect(port)
     writer.write(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n")
     try:
         await writer.drain()
@@ -467,7 +481,7 @@ async def big_head(port):
 async def not_reading(port, limit):
     """Asks the bad upstream's proxy for an endless stream and never reads: cut at the send
     timeout once the socket buffers are full."""
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await connect(port)
     body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
                  b"application/json\r\nx-soak-mode: small\r\ncontent-length: "
@@ -482,7 +496,7 @@ async def not_reading(port, limit):
 
 async def endless_event(port, mode, seconds):
     """Reads an endless stream from the bad upstream's proxy for `seconds`."""
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await connect(port)
     body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
                  b"application/json\r\nx-soak-mode: " + mode.encode() + b"\r\ncontent-length: "
@@ -529,7 +543,7 @@ def h2_headers(stream, end_stream, port):
 
 
 async def h2_open(port):
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await connect(port)
     writer.write(H2_PREFACE + h2_frame(4, 0, 0, b""))
     await writer.drain()
     return reader, writer
@@ -640,7 +654,7 @@ async def bad_upstream(reader, writer):
                 writer.write(chunk)
                 await writer.drain()
                 await asyncio.sleep(len(piece) / 524288)
-    except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+    except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.CancelledError):
         pass
     finally:
         writer.close()
@@ -762,6 +776,8 @@ async def main_async(args, out, pids):
     normal, attack = tasks[:args.clients], tasks[args.clients:]
     for t in attack:
         t.cancel()
+    for w in OPEN:
+        w.close()
     await asyncio.wait(normal, timeout=330)
     for t in normal:
         t.cancel()
