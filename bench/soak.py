@@ -896,7 +896,7 @@ def report(args, out, samples, baseline, final_fds, cpu, t_end, metrics, bad_met
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=3600)
-    ap.add_argument("--clients", type=int, default=6, help="normal clients, one request at a time")
+    ap.add_argument("--clients", type=int, default=16, help="normal clients, one request at a time")
     ap.add_argument("--think", type=float, default=0.2, help="max pause between requests (s)")
     ap.add_argument("--sample-secs", type=float, default=5)
     ap.add_argument("--drain-secs", type=float, default=120)
@@ -971,6 +971,7 @@ access_log = false
             if p.poll() is not None:
                 print(f"{name} exited early with {p.returncode}", file=sys.stderr)
                 rc = 1
+        os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
         latest = os.path.join(ROOT, "bench", "results", "soak-latest")
         if os.path.islink(latest):
             os.unlink(latest)
