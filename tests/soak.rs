@@ -27,7 +27,10 @@ fn a_short_soak_passes_its_checks() {
     .expect("soak.json is JSON");
     assert!(status.success(), "soak failed:\n{summary}");
     assert!(report["requests"].as_u64().unwrap_or(0) > 50, "{summary}");
-    assert!(report["compared_with_direct"].as_u64().unwrap_or(0) > 5, "{summary}");
+    assert!(
+        report["compared_with_direct"].as_u64().unwrap_or(0) > 5,
+        "{summary}"
+    );
     assert_eq!(report["lost_count"], 0, "{summary}");
     assert_eq!(report["mismatch_count"], 0, "{summary}");
     let _ = std::fs::remove_dir_all(&out);
