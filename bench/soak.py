@@ -21,7 +21,7 @@ Checks at the end:
 - No request lost or altered: every normal request that did not end complete (status fault,
   in-band error, cut stream, 502) and a sample of the complete ones are sent again straight to
   the simulator; the answer through tokentap must be the same status and the same body bytes
-  (a cut stream: a prefix of the direct one, which must be cut too).
+  (a cut stream: the same bytes up to the shorter one's end, and the direct one cut too).
 - Each attack was answered as docs/limits.md says (closed near its timeout, 408/413/431).
 
 Usage: bench/soak.sh [--seconds N] [--clients N] [--out DIR]
@@ -251,6 +251,7 @@ class Stats:
         self.cancelled = 0
         self.compared = 0
         self.compared_equal = 0
+        self.cut_elsewhere = 0
         self.mismatches = []
         self.lost = []
         self.latencies = []
@@ -325,7 +326,12 @@ async def compare(req, r, kind, direct, stats):
         ok = r["status"] == d["status"] and r["body"] == d["body"] and dkind == kind
     elif kind == "cut":
         # The upstream dropped the connection mid-stream: tokentap passes on what came, then cuts.
-        ok = dkind == "cut" and d["status"] == r["status"] and d["body"].startswith(r["body"])
+        # Either copy may be the shorter: when the simulator's abort fires late on a busy machine,
+        # it can drop the last event it had not flushed yet, on either path.
+        short, long_ = sorted((r["body"], d["body"]), key=len)
+        ok = dkind == "cut" and d["status"] == r["status"] and long_.startswith(short)
+        if ok and len(r["body"]) != len(d["body"]):
+            stats.cut_elsewhere += 1
     elif kind == "no_response":
         ok = dkind == "no_response"
     # The upstream closed without any response: tokentap answers 502 itself.
@@ -835,6 +841,7 @@ def report(args, out, samples, baseline, final_fds, cpu, t_end, metrics, bad_met
         "cancelled_by_client": STATS.cancelled,
         "compared_with_direct": STATS.compared,
         "compared_equal": STATS.compared_equal,
+        "cuts_at_another_event": STATS.cut_elsewhere,
         "mismatches": STATS.mismatches[:20],
         "mismatch_count": len(STATS.mismatches),
         "lost": STATS.lost[:20],
@@ -885,7 +892,8 @@ def report(args, out, samples, baseline, final_fds, cpu, t_end, metrics, bad_met
             f.write(",".join(str(s.get(c, "")) for c in cols) + "\n")
     lines = [f"soak: {res['seconds']:.0f} s, {args.clients} clients, {STATS.sent} requests "
              f"({STATS.cancelled} cancelled by the client), outcomes {STATS.outcomes}",
-             f"compared with direct: {STATS.compared_equal}/{STATS.compared} identical; "
+             f"compared with direct: {STATS.compared_equal}/{STATS.compared} identical "
+             f"({STATS.cut_elsewhere} cut at another point); "
              f"lost {len(STATS.lost)}, altered {len(STATS.mismatches)}",
              f"complete latency p50 {res['complete_latency_s']['p50']} s, "
              f"p99 {res['complete_latency_s']['p99']} s"]
