@@ -152,7 +152,7 @@ fn responses_stream() -> Vec<(Duration, String)> {
             ),
         ),
         (
-            0 * MS,
+            Duration::ZERO,
             sse(
                 "response.output_item.added",
                 r#"{"type":"response.output_item.added","sequence_number":2,"output_index":0,"item":{"type":"reasoning"}}"#,
