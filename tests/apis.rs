@@ -520,3 +520,131 @@ async fn a_cut_stream_is_an_upstream_disconnect_with_partial_timings() {
     // No message_delta: the three output events are the count.
     close(&m, "tokentap_generation_tokens_total", &l, 3.0);
 }
+
+/// The simulator serves both APIs with its chat timing model: through the proxy, TTFT is the
+/// model's 100 ms and every token 20 ms after the one before, for either API, and the client
+/// gets the bytes it would get directly.
+#[tokio::test(start_paused = true)]
+async fn the_simulator_serves_both_apis_with_its_timing_model() {
+    let sim = sim(exact_sim(100.0, 20.0)).await;
+    let proxy = tokentap::start(proxy_config(&sim.base_url()))
+        .await
+        .unwrap();
+    let c = client();
+    let via = format!("http://{}", proxy.addr());
+    let responses = format!(
+        r#"{{"model":"{MODEL}","input":"Tell me about proxies","max_output_tokens":5,"stream":true}}"#
+    );
+    let messages = format!(
+        r#"{{"model":"{MODEL}","max_tokens":5,"messages":[{{"role":"user","content":"Tell me about proxies"}}],"stream":true}}"#
+    );
+    for (path, body, endpoint) in [
+        ("/v1/responses", &responses, "responses"),
+        ("/v1/messages", &messages, "messages"),
+    ] {
+        let direct = post(&c, &format!("{}{path}", sim.base_url()), body).await;
+        let proxied = post(&c, &format!("{via}{path}"), body).await;
+        assert_eq!(proxied.status, 200, "{endpoint}");
+        assert_eq!(proxied.body, direct.body, "{endpoint}: bytes unchanged");
+        let text = String::from_utf8_lossy(&proxied.body);
+        match endpoint {
+            "responses" => {
+                assert!(
+                    text.starts_with("event: response.created\ndata: {"),
+                    "{text}"
+                );
+                assert_eq!(text.matches("event: response.output_text.delta").count(), 5);
+                assert!(
+                    text.contains("event: response.incomplete"),
+                    "max tokens reached"
+                );
+                assert!(text.contains(r#""output_tokens":5"#), "{text}");
+            }
+            _ => {
+                assert!(text.starts_with("event: message_start\ndata: {"), "{text}");
+                assert_eq!(text.matches(r#""type":"text_delta""#).count(), 5);
+                assert!(text.contains(r#""stop_reason":"max_tokens""#), "{text}");
+                assert!(
+                    text.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
+                );
+            }
+        }
+    }
+    let m = scrape(proxy.admin_addr().unwrap()).await;
+    for endpoint in ["responses", "messages"] {
+        let l = [("model", MODEL), ("endpoint", endpoint)];
+        close(&m, "tokentap_time_to_first_token_seconds_sum", &l, 0.100);
+        close(&m, "tokentap_inter_token_latency_seconds_count", &l, 4.0);
+        close(&m, "tokentap_inter_token_latency_seconds_sum", &l, 0.080);
+        close(&m, "tokentap_e2e_request_latency_seconds_sum", &l, 0.180);
+        close(&m, "tokentap_request_generation_tokens_sum", &l, 5.0);
+        close(&m, "tokentap_time_per_output_token_seconds_sum", &l, 0.020);
+        close(&m, "tokentap_sse_unrecognized_events_total", &l, 0.0);
+    }
+    // Not streamed: the API's own object, its usage read by the proxy.
+    let r = post(
+        &c,
+        &format!("{via}/v1/messages"),
+        &messages.replace("\"stream\":true", "\"stream\":false"),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["usage"]["output_tokens"], 5);
+    let r = post(
+        &c,
+        &format!("{via}/v1/responses"),
+        &responses.replace("\"stream\":true", "\"stream\":false"),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["object"], "response");
+    assert_eq!(v["status"], "incomplete");
+    assert_eq!(v["usage"]["output_tokens"], 5);
+    let m = scrape(proxy.admin_addr().unwrap()).await;
+    for endpoint in ["responses", "messages"] {
+        let l = [("model", MODEL), ("endpoint", endpoint)];
+        close(&m, "tokentap_request_generation_tokens_sum", &l, 10.0);
+        close(&m, "tokentap_e2e_request_latency_seconds_sum", &l, 0.360);
+    }
+    proxy.shutdown().await;
+    sim.shutdown().await;
+}
+
+/// The simulator's faults reach the other APIs as their own in-band errors and cuts.
+#[tokio::test(start_paused = true)]
+async fn simulator_faults_become_each_apis_errors() {
+    let sim = sim(exact_sim(10.0, 10.0)).await;
+    let proxy = tokentap::start(proxy_config(&sim.base_url()))
+        .await
+        .unwrap();
+    let via = format!("http://{}", proxy.addr());
+    for (path, body) in [
+        ("/v1/responses", responses_request(true)),
+        ("/v1/messages", messages_request(true)),
+    ] {
+        let r = send(
+            &client(),
+            http::Method::POST,
+            &format!("{via}{path}"),
+            &body,
+            &[("x-tokentap-sim-fault", "error_after=3")],
+        )
+        .await;
+        let text = String::from_utf8_lossy(&r.body);
+        assert!(text.contains("event: error\ndata: {"), "{path}: {text}");
+        assert!(!text.contains("response.completed") && !text.contains("message_stop"));
+    }
+    tokio::time::sleep(50 * MS).await;
+    let m = scrape(proxy.admin_addr().unwrap()).await;
+    for endpoint in ["responses", "messages"] {
+        close(
+            &m,
+            "tokentap_requests_total",
+            &[("endpoint", endpoint), ("outcome", "inband_error")],
+            1.0,
+        );
+    }
+    proxy.shutdown().await;
+    sim.shutdown().await;
+}

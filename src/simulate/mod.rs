@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+mod apis;
 mod config;
 mod fault;
 mod generate;
