@@ -714,3 +714,140 @@ impl ApiStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chat stream with reasoning, then text, then a tool call, as vLLM's chunks.
+    const CHAT: [&str; 7] = [
+        r#"{"id":"chatcmpl-abc","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""}}],"usage":{"prompt_tokens":7,"completion_tokens":0}}"#,
+        r#"{"id":"chatcmpl-abc","created":1,"model":"m","choices":[{"index":0,"delta":{"reasoning":"Hmm"}}]}"#,
+        r#"{"id":"chatcmpl-abc","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"}}]}"#,
+        r#"{"id":"chatcmpl-abc","created":1,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get","arguments":""}}]}}]}"#,
+        r#"{"id":"chatcmpl-abc","created":1,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a\":1}"}}]},"finish_reason":"tool_calls"}]}"#,
+        r#"{"id":"chatcmpl-abc","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":4}}"#,
+        "[DONE]",
+    ];
+
+    /// The events (name, data) the chat stream becomes.
+    fn told(api: Api) -> Vec<(String, Value)> {
+        let mut s = ApiStream::new(api, SimBody::full(Bytes::new()));
+        let mut out = String::new();
+        for chunk in CHAT {
+            s.chat_event(chunk.as_bytes(), &mut out);
+        }
+        out.split_terminator("\n\n")
+            .map(|e| {
+                let (name, data) = e.split_once('\n').unwrap();
+                let data: Value =
+                    serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+                let name = name.strip_prefix("event: ").unwrap().to_owned();
+                assert_eq!(data["type"], name.as_str(), "type repeats the event name");
+                (name, data)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn messages_events_follow_vllms_converter() {
+        let events = told(Api::Messages);
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        let delta = |i: usize| events[i].1["delta"]["type"].as_str().unwrap().to_owned();
+        assert_eq!(delta(2), "thinking_delta");
+        assert_eq!(
+            delta(3),
+            "signature_delta",
+            "a thinking block closes with its signature"
+        );
+        assert_eq!(delta(6), "text_delta");
+        assert_eq!(delta(9), "input_json_delta");
+        assert_eq!(events[9].1["delta"]["partial_json"], r#"{"a":1}"#);
+        assert_eq!(events[8].1["content_block"]["name"], "get");
+        assert_eq!(events[0].1["message"]["usage"]["input_tokens"], 7);
+        assert_eq!(events[11].1["delta"]["stop_reason"], "tool_use");
+        assert_eq!(events[11].1["usage"]["output_tokens"], 4);
+    }
+
+    #[test]
+    fn responses_events_follow_the_openai_stream() {
+        let events = told(Api::Responses);
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        for (k, (_, data)) in events.iter().enumerate() {
+            assert_eq!(data["sequence_number"], k as u64);
+        }
+        let done = &events[16].1["response"];
+        assert_eq!(done["id"], "resp_abc");
+        assert_eq!(done["usage"]["input_tokens"], 7);
+        assert_eq!(done["usage"]["output_tokens"], 4);
+        assert_eq!(
+            done["usage"]["output_tokens_details"]["reasoning_tokens"],
+            1
+        );
+        assert_eq!(done["output"].as_array().unwrap().len(), 3);
+        assert_eq!(done["output"][2]["arguments"], r#"{"a":1}"#);
+    }
+
+    #[test]
+    fn requests_become_the_chat_requests_they_stand_for() {
+        let obj = |s: &str| serde_json::from_str::<Map<String, Value>>(s).unwrap();
+        let chat = responses_to_chat(obj(
+            r#"{"model":"m","instructions":"Be brief","input":[{"role":"user","content":[{"type":"input_text","text":"hi"}]}],"max_output_tokens":9,"stream":true}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            Value::Object(chat),
+            json!({"model":"m","messages":[{"role":"system","content":"Be brief"},{"role":"user","content":"hi"}],
+                "max_tokens":9,"stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":false}})
+        );
+        let chat = messages_to_chat(obj(
+            r#"{"model":"m","system":"S","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(chat["messages"][0], json!({"role":"system","content":"S"}));
+        assert_eq!(chat["stream"], false);
+        let missing = messages_to_chat(obj(r#"{"model":"m","messages":[]}"#));
+        assert_eq!(missing.unwrap_err().param, Some("max_tokens"));
+        assert!(responses_to_chat(obj(r#"{"model":"m"}"#)).is_err());
+    }
+}
