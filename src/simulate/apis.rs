@@ -141,11 +141,8 @@ fn responses_to_chat(obj: Map<String, Value>) -> Result<Map<String, Value>, ApiE
 /// message's text, `max_tokens` (required); streams ask for usage and continuous usage.
 fn messages_to_chat(obj: Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
     let mut messages = Vec::new();
-    match obj.get("system") {
-        Some(s @ (Value::String(_) | Value::Array(_))) => {
-            messages.push(json!({"role": "system", "content": text_of(Some(s))}));
-        }
-        _ => {}
+    if let Some(s @ (Value::String(_) | Value::Array(_))) = obj.get("system") {
+        messages.push(json!({"role": "system", "content": text_of(Some(s))}));
     }
     let Some(Value::Array(items)) = obj.get("messages") else {
         return Err(ApiError::validation(
