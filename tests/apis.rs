@@ -648,3 +648,70 @@ async fn simulator_faults_become_each_apis_errors() {
     proxy.shutdown().await;
     sim.shutdown().await;
 }
+
+/// `tokentap bench --backend openai-responses | anthropic-messages` times each request as the
+/// proxy does: both see TTFT 50 ms and seven 10 ms gaps per request, and their totals agree.
+#[tokio::test(start_paused = true)]
+async fn bench_agrees_with_the_proxy_for_both_apis() {
+    use tokentap::bench::{self, Backend, BenchArgs};
+    for (backend, endpoint) in [
+        (Backend::OpenaiResponses, "responses"),
+        (Backend::AnthropicMessages, "messages"),
+    ] {
+        let sim = sim(exact_sim(50.0, 10.0)).await;
+        let proxy = tokentap::start(proxy_config(&sim.base_url()))
+            .await
+            .unwrap();
+        let mut args = BenchArgs::new(&format!("http://{}", proxy.addr()), MODEL);
+        args.backend = Some(backend);
+        args.num_prompts = 6;
+        args.max_concurrency = Some(3);
+        args.random_input_len = 32;
+        args.random_output_len = 8;
+        args.disable_tqdm = true;
+        let result = bench::run(&args).await.unwrap();
+        assert_eq!(result.completed().count(), 6, "{endpoint}");
+        for r in result.completed() {
+            assert!((r.ttft - 0.050).abs() < 1e-9, "{endpoint}: ttft {}", r.ttft);
+            assert_eq!(r.output_tokens, 8, "{endpoint}");
+            assert!(
+                (r.latency - 0.120).abs() < 1e-9,
+                "{endpoint}: {}",
+                r.latency
+            );
+            // No role chunk here: every gap is one decode step.
+            assert_eq!(r.itl.len(), 7, "{endpoint}");
+            assert!(
+                r.itl.iter().all(|g| (g - 0.010).abs() < 1e-9),
+                "{:?}",
+                r.itl
+            );
+        }
+        tokio::time::sleep(50 * MS).await;
+        let m = scrape(proxy.admin_addr().unwrap()).await;
+        let l = [("model", MODEL), ("endpoint", endpoint)];
+        close(&m, "tokentap_time_to_first_token_seconds_count", &l, 6.0);
+        close(
+            &m,
+            "tokentap_time_to_first_token_seconds_sum",
+            &l,
+            6.0 * 0.050,
+        );
+        close(&m, "tokentap_inter_token_latency_seconds_count", &l, 42.0);
+        close(
+            &m,
+            "tokentap_inter_token_latency_seconds_sum",
+            &l,
+            42.0 * 0.010,
+        );
+        close(
+            &m,
+            "tokentap_e2e_request_latency_seconds_sum",
+            &l,
+            6.0 * 0.120,
+        );
+        close(&m, "tokentap_generation_tokens_total", &l, 48.0);
+        proxy.shutdown().await;
+        sim.shutdown().await;
+    }
+}

@@ -6,7 +6,10 @@
 //! `usage.completion_tokens`, and TPOT is `(E2EL - TTFT) / (output - 1)`: the definitions of
 //! `docs/METRICS.md`, which match `vllm bench serve`.
 
+mod backend;
 pub mod dataset;
+
+pub use backend::Backend;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +27,7 @@ use tokio::time::Instant;
 
 use crate::net;
 use crate::report::{ALL_METRICS, Distribution, ModelSummary, fmt_pct, render_table};
-use crate::sse::{EventKind, SseParser};
+use crate::sse::{Dialect, EventKind, SseParser};
 use dataset::Sample;
 
 /// Which workload to send.
@@ -42,9 +45,14 @@ pub struct BenchArgs {
     /// Base URL of the server (tokentap, vLLM, or any OpenAI-compatible server).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub base_url: String,
-    /// API path: /v1/chat/completions or /v1/completions.
-    #[arg(long, default_value = "/v1/chat/completions")]
+    /// API path: /v1/chat/completions, /v1/completions, /v1/responses or /v1/messages
+    /// (default: the path of `--backend`, else /v1/chat/completions).
+    #[arg(long, default_value = BenchArgs::DEFAULT_ENDPOINT)]
     pub endpoint: String,
+    /// The API spoken: openai-chat, openai (completions), openai-responses or
+    /// anthropic-messages (default: the one `--endpoint` names).
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
     /// Model name sent in each request.
     #[arg(long)]
     pub model: String,
@@ -117,6 +125,9 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// `--endpoint` when not given.
+    pub const DEFAULT_ENDPOINT: &'static str = "/v1/chat/completions";
+
     /// Options with the defaults of the command line, for `model` at `base_url`.
     pub fn new(base_url: &str, model: &str) -> BenchArgs {
         use clap::Parser;
@@ -319,27 +330,6 @@ pub fn parse_goodput(items: &[String]) -> Result<Vec<(String, f64)>, BenchError>
         .collect()
 }
 
-fn workload(args: &BenchArgs) -> Result<Vec<Sample>, BenchError> {
-    match (&args.dataset_path, args.dataset_name) {
-        (Some(path), _) => Ok(dataset::sharegpt(
-            path,
-            args.num_prompts,
-            args.sharegpt_output_len,
-            args.seed,
-        )?),
-        (None, DatasetName::Sharegpt) => Err(BenchError::Usage(
-            "--dataset-name sharegpt needs --dataset-path".to_owned(),
-        )),
-        (None, DatasetName::Random) => Ok(dataset::random(
-            args.num_prompts,
-            args.random_input_len,
-            args.random_output_len,
-            args.random_range_ratio,
-            args.seed,
-        )),
-    }
-}
-
 fn request_body(args: &BenchArgs, chat: bool, s: &Sample) -> Bytes {
     let mut body = if chat {
         serde_json::json!({
@@ -364,6 +354,27 @@ fn request_body(args: &BenchArgs, chat: bool, s: &Sample) -> Bytes {
         body["ignore_eos"] = serde_json::Value::Bool(true);
     }
     Bytes::from(body.to_string())
+}
+
+fn workload(args: &BenchArgs) -> Result<Vec<Sample>, BenchError> {
+    match (&args.dataset_path, args.dataset_name) {
+        (Some(path), _) => Ok(dataset::sharegpt(
+            path,
+            args.num_prompts,
+            args.sharegpt_output_len,
+            args.seed,
+        )?),
+        (None, DatasetName::Sharegpt) => Err(BenchError::Usage(
+            "--dataset-name sharegpt needs --dataset-path".to_owned(),
+        )),
+        (None, DatasetName::Random) => Ok(dataset::random(
+            args.num_prompts,
+            args.random_input_len,
+            args.random_output_len,
+            args.random_range_ratio,
+            args.seed,
+        )),
+    }
 }
 
 /// The connection pool of a run: it keeps up to `--max-concurrency` idle connections, so runs
@@ -412,7 +423,10 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
             "--max-concurrency must be at least 1".to_owned(),
         ));
     }
-    let url: http::Uri = format!("{}{}", args.base_url.trim_end_matches('/'), args.endpoint)
+    let backend = Backend::of(args);
+    let endpoint = backend.endpoint(args);
+    let dialect = backend.dialect();
+    let url: http::Uri = format!("{}{}", args.base_url.trim_end_matches('/'), endpoint)
         .parse()
         .map_err(|e| BenchError::Usage(format!("--base-url/--endpoint: {e}")))?;
     let mut headers = http::HeaderMap::new();
@@ -426,12 +440,11 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
             .map_err(|e| BenchError::Usage(format!("--header: {e}")))?;
         headers.append(name, value);
     }
-    let chat = args.endpoint.contains("chat");
     let samples = workload(args)?;
     let limit = args.max_concurrency.map(|n| Arc::new(Semaphore::new(n)));
     let nonce: u32 = rand::random();
     if let Some(first) = samples.first().filter(|_| args.num_warmups > 0) {
-        let body = request_body(args, chat, first);
+        let body = backend.request_body(args, first);
         let mut warmups = tokio::task::JoinSet::new();
         for i in 0..args.num_warmups {
             let (client, url, headers, body, limit) = (
@@ -447,7 +460,8 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
                     None => None,
                 };
                 let id = format!("tb-{nonce:08x}-warmup-{i}");
-                one_request(&client, url, headers, body, id, Instant::now(), false).await;
+                let t = Instant::now();
+                one_request(&client, url, headers, body, id, t, false, dialect).await;
             });
         }
         warmups.join_all().await;
@@ -474,7 +488,7 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
             tokio::time::sleep_until(next).await;
         }
         let request_id = format!("tb-{nonce:08x}-{i}");
-        let body = request_body(args, chat, sample);
+        let body = backend.request_body(args, sample);
         let (client, url, headers, limit, progress) = (
             client.clone(),
             url.clone(),
@@ -494,7 +508,10 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
                 ),
                 None => None,
             };
-            let mut r = one_request(&client, url, headers, body, request_id, started, stamps).await;
+            let mut r = one_request(
+                &client, url, headers, body, request_id, started, stamps, dialect,
+            )
+            .await;
             if r.prompt_len == 0 {
                 r.prompt_len = prompt_len;
             }
@@ -517,7 +534,8 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
     })
 }
 
-/// Sends one streaming request and times its events.
+/// Sends one streaming request and times its events by `dialect`'s rules.
+#[allow(clippy::too_many_arguments)]
 async fn one_request(
     client: &HttpClient,
     url: http::Uri,
@@ -526,6 +544,7 @@ async fn one_request(
     request_id: String,
     started: Instant,
     stamps: bool,
+    dialect: Dialect,
 ) -> RequestResult {
     let mut out = RequestResult {
         request_id,
@@ -568,7 +587,7 @@ async fn one_request(
         out.error = format!("HTTP {status}: {}", String::from_utf8_lossy(&text));
         return out;
     }
-    let mut parser = SseParser::new();
+    let mut parser = SseParser::new().with_dialect(dialect);
     let mut first: Option<Instant> = None;
     let mut last = st;
     let mut content_chunks = 0u64;
@@ -768,7 +787,8 @@ pub fn save(args: &BenchArgs, result: &BenchResult) -> Result<PathBuf, BenchErro
         ))
     });
     let mut json = serde_json::json!({
-        "endpoint": args.endpoint,
+        "endpoint": Backend::of(args).endpoint(args),
+        "backend": Backend::of(args).path(),
         "base_url": args.base_url,
         "model_id": args.model,
         "num_prompts": args.num_prompts,
