@@ -715,3 +715,33 @@ async fn bench_agrees_with_the_proxy_for_both_apis() {
         sim.shutdown().await;
     }
 }
+
+/// `tokentap demo --backend anthropic-messages` (and openai-responses): the client's and the
+/// proxy's tables side by side, every request counted by both.
+#[tokio::test(start_paused = true)]
+async fn demo_shows_either_api() {
+    use tokentap::bench::Backend;
+    for (backend, path) in [
+        (Backend::AnthropicMessages, "/v1/messages"),
+        (Backend::OpenaiResponses, "/v1/responses"),
+    ] {
+        let args = tokentap::demo::DemoArgs {
+            num_prompts: 8,
+            max_concurrency: 4,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            exit: true,
+            backend: Some(backend),
+        };
+        let out = tokentap::demo::run(&args, std::future::pending())
+            .await
+            .unwrap();
+        let row = out
+            .lines()
+            .find(|l| l.starts_with("Successful requests"))
+            .unwrap_or_else(|| panic!("no comparison table in\n{out}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cols[2..4], &["8.00", "8.00"], "{row}");
+        assert!(out.contains(path), "the example names {path}:\n{out}");
+    }
+}
