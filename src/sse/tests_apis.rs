@@ -555,3 +555,38 @@ fn chat_dialect_is_the_default() {
         .feed(chunk, |e| kinds.push(e.kind));
     assert_eq!(kinds[2], EventKind::Other);
 }
+
+/// No input makes either API's rules panic: every byte of a real stream changed to bytes that
+/// matter to JSON and SSE, and every cut of it, are read through.
+#[test]
+fn mutated_streams_never_panic() {
+    let file: Vectors =
+        serde_json::from_str(include_str!("../../tests/vectors/vllm-bench-0.33.json")).unwrap();
+    let responses: String = file
+        .vectors
+        .iter()
+        .filter(|v| v.endpoint == "responses")
+        .flat_map(|v| v.events.iter().map(|e| format!("{e}\n\n")))
+        .collect();
+    let messages: String = thinking_then_text()
+        .iter()
+        .map(|e| format!("{e}\n\n"))
+        .collect();
+    let mut events = 0u64;
+    for (dialect, stream) in [
+        (Dialect::Responses, responses),
+        (Dialect::Messages, messages),
+    ] {
+        let bytes = stream.as_bytes();
+        for at in (0..bytes.len()).step_by(7) {
+            for c in [b'"', b'\\', b'}', b'\n', 0xff] {
+                let mut v = bytes.to_vec();
+                v[at] = c;
+                let mut p = SseParser::new().with_dialect(dialect);
+                p.feed(&v, |_| events += 1);
+                p.feed(&v[..at], |_| events += 1);
+            }
+        }
+    }
+    assert!(events > 2_000, "{events} events read");
+}
