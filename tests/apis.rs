@@ -635,6 +635,19 @@ async fn simulator_faults_become_each_apis_errors() {
         assert!(text.contains("event: error\ndata: {"), "{path}: {text}");
         assert!(!text.contains("response.completed") && !text.contains("message_stop"));
     }
+    // An overloaded server answers in the API's own error shape.
+    let r = send(
+        &client(),
+        http::Method::POST,
+        &format!("{via}/v1/messages"),
+        &messages_request(true),
+        &[("x-tokentap-sim-fault", "status=503")],
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "overloaded_error");
     tokio::time::sleep(50 * MS).await;
     let m = scrape(proxy.admin_addr().unwrap()).await;
     for endpoint in ["responses", "messages"] {
@@ -645,6 +658,16 @@ async fn simulator_faults_become_each_apis_errors() {
             1.0,
         );
     }
+    close(
+        &m,
+        "tokentap_requests_total",
+        &[
+            ("endpoint", "messages"),
+            ("outcome", "upstream_status"),
+            ("status", "503"),
+        ],
+        1.0,
+    );
     proxy.shutdown().await;
     sim.shutdown().await;
 }

@@ -41,7 +41,7 @@ pub(crate) async fn serve(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (parts, obj) = match read_json(req).await {
         Ok(v) => v,
-        Err(e) => return Ok(api_error(&e)),
+        Err(e) => return Ok(error(api, &e)),
     };
     let chat = match api {
         Api::Responses => responses_to_chat(obj),
@@ -49,7 +49,7 @@ pub(crate) async fn serve(
     };
     let chat = match chat {
         Ok(c) => c,
-        Err(e) => return Ok(api_error(&e)),
+        Err(e) => return Ok(error(api, &e)),
     };
     let resp = generate_from(shared, Endpoint::Chat, parts, chat, arrival).await?;
     let streamed = resp
@@ -57,6 +57,19 @@ pub(crate) async fn serve(
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if resp.status() != StatusCode::OK {
+        if api == Api::Messages {
+            let (parts, body) = resp.into_parts();
+            let chat = body
+                .full_bytes()
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                .unwrap_or(Value::Null);
+            let message = chat["error"]["message"].as_str().unwrap_or("error");
+            return Ok(response(
+                parts.status,
+                "application/json",
+                SimBody::full(anthropic_error(parts.status, message)),
+            ));
+        }
         return Ok(resp);
     }
     let (parts, body) = resp.into_parts();
@@ -81,6 +94,35 @@ pub(crate) async fn serve(
         "application/json",
         SimBody::full(serde_json::to_vec(&converted).unwrap_or_default()),
     ))
+}
+
+/// An error answer in the API's shape: OpenAI's for Responses (as vLLM answers), Anthropic's
+/// `{"type":"error","error":{"type","message"}}` for Messages.
+fn error(api: Api, e: &ApiError) -> Response<SimBody> {
+    match api {
+        Api::Responses => api_error(e),
+        Api::Messages => response(
+            e.status,
+            "application/json",
+            SimBody::full(anthropic_error(e.status, &e.message)),
+        ),
+    }
+}
+
+/// Anthropic's error body for `status`.
+fn anthropic_error(status: StatusCode, message: &str) -> Vec<u8> {
+    let kind = match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 | 503 => "overloaded_error",
+        _ => "api_error",
+    };
+    serde_json::to_vec(&json!({"type": "error", "error": {"type": kind, "message": message}}))
+        .unwrap_or_default()
 }
 
 /// The text of a message `content`: a string, or the `text` of its parts joined.
@@ -843,6 +885,11 @@ mod tests {
         .unwrap();
         assert_eq!(chat["messages"][0], json!({"role":"system","content":"S"}));
         assert_eq!(chat["stream"], false);
+        let body = anthropic_error(StatusCode::SERVICE_UNAVAILABLE, "busy");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap(),
+            json!({"type":"error","error":{"type":"overloaded_error","message":"busy"}})
+        );
         let missing = messages_to_chat(obj(r#"{"model":"m","messages":[]}"#));
         assert_eq!(missing.unwrap_err().param, Some("max_tokens"));
         assert!(responses_to_chat(obj(r#"{"model":"m"}"#)).is_err());
