@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-use crate::bench::{self, BenchArgs};
+use crate::bench::{self, Backend, BenchArgs};
 use crate::config::Config;
 use crate::report::{Distribution, ModelSummary, fmt_pct};
 use crate::simulate::{Flavor, SimConfig, Simulator};
@@ -30,6 +30,10 @@ pub struct DemoArgs {
     /// Response shapes of the simulated server: `vllm` or `llama.cpp`.
     #[arg(long, default_value_t = Flavor::Vllm)]
     pub flavor: Flavor,
+    /// The API the bench run speaks: openai-chat (default), openai, openai-responses or
+    /// anthropic-messages.
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
 }
 
 /// Percentiles the comparison shows.
@@ -69,6 +73,7 @@ pub async fn run(
     );
     let mut bench_args = BenchArgs::new(&format!("http://{}", proxy.addr()), &model);
     bench_args.num_prompts = args.num_prompts;
+    bench_args.backend = args.backend;
     bench_args.max_concurrency = Some(args.max_concurrency);
     bench_args.random_input_len = 512;
     bench_args.random_output_len = 96;
@@ -86,11 +91,23 @@ pub async fn run(
         Some(server) => out.push_str(&compare(&client, server)),
         None => out.push_str("the proxy recorded no request\n"),
     }
+    let backend = Backend::of(&bench_args);
+    let example = match backend {
+        Backend::OpenaiResponses => format!(r#"{{"model":"{model}","input":"hi","stream":true}}"#),
+        Backend::AnthropicMessages => format!(
+            r#"{{"model":"{model}","max_tokens":64,"messages":[{{"role":"user","content":"hi"}}],"stream":true}}"#
+        ),
+        Backend::Openai => format!(r#"{{"model":"{model}","prompt":"hi","stream":true}}"#),
+        Backend::OpenaiChat => format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"stream":true}}"#
+        ),
+    };
     let _ = writeln!(
         out,
-        "\nproxy:      http://{}  (try: curl http://{}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":true}}')",
+        "\nproxy:      http://{}  (try: curl http://{}{} -H 'content-type: application/json' -d '{example}')",
         proxy.addr(),
-        proxy.addr()
+        proxy.addr(),
+        backend.path()
     );
     let _ = writeln!(out, "metrics:    http://{admin}/metrics");
     let _ = writeln!(

@@ -14,6 +14,10 @@ pub enum Endpoint {
     Embeddings,
     /// `/v1/models`.
     Models,
+    /// `/v1/responses`: the OpenAI Responses API.
+    Responses,
+    /// `/v1/messages`: the Anthropic Messages API.
+    Messages,
     /// Anything else.
     Other,
 }
@@ -26,6 +30,8 @@ impl Endpoint {
             "/v1/completions" => Endpoint::Completions,
             "/v1/embeddings" => Endpoint::Embeddings,
             "/v1/models" => Endpoint::Models,
+            "/v1/responses" => Endpoint::Responses,
+            "/v1/messages" => Endpoint::Messages,
             _ => Endpoint::Other,
         }
     }
@@ -37,12 +43,24 @@ impl Endpoint {
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Models => "models",
+            Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
             Endpoint::Other => "other",
         }
     }
 
-    /// Chat or completions: the endpoints that generate tokens.
+    /// The endpoints that generate tokens: chat, completions, responses and messages.
     pub fn is_generation(self) -> bool {
+        matches!(
+            self,
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses | Endpoint::Messages
+        )
+    }
+
+    /// Whether the endpoint takes OpenAI's `stream_options`, so that the proxy may ask for usage
+    /// on a client's behalf: chat and completions. Responses and Messages streams always end
+    /// with their usage, and their requests are never rewritten.
+    pub fn takes_stream_options(self) -> bool {
         matches!(self, Endpoint::Chat | Endpoint::Completions)
     }
 
@@ -86,6 +104,14 @@ mod tests {
         );
         assert_eq!(Endpoint::from_path("/v1/embeddings"), Endpoint::Embeddings);
         assert_eq!(Endpoint::from_path("/v1/models"), Endpoint::Models);
+        assert_eq!(Endpoint::from_path("/v1/responses"), Endpoint::Responses);
+        assert_eq!(Endpoint::from_path("/v1/messages/"), Endpoint::Messages);
+        assert_eq!(Endpoint::Responses.as_str(), "responses");
+        assert_eq!(Endpoint::Messages.as_str(), "messages");
+        assert!(Endpoint::Messages.inspects_body(&Method::POST));
+        assert!(Endpoint::Chat.takes_stream_options());
+        assert!(!Endpoint::Responses.takes_stream_options());
+        assert!(!Endpoint::Messages.takes_stream_options());
         assert_eq!(Endpoint::from_path("/health"), Endpoint::Other);
         assert!(Endpoint::Chat.inspects_body(&Method::POST));
         assert!(!Endpoint::Chat.inspects_body(&Method::GET));

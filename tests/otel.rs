@@ -970,3 +970,108 @@ async fn tracing_off_builds_nothing_and_bad_settings_are_refused() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The Responses and Messages APIs.
+
+const RESPONSES_SSE: &str = concat!(
+    "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_42\",\"model\":\"served-qwen\",\"status\":\"in_progress\"}}\n\n",
+    "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"delta\":\"Hi\"}\n\n",
+    "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":2,\"delta\":\"!\"}\n\n",
+    "event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":3,\"response\":{\"id\":\"resp_42\",\"model\":\"served-qwen\",\"status\":\"completed\",\"usage\":{\"input_tokens\":12,\"output_tokens\":2,\"total_tokens\":14}}}\n\n",
+);
+
+const MESSAGES_SSE: &str = concat!(
+    "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_42\",\"type\":\"message\",\"model\":\"served-qwen\",\"usage\":{\"input_tokens\":9,\"output_tokens\":0}}}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+    "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":1}}\n\n",
+    "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+);
+
+/// An upstream that answers `/v1/responses` and `/v1/messages` with their streams.
+async fn apis_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let body = match req.uri().path() {
+                        "/v1/responses" => RESPONSES_SSE,
+                        _ => MESSAGES_SSE,
+                    };
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(Full::new(Bytes::from_static(body.as_bytes())))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Spans of Responses and Messages requests carry the GenAI attributes chat's do: the
+/// operation, the response's id and model from the API's own events, and its usage.
+#[tokio::test]
+async fn grpc_spans_of_responses_and_messages() {
+    let mut rx = Receiver::grpc().await;
+    let addr = apis_upstream().await;
+    let proxy = tokentap::start(traced(&format!("http://{addr}"), rx.tracing()))
+        .await
+        .unwrap();
+    let cases = [
+        (
+            "/v1/responses",
+            format!(r#"{{"model":"{MODEL}","input":"hi","max_output_tokens":7,"stream":true}}"#),
+            "resp_42",
+            (12, 2),
+        ),
+        (
+            "/v1/messages",
+            format!(
+                r#"{{"model":"{MODEL}","max_tokens":7,"messages":[{{"role":"user","content":"hi"}}],"stream":true}}"#
+            ),
+            "msg_42",
+            (9, 1),
+        ),
+    ];
+    for (n, (path, body, _, _)) in cases.iter().enumerate() {
+        let parent = traceparent(&trace_id(900 + n as u32), CLIENT_SPAN, "01");
+        let r = send(
+            &client(),
+            Method::POST,
+            &format!("http://{}{path}", proxy.addr()),
+            body,
+            &[("traceparent", &parent)],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    let mut spans = Vec::new();
+    for (n, (path, _, id, (input, output))) in cases.iter().enumerate() {
+        let span = rx.span_of(&mut spans, &trace_id(900 + n as u32)).await;
+        assert_eq!(span.name, format!("chat {MODEL}"), "{path}");
+        assert_eq!(span.str("gen_ai.operation.name"), "chat", "{path}");
+        assert_eq!(span.str("gen_ai.request.model"), MODEL, "{path}");
+        assert_eq!(span.int("gen_ai.request.max_tokens"), 7, "{path}");
+        assert_eq!(
+            span.attr("gen_ai.request.stream"),
+            &Val::Bool(true),
+            "{path}"
+        );
+        assert_eq!(span.str("gen_ai.response.id"), *id, "{path}");
+        assert_eq!(span.str("gen_ai.response.model"), "served-qwen", "{path}");
+        assert_eq!(span.int("gen_ai.usage.input_tokens"), *input, "{path}");
+        assert_eq!(span.int("gen_ai.usage.output_tokens"), *output, "{path}");
+    }
+    proxy.shutdown().await;
+    rx.stop().await;
+}

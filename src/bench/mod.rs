@@ -6,7 +6,10 @@
 //! `usage.completion_tokens`, and TPOT is `(E2EL - TTFT) / (output - 1)`: the definitions of
 //! `docs/METRICS.md`, which match `vllm bench serve`.
 
+mod backend;
 pub mod dataset;
+
+pub use backend::Backend;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,7 +28,7 @@ use tokio::time::Instant;
 use crate::latency::{Latency, Observation};
 use crate::net;
 use crate::report::{ALL_METRICS, Distribution, ModelSummary, fmt_pct, render_table};
-use crate::sse::{EventKind, SseParser};
+use crate::sse::{Dialect, EventKind, SseParser};
 use dataset::Sample;
 
 /// Which workload to send.
@@ -43,9 +46,14 @@ pub struct BenchArgs {
     /// Base URL of the server (tokentap, vLLM, or any OpenAI-compatible server).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub base_url: String,
-    /// API path: /v1/chat/completions or /v1/completions.
-    #[arg(long, default_value = "/v1/chat/completions")]
+    /// API path: /v1/chat/completions, /v1/completions, /v1/responses or /v1/messages
+    /// (default: the path of `--backend`, else /v1/chat/completions).
+    #[arg(long, default_value = BenchArgs::DEFAULT_ENDPOINT)]
     pub endpoint: String,
+    /// The API spoken: openai-chat, openai (completions), openai-responses or
+    /// anthropic-messages (default: the one `--endpoint` names).
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
     /// Model name sent in each request.
     #[arg(long)]
     pub model: String,
@@ -118,6 +126,9 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// `--endpoint` when not given.
+    pub const DEFAULT_ENDPOINT: &'static str = "/v1/chat/completions";
+
     /// Options with the defaults of the command line, for `model` at `base_url`.
     pub fn new(base_url: &str, model: &str) -> BenchArgs {
         use clap::Parser;
@@ -333,27 +344,6 @@ pub fn parse_goodput(items: &[String]) -> Result<Vec<(String, f64)>, BenchError>
         .collect()
 }
 
-fn workload(args: &BenchArgs) -> Result<Vec<Sample>, BenchError> {
-    match (&args.dataset_path, args.dataset_name) {
-        (Some(path), _) => Ok(dataset::sharegpt(
-            path,
-            args.num_prompts,
-            args.sharegpt_output_len,
-            args.seed,
-        )?),
-        (None, DatasetName::Sharegpt) => Err(BenchError::Usage(
-            "--dataset-name sharegpt needs --dataset-path".to_owned(),
-        )),
-        (None, DatasetName::Random) => Ok(dataset::random(
-            args.num_prompts,
-            args.random_input_len,
-            args.random_output_len,
-            args.random_range_ratio,
-            args.seed,
-        )),
-    }
-}
-
 fn request_body(args: &BenchArgs, chat: bool, s: &Sample) -> Bytes {
     let mut body = if chat {
         serde_json::json!({
@@ -378,6 +368,27 @@ fn request_body(args: &BenchArgs, chat: bool, s: &Sample) -> Bytes {
         body["ignore_eos"] = serde_json::Value::Bool(true);
     }
     Bytes::from(body.to_string())
+}
+
+fn workload(args: &BenchArgs) -> Result<Vec<Sample>, BenchError> {
+    match (&args.dataset_path, args.dataset_name) {
+        (Some(path), _) => Ok(dataset::sharegpt(
+            path,
+            args.num_prompts,
+            args.sharegpt_output_len,
+            args.seed,
+        )?),
+        (None, DatasetName::Sharegpt) => Err(BenchError::Usage(
+            "--dataset-name sharegpt needs --dataset-path".to_owned(),
+        )),
+        (None, DatasetName::Random) => Ok(dataset::random(
+            args.num_prompts,
+            args.random_input_len,
+            args.random_output_len,
+            args.random_range_ratio,
+            args.seed,
+        )),
+    }
 }
 
 /// The connection pool of a run: it keeps up to `--max-concurrency` idle connections, so runs
@@ -426,7 +437,10 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
             "--max-concurrency must be at least 1".to_owned(),
         ));
     }
-    let url: http::Uri = format!("{}{}", args.base_url.trim_end_matches('/'), args.endpoint)
+    let backend = Backend::of(args);
+    let endpoint = backend.endpoint(args);
+    let dialect = backend.dialect();
+    let url: http::Uri = format!("{}{}", args.base_url.trim_end_matches('/'), endpoint)
         .parse()
         .map_err(|e| BenchError::Usage(format!("--base-url/--endpoint: {e}")))?;
     let mut headers = http::HeaderMap::new();
@@ -440,12 +454,11 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
             .map_err(|e| BenchError::Usage(format!("--header: {e}")))?;
         headers.append(name, value);
     }
-    let chat = args.endpoint.contains("chat");
     let samples = workload(args)?;
     let limit = args.max_concurrency.map(|n| Arc::new(Semaphore::new(n)));
     let nonce: u32 = rand::random();
     if let Some(first) = samples.first().filter(|_| args.num_warmups > 0) {
-        let body = request_body(args, chat, first);
+        let body = backend.request_body(args, first);
         let mut warmups = tokio::task::JoinSet::new();
         for i in 0..args.num_warmups {
             let (client, url, headers, body, limit) = (
@@ -461,7 +474,8 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
                     None => None,
                 };
                 let id = format!("tb-{nonce:08x}-warmup-{i}");
-                one_request(&client, url, headers, body, id, Instant::now(), false).await;
+                let t = Instant::now();
+                one_request(&client, url, headers, body, id, t, false, dialect).await;
             });
         }
         warmups.join_all().await;
@@ -488,7 +502,7 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
             tokio::time::sleep_until(next).await;
         }
         let request_id = format!("tb-{nonce:08x}-{i}");
-        let body = request_body(args, chat, sample);
+        let body = backend.request_body(args, sample);
         let (client, url, headers, limit, progress) = (
             client.clone(),
             url.clone(),
@@ -508,7 +522,10 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
                 ),
                 None => None,
             };
-            let mut r = one_request(&client, url, headers, body, request_id, started, stamps).await;
+            let mut r = one_request(
+                &client, url, headers, body, request_id, started, stamps, dialect,
+            )
+            .await;
             if r.prompt_len == 0 {
                 r.prompt_len = prompt_len;
             }
@@ -531,7 +548,8 @@ pub async fn run_with(client: &HttpClient, args: &BenchArgs) -> Result<BenchResu
     })
 }
 
-/// Sends one streaming request and times its events.
+/// Sends one streaming request and times its events by `dialect`'s rules.
+#[allow(clippy::too_many_arguments)]
 async fn one_request(
     client: &HttpClient,
     url: http::Uri,
@@ -540,6 +558,7 @@ async fn one_request(
     request_id: String,
     started: Instant,
     stamps: bool,
+    dialect: Dialect,
 ) -> RequestResult {
     let mut out = RequestResult {
         request_id,
@@ -584,7 +603,7 @@ async fn one_request(
     }
     // The proxy's own state machine: the same output events, TTFT, ITL and E2EL rules
     // (`docs/METRICS.md` §1–2, those of the current `vllm bench serve`), timed from the send.
-    let mut parser = SseParser::new();
+    let mut parser = SseParser::new().with_dialect(dialect);
     let mut latency = Latency::new(st);
     let mut error = None;
     while let Some(frame) = body.frame().await {
@@ -777,7 +796,8 @@ pub fn save(args: &BenchArgs, result: &BenchResult) -> Result<PathBuf, BenchErro
         ))
     });
     let mut json = serde_json::json!({
-        "endpoint": args.endpoint,
+        "endpoint": Backend::of(args).endpoint(args),
+        "backend": Backend::of(args).path(),
         "base_url": args.base_url,
         "model_id": args.model,
         "num_prompts": args.num_prompts,

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::latency::{Latency, Observation};
-use crate::sse::{self, EventKind, SseParser};
+use crate::route::Endpoint;
+use crate::sse::{self, Dialect, EventKind, SseParser};
 use crate::telemetry::otel::RequestSpan;
 use crate::telemetry::stats::ItlBatch;
 use crate::telemetry::{Finished, Outcome, RouteMetrics, Telemetry};
@@ -104,7 +105,8 @@ impl Recorder {
         let ok = (200..300).contains(&status);
         self.mode = if ok && sse {
             Mode::Sse {
-                parser: SseParser::with_max_event(max_event),
+                parser: SseParser::with_max_event(max_event)
+                    .with_dialect(dialect(self.route.endpoint)),
             }
         } else if ok && json && self.route.endpoint.is_generation() {
             Mode::Json {
@@ -191,7 +193,7 @@ impl Recorder {
         match std::mem::replace(&mut self.mode, Mode::Opaque) {
             Mode::Json { frames, len } if len <= MAX_JSON_USAGE_BODY => {
                 let mut joined = Vec::new();
-                let body = json_body(&frames, &mut joined);
+                let body = json_body(&frames, &mut joined, dialect(self.route.endpoint));
                 if let Some(usage) = body.usage {
                     self.latency.on_usage(usage);
                 }
@@ -271,7 +273,11 @@ fn observe(
 /// frames: the events' classifier reads what telemetry needs of a whole body too (its usage,
 /// and its id and model when they are plain strings) for two thirds of what serde's walk of it
 /// cost.
-pub(super) fn json_body<'a>(frames: &'a [Bytes], joined: &'a mut Vec<u8>) -> sse::Classified<'a> {
+pub(super) fn json_body<'a>(
+    frames: &'a [Bytes],
+    joined: &'a mut Vec<u8>,
+    dialect: Dialect,
+) -> sse::Classified<'a> {
     let body: &[u8] = match frames {
         [one] => one,
         _ => {
@@ -279,7 +285,17 @@ pub(super) fn json_body<'a>(frames: &'a [Bytes], joined: &'a mut Vec<u8>) -> sse
             joined
         }
     };
-    sse::classify(body, &mut Vec::new())
+    sse::classify_body(dialect, body)
+}
+
+/// Whose event rules read an endpoint's streams and bodies: the Responses and Messages APIs
+/// have their own; everything else is read as chat.
+fn dialect(endpoint: Endpoint) -> Dialect {
+    match endpoint {
+        Endpoint::Responses => Dialect::Responses,
+        Endpoint::Messages => Dialect::Messages,
+        _ => Dialect::Chat,
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 use super::recorder::json_body;
+use crate::sse::Dialect;
 use bytes::Bytes;
 
 #[test]
@@ -12,7 +13,7 @@ fn a_json_body_gives_its_usage_id_and_model_in_one_frame_or_several() {
             at = cut;
         }
         let mut joined = Vec::new();
-        let got = json_body(&frames, &mut joined);
+        let got = json_body(&frames, &mut joined, Dialect::Chat);
         let usage = got.usage.expect("usage is read");
         assert_eq!(
             (usage.prompt_tokens, usage.completion_tokens),
@@ -24,5 +25,5 @@ fn a_json_body_gives_its_usage_id_and_model_in_one_frame_or_several() {
     let error = [Bytes::from_static(
         br#"{"error":{"message":"no","code":400}}"#,
     )];
-    assert_eq!(json_body(&error, &mut joined).usage, None);
+    assert_eq!(json_body(&error, &mut joined, Dialect::Chat).usage, None);
 }

@@ -23,6 +23,9 @@ struct Body<'a> {
     max_tokens: Option<u64>,
     #[serde(default)]
     max_completion_tokens: Option<u64>,
+    /// The Responses API's name for it.
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
     #[serde(default)]
     n: Option<u32>,
 }
@@ -70,7 +73,10 @@ fn info(b: Body<'_>) -> RequestInfo {
         include_usage: so.and_then(|s| s.include_usage).unwrap_or(false),
         continuous_usage: so.and_then(|s| s.continuous_usage_stats).unwrap_or(false),
         has_stream_options,
-        max_tokens: b.max_completion_tokens.or(b.max_tokens),
+        max_tokens: b
+            .max_completion_tokens
+            .or(b.max_tokens)
+            .or(b.max_output_tokens),
         n: b.n.unwrap_or(1),
     }
 }
@@ -81,13 +87,14 @@ fn info(b: Body<'_>) -> RequestInfo {
 fn scan(body: &[u8]) -> Option<Body<'_>> {
     let mut s = Scan::new(body);
     let mut b = Body::default();
-    let keys: [&[u8]; 6] = [
+    let keys: [&[u8]; 7] = [
         b"model",
         b"stream",
         b"stream_options",
         b"max_tokens",
         b"max_completion_tokens",
         b"n",
+        b"max_output_tokens",
     ];
     s.fields(&keys, 1, |s, k| {
         match k {
@@ -96,7 +103,8 @@ fn scan(body: &[u8]) -> Option<Body<'_>> {
             2 => b.stream_options = Some(stream_options(s)?),
             3 => b.max_tokens = s.opt_uint()?,
             4 => b.max_completion_tokens = s.opt_uint()?,
-            _ => b.n = s.opt_uint()?.map(u32::try_from).transpose().ok()?,
+            5 => b.n = s.opt_uint()?.map(u32::try_from).transpose().ok()?,
+            _ => b.max_output_tokens = s.opt_uint()?,
         }
         Some(())
     })?;
@@ -222,11 +230,24 @@ mod tests {
         assert!(!i.wants_usage_injection());
     }
 
+    #[test]
+    fn reads_responses_and_messages_bodies() {
+        let r = inspect(br#"{"model":"m","input":"hi","stream":true,"max_output_tokens":9}"#);
+        assert_eq!((r.model.as_deref(), r.stream), (Some("m"), true));
+        assert_eq!(r.max_tokens, Some(9));
+        let m = inspect(
+            br#"{"model":"c","max_tokens":64,"messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+        );
+        assert_eq!((m.model.as_deref(), m.stream), (Some("c"), true));
+        assert_eq!(m.max_tokens, Some(64));
+    }
+
     /// The scanner reads every body it accepts as serde does, mutated ones included, and it
     /// accepts the usual shapes.
     #[test]
     fn the_scanner_agrees_with_serde() {
-        let bodies: [&[u8]; 11] = [
+        let bodies: [&[u8]; 12] = [
+            br#"{"model":"m","input":[{"role":"user","content":"hi"}],"max_output_tokens":9,"stream":true,"reasoning":{"effort":"low"}}"#,
             br#"{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{"role":"user","content":"say \"hi\"\n"}],"max_tokens":16,"stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":false}}"#,
             br#"{"model":"m","prompt":"once upon a time","max_completion_tokens":7,"max_tokens":5,"n":2,"stream":false,"temperature":0.7,"stop":["\n"],"logit_bias":{"50256":-100}}"#,
             b" {\n \"model\" : null , \"stream\" : null , \"stream_options\" : null , \"n\" : null , \"max_tokens\" : null } \r\n",
@@ -264,7 +285,7 @@ mod tests {
             }
             accepted += usize::from(scan(body).is_some());
         }
-        assert_eq!(accepted, 8, "the usual shapes are read by the scanner");
+        assert_eq!(accepted, 9, "the usual shapes are read by the scanner");
         assert!(checked > 1000, "{checked} variants read by the scanner");
     }
 

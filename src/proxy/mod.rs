@@ -260,6 +260,7 @@ impl Proxy {
                     _held = Some(held);
                     info = inspect::inspect(&bytes);
                     if self.inject_usage
+                        && endpoint.takes_stream_options()
                         && let Some(rewritten) = inspect::inject_usage(&bytes, &info)
                     {
                         // The upstream request's Content-Length is set from the body sent.

@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+mod apis;
 mod chunks;
 mod config;
 mod fault;

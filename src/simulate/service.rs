@@ -43,10 +43,27 @@ pub struct SimBody {
 enum Inner {
     Full(Option<Bytes>),
     Stream(Box<StreamBody>),
+    /// A chat stream told as the Responses or Messages API's events.
+    Api(Box<super::apis::ApiStream>),
 }
 
 impl SimBody {
-    fn full(bytes: impl Into<Bytes>) -> SimBody {
+    /// The chat body's bytes when it is a full (non-streamed) one.
+    pub(super) fn full_bytes(&self) -> Option<&Bytes> {
+        match &self.inner {
+            Inner::Full(bytes) => bytes.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// A chat stream's body, told as another API's events.
+    pub(super) fn api(stream: super::apis::ApiStream) -> SimBody {
+        SimBody {
+            inner: Inner::Api(Box::new(stream)),
+        }
+    }
+
+    pub(super) fn full(bytes: impl Into<Bytes>) -> SimBody {
         let bytes = bytes.into();
         SimBody {
             inner: Inner::Full((!bytes.is_empty()).then_some(bytes)),
@@ -201,6 +218,7 @@ impl Body for SimBody {
     ) -> Poll<Option<Result<Frame<Bytes>, SimAbort>>> {
         match &mut self.get_mut().inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Api(s) => s.poll_frame(cx),
             Inner::Stream(s) => {
                 if s.ended {
                     return Poll::Ready(None);
@@ -247,6 +265,7 @@ impl Body for SimBody {
         match &self.inner {
             Inner::Full(bytes) => bytes.is_none(),
             Inner::Stream(s) => s.ended,
+            Inner::Api(s) => s.is_end_stream(),
         }
     }
 
@@ -255,7 +274,7 @@ impl Body for SimBody {
             Inner::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            Inner::Stream(_) => SizeHint::default(),
+            Inner::Stream(_) | Inner::Api(_) => SizeHint::default(),
         }
     }
 }
@@ -282,7 +301,11 @@ fn stamp_emit_time(out: &[u8], ns: u64) -> Vec<u8> {
     stamped
 }
 
-fn response(status: StatusCode, content_type: &'static str, body: SimBody) -> Response<SimBody> {
+pub(super) fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: SimBody,
+) -> Response<SimBody> {
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -294,7 +317,7 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response<SimBody> {
     response(status, "application/json", SimBody::full(body))
 }
 
-fn api_error(e: &ApiError) -> Response<SimBody> {
+pub(super) fn api_error(e: &ApiError) -> Response<SimBody> {
     json(e.status, render::error_body(e))
 }
 
@@ -338,6 +361,7 @@ pub(crate) async fn handle(
     let path = req.uri().path().to_owned();
     let allowed: &'static str = match path.as_str() {
         "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" => "POST",
+        "/v1/responses" | "/v1/messages" => "POST",
         "/v1/models" | "/health" | "/metrics" => "GET",
         "/ping" => "GET, POST",
         _ => return Ok(detail(StatusCode::NOT_FOUND, "Not Found")),
@@ -353,6 +377,12 @@ pub(crate) async fn handle(
     match path.as_str() {
         "/v1/chat/completions" => generate(shared, Endpoint::Chat, req, arrival).await,
         "/v1/completions" => generate(shared, Endpoint::Completions, req, arrival).await,
+        "/v1/responses" => {
+            super::apis::serve(shared, super::apis::Api::Responses, req, arrival).await
+        }
+        "/v1/messages" => {
+            super::apis::serve(shared, super::apis::Api::Messages, req, arrival).await
+        }
         "/v1/embeddings" => Ok(embeddings(shared, req).await),
         "/v1/models" => Ok(models(&shared)),
         "/metrics" => Ok(response(
@@ -369,7 +399,7 @@ pub(crate) async fn handle(
     }
 }
 
-async fn read_json(
+pub(super) async fn read_json(
     req: Request<hyper::body::Incoming>,
 ) -> Result<
     (
@@ -405,6 +435,18 @@ async fn generate(
         Ok(v) => v,
         Err(e) => return Ok(api_error(&e)),
     };
+    generate_from(shared, endpoint, parts, obj, arrival).await
+}
+
+/// [`generate`] for a request whose body has been read (the other APIs are served by
+/// generating the chat completion they stand for).
+pub(super) async fn generate_from(
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    parts: http::request::Parts,
+    obj: serde_json::Map<String, serde_json::Value>,
+    arrival: Instant,
+) -> Result<Response<SimBody>, SimAbort> {
     let plan = match request::plan(endpoint, obj, &shared.config) {
         Ok(p) => p,
         Err(e) => return Ok(api_error(&e)),

@@ -1,5 +1,6 @@
 //! The event splitter: SSE bytes in, one event at a time out, at the blank line that ends it.
 
+use super::apis::{Dialect, classify_api};
 use super::classify::{Classified, classified, classify_in};
 use super::scan;
 use super::{ChoiceInfo, Event, EventKind};
@@ -42,6 +43,9 @@ pub struct SseParser {
     /// Copied event data, when it could not be read in place.
     data: Vec<u8>,
     choices: Vec<ChoiceInfo>,
+    /// Whose event rules classify the payloads. Only chat's fill `prefix`, so the other
+    /// APIs' events never take the one-templated-event path.
+    dialect: Dialect,
 }
 
 impl Default for SseParser {
@@ -76,7 +80,14 @@ impl SseParser {
             max_event,
             choices: Vec::new(),
             prefix: Box::default(),
+            dialect: Dialect::Chat,
         }
+    }
+
+    /// The parser, classifying events by `dialect`'s rules (chat's by default).
+    pub fn with_dialect(mut self, dialect: Dialect) -> Self {
+        self.dialect = dialect;
+        self
     }
 
     /// Feeds the next frame; `on_event` is called for each event the frame completes, in order.
@@ -317,7 +328,10 @@ impl SseParser {
         self.choices.clear();
         let c = match payload {
             None => Classified::of(EventKind::NoData),
-            Some(payload) => classify_in(payload, &mut self.choices, Some(&mut self.prefix)),
+            Some(payload) if self.dialect == Dialect::Chat => {
+                classify_in(payload, &mut self.choices, Some(&mut self.prefix))
+            }
+            Some(payload) => classify_api(self.dialect, payload, &mut self.choices),
         };
         on_event(&Event::of(
             c,

@@ -33,7 +33,7 @@ pub fn scanned(json: &[u8]) -> Option<Answer<'_>> {
     }
     let mut choices = Vec::new();
     let top = scan::top(json, &mut choices, None)?;
-    let c = classified_in(top.error, top.usage, top.id, top.model, &mut choices);
+    let c = classified_in(&top, &mut choices);
     Some(answer(c, choices))
 }
 
@@ -58,7 +58,7 @@ impl Scanner {
         }
         let mut choices = Vec::new();
         let top = scan::top(json, &mut choices, Some(&mut self.prefix))?;
-        let c = classified_in(top.error, top.usage, top.id, top.model, &mut choices);
+        let c = classified_in(&top, &mut choices);
         Some(answer(c, choices))
     }
 
@@ -66,7 +66,7 @@ impl Scanner {
     /// payload read last; `None` when `json` does not fit it.
     pub fn templated<'a>(&'a self, json: &'a [u8]) -> Option<Answer<'a>> {
         let (top, choices) = scan::templated(json, &self.prefix)?;
-        let c = classified(top.error, top.usage, top.id, top.model, !choices.is_empty());
+        let c = classified(&top, !choices.is_empty());
         Some(answer(c, choices.to_vec()))
     }
 }

@@ -168,14 +168,26 @@ impl<'a> Event<'a> {
     }
 }
 
+mod apis;
 mod classify;
 mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+mod messages;
+mod responses;
 pub(crate) mod scan;
 
+pub use apis::{ApiEvent, ApiKind, ApiUsage, Dialect, Output, classify_api, classify_body};
 pub use classify::{Classified, classify};
 pub use frame::SseParser;
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod tests_apis;
+
+/// The readers of each API's events, for tests and tools that want the richer answer.
+pub mod api_events {
+    pub use super::messages::event as messages;
+    pub use super::responses::event as responses;
+}

@@ -217,6 +217,8 @@ impl Tracer {
             Endpoint::Chat => Some("chat"),
             Endpoint::Completions => Some("text_completion"),
             Endpoint::Embeddings => Some("embeddings"),
+            // Both are conversations with a model: GenAI's `chat`, as their own SDKs' spans say.
+            Endpoint::Responses | Endpoint::Messages => Some("chat"),
             Endpoint::Models | Endpoint::Other => None,
         };
         let model = req.info.model.as_deref();
