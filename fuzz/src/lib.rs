@@ -211,8 +211,13 @@ fn request_body(body: &[u8]) {
         return;
     };
     assert!(info.wants_usage_injection());
-    let value: serde_json::Value = serde_json::from_slice(&out).expect("a rewritten body is JSON");
-    assert!(value.is_object());
+    // serde reads past invalid UTF-8 in strings it skips, so such a body is inspected and
+    // rewritten; the rewrite keeps it exactly as valid as it was.
+    if serde_json::from_slice::<serde_json::Value>(body).is_ok() {
+        let value: serde_json::Value =
+            serde_json::from_slice(&out).expect("a rewritten body is JSON");
+        assert!(value.is_object());
+    }
     let after = inspect(&out);
     assert!(after.parsed && after.include_usage && after.has_stream_options);
     assert!(!after.wants_usage_injection());
