@@ -580,6 +580,14 @@ fn latency_dashboard_covers_the_promised_panels() {
         "tokentap_tokens_per_chunk",
         "tokentap_upstream_response_header_seconds_bucket",
         "tokentap_requests_in_flight",
+        "tokentap_time_to_first_answer_seconds_bucket",
+        "tokentap_reasoning_time_seconds_bucket",
+        "tokentap_max_inter_token_latency_seconds_bucket",
+        "tokentap_upstream_queue_time_seconds_sum",
+        "tokentap_upstream_prefill_time_seconds_sum",
+        "tokentap_time_to_first_token_outside_engine_seconds_sum",
+        "tokentap_time_to_first_token_outside_engine_negative_total",
+        "tokentap_request_cached_prompt_tokens_sum",
         "vllm:time_to_first_token_seconds_bucket",
         "tokentap:slo_goodput_objective",
     ] {
@@ -590,6 +598,41 @@ fn latency_dashboard_covers_the_promised_panels() {
         assert!(
             e.contains("sum by (le"),
             "quantile without `sum by (le, ...)`: {e}"
+        );
+    }
+    // TTFT broken down: queue, prefill and outside-the-engine time stacked under the mean TTFT,
+    // and a description that says how to make the upstream report its timings.
+    let panels = all_panels(panel_list(&dashboard));
+    let where_ttft_goes = panels
+        .iter()
+        .find(|p| p["type"] != "row" && title(p).starts_with("Where TTFT goes"))
+        .expect("a 'Where TTFT goes' panel");
+    assert_eq!(
+        where_ttft_goes["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"], "normal",
+        "queue, prefill and outside-the-engine time are stacked"
+    );
+    let parts: Vec<&str> = where_ttft_goes["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["expr"].as_str())
+        .collect();
+    for metric in [
+        "tokentap_upstream_queue_time_seconds",
+        "tokentap_upstream_prefill_time_seconds",
+        "tokentap_time_to_first_token_outside_engine_seconds",
+        "tokentap_time_to_first_token_seconds",
+    ] {
+        assert!(
+            parts.iter().any(|e| e.contains(metric)),
+            "'Where TTFT goes' does not query {metric}"
+        );
+    }
+    let description = where_ttft_goes["description"].as_str().unwrap_or_default();
+    for needle in ["--enable-per-request-metrics", "llama.cpp", "timings"] {
+        assert!(
+            description.contains(needle),
+            "'Where TTFT goes' description does not mention {needle}"
         );
     }
     let heatmaps = all_panels(panel_list(&dashboard))
