@@ -179,6 +179,27 @@ pub(super) fn object(payload: &[u8]) -> Option<&[u8]> {
 }
 
 /// The text of a raw JSON string without escapes (`"abc"` → `abc`), else `None`.
+/// The classification of a whole (non-streaming) answer of either API: a usage event when it
+/// carried its counts, else nothing the latency state machine reads.
+pub(super) fn whole_body<'a>(
+    usage: Option<ApiUsage>,
+    id: Option<&'a str>,
+    model: Option<&'a str>,
+) -> Classified<'a> {
+    let usage = usage.map(|u| u.usage());
+    Classified {
+        kind: if usage.is_some() {
+            EventKind::Usage
+        } else {
+            EventKind::Other
+        },
+        usage,
+        server: ServerRaw::default(),
+        id,
+        model,
+    }
+}
+
 pub(super) fn plain(raw: Option<&RawValue>) -> Option<&str> {
     let s = raw?.get().strip_prefix('"')?.strip_suffix('"')?;
     (!s.contains('\\')).then_some(s)

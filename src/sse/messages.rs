@@ -12,9 +12,10 @@ use serde_json::value::RawValue;
 
 use super::apis::{
     ApiEvent, ApiKind, ApiUsage, Output, count, lenient, non_empty_string, object, plain,
+    whole_body,
 };
 use super::classify::Classified;
-use super::{EventKind, FinishReason, ServerRaw};
+use super::{EventKind, FinishReason};
 
 #[derive(Deserialize)]
 struct Event<'a> {
@@ -149,16 +150,9 @@ pub fn body(body: &[u8]) -> Classified<'_> {
     let Some(m) = m else {
         return Classified::of(EventKind::Other);
     };
-    let usage = m.usage.as_ref().map(|u| u.counts().usage());
-    Classified {
-        kind: if usage.is_some() {
-            EventKind::Usage
-        } else {
-            EventKind::Other
-        },
-        usage,
-        server: ServerRaw::default(),
-        id: plain(m.id),
-        model: plain(m.model),
-    }
+    whole_body(
+        m.usage.as_ref().map(|u| u.counts()),
+        plain(m.id),
+        plain(m.model),
+    )
 }

@@ -13,11 +13,12 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::EventKind;
+use super::FinishReason;
 use super::apis::{
     ApiEvent, ApiKind, ApiUsage, Output, count, lenient, non_empty_string, object, plain,
+    whole_body,
 };
 use super::classify::Classified;
-use super::{FinishReason, ServerRaw};
 
 #[derive(Deserialize)]
 struct Event<'a> {
@@ -157,16 +158,9 @@ pub fn body(body: &[u8]) -> Classified<'_> {
     let Some(r) = r else {
         return Classified::of(EventKind::Other);
     };
-    let usage = r.usage.as_ref().map(|u| u.counts().usage());
-    Classified {
-        kind: if usage.is_some() {
-            EventKind::Usage
-        } else {
-            EventKind::Other
-        },
-        usage,
-        server: ServerRaw::default(),
-        id: plain(r.id),
-        model: plain(r.model),
-    }
+    whole_body(
+        r.usage.as_ref().map(|u| u.counts()),
+        plain(r.id),
+        plain(r.model),
+    )
 }
