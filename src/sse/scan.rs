@@ -9,7 +9,7 @@
 
 use smallvec::SmallVec;
 
-use super::classify::{DeltaFields, cached_tokens, delta_output, finish_reason, non_empty};
+use super::classify::{DeltaFields, delta_output, finish_reason, non_empty};
 use super::{ChoiceInfo, ServerRaw, Usage};
 
 /// What the top level carried.
@@ -743,11 +743,14 @@ impl<'a> Scan<'a> {
                     match k {
                         0 => u.prompt_tokens = s.opt_uint()?,
                         1 => u.completion_tokens = s.opt_uint()?,
-                        _ => {
-                            let raw = s.raw(2)?;
-                            let v: serde_json::Value = serde_json::from_slice(raw).ok()?;
-                            u.cached_prompt_tokens = cached_tokens(&v);
-                        }
+                        // `prompt_tokens_details`: `null` (vLLM without
+                        // `--enable-prompt-tokens-details`) or an object; anything unusual
+                        // declines, and the serde reading answers leniently.
+                        _ if s.peek()? == b'n' => s.literal(b"null")?,
+                        _ => s.fields(&[b"cached_tokens"], 3, |s, _| {
+                            u.cached_prompt_tokens = s.opt_uint()?;
+                            Some(())
+                        })?,
                     }
                     Some(())
                 })?;

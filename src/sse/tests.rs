@@ -113,6 +113,10 @@ fn fast_path_agrees_with_serde() {
                 r#"{"choices":[[0,{"content":"a"}]]}"#,
                 r#"{"choices":[],"usage":{"prompt_tokens":1e3}}"#,
                 r#"{"choices":[],"usage":[1,2]}"#,
+                r#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"prompt_tokens_details":null}}"#,
+                r#"{"choices":[],"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":null}}}"#,
+                r#"{"choices":[],"usage":{"prompt_tokens_details":{"cached_tokens":-4}}}"#,
+                r#"{"choices":[],"usage":{"prompt_tokens_details":[4]}}"#,
                 r#"{"choices":[{"text":"a"}]}"#,
                 r#"{"choices":[{"text":"a"}],"choices":[{"text":"b"}]}"#,
                 r#"{"choices":[{"text":"a"}]} trailing"#,
@@ -225,6 +229,27 @@ fn fast_path_agrees_with_serde() {
     assert!(checked > 1000, "{checked}");
     assert!(resumed > 1000, "{resumed}");
     assert!(templated > 100, "{templated}");
+}
+
+/// vLLM's usage with and without `--enable-prompt-tokens-details` is read by the fast path,
+/// not handed to serde, and gives the cached prompt tokens.
+#[test]
+fn usage_details_are_read_by_the_fast_path() {
+    for (json, cached) in [
+        (
+            &br#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"prompt_tokens_details":null}}"#[..],
+            None,
+        ),
+        (
+            br#"{"choices":[],"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":null}}}"#,
+            Some(4),
+        ),
+    ] {
+        let top = scan::top(json, &mut Vec::new(), None).expect("read by the fast path");
+        let usage = top.usage.expect("usage");
+        assert_eq!(usage.prompt_tokens, Some(9));
+        assert_eq!(usage.cached_prompt_tokens, cached);
+    }
 }
 
 #[test]
