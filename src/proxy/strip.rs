@@ -48,6 +48,9 @@ pub(crate) struct Cut {
     /// the next frame belongs to that event (cut with it, or sent with it), though the parser
     /// reported the event before the `\n` came. `Some(true)` when that event was cut.
     after_cr: Option<bool>,
+    /// Inside an event too long to be the usage event, whose held bytes went out: the rest of
+    /// it passes as it comes, until its end.
+    passing: bool,
 }
 
 impl Cut {
@@ -57,6 +60,7 @@ impl Cut {
             pending: BytesMut::new(),
             max_held: max_event.saturating_mul(2),
             after_cr: None,
+            passing: false,
         }
     }
 
@@ -104,6 +108,13 @@ impl Cut {
     }
 
     fn strip(&mut self, frame: Bytes, ends: &[(usize, bool)]) -> Bytes {
+        if self.passing {
+            if ends.is_empty() {
+                return frame;
+            }
+            // The over-long event ends in this frame (it is no usage event, so it is kept).
+            self.passing = false;
+        }
         let pending = &mut self.pending;
         let out = cut_usage(frame, ends, pending);
         if pending.len() <= self.max_held {
@@ -111,6 +122,7 @@ impl Cut {
         }
         // An event too long to be parsed: what is held of it goes out now, and the rest of it
         // is passed on as it comes.
+        self.passing = true;
         if out.is_empty() {
             return pending.split().freeze();
         }
@@ -246,6 +258,30 @@ mod tests {
         }
         out.extend_from_slice(&cutter.finish());
         String::from_utf8(out).unwrap()
+    }
+
+    /// Past the hold limit an over-long event goes out as its bytes come, not in bursts of the
+    /// limit, and the events after it are cut as before.
+    #[test]
+    fn an_over_long_event_flows_once_past_the_limit() {
+        let max = 64;
+        let mut parser = SseParser::with_max_event(max);
+        let mut cutter = Cut::new(max);
+        let mut feed = |f: &[u8]| {
+            let mut ends = Vec::new();
+            parser.feed(f, |e| ends.push((e.end, e.kind == EventKind::Usage)));
+            cutter.frame(Bytes::copy_from_slice(f), &ends)
+        };
+        let xs = [b'x'; 100];
+        assert_eq!(&feed(b"data: ")[..], b"", "an incomplete event is held");
+        assert_eq!(&feed(&xs)[..], b"", "held up to twice the cap");
+        assert_eq!(feed(&xs).len(), 206, "past it, what was held goes out");
+        for _ in 0..5 {
+            assert_eq!(&feed(&xs)[..], &xs[..], "then each frame as it comes");
+        }
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n";
+        let tail = format!("\n\n{usage}data: [DONE]\n\n");
+        assert_eq!(&feed(tail.as_bytes())[..], b"\n\ndata: [DONE]\n\n");
     }
 
     /// A frame that ends between the CR and LF of an event's blank line: the LF goes with the
