@@ -146,9 +146,6 @@ impl Recorder {
             }
             Mode::Sse { parser } => {
                 parser.feed(data, |event| {
-                    if event.kind == EventKind::Oversized {
-                        route.oversized.increment(1);
-                    }
                     latency.on_event(event, now, |o| observe(route, span, itl, o, now));
                     if !*meta_seen
                         && let (Some(span), Some(id), Some(model)) =
@@ -161,6 +158,10 @@ impl Recorder {
                         ends.push((event.end, event.kind == EventKind::Usage));
                     }
                 });
+                let oversized = parser.take_oversized();
+                if oversized > 0 {
+                    route.oversized.increment(u64::from(oversized));
+                }
             }
         }
     }

@@ -33,6 +33,8 @@ pub struct SseParser {
     oversized: bool,
     /// Passing over an oversized event, a line that began in an earlier frame has not ended.
     in_skipped_line: bool,
+    /// Events that went over `max_event` since [`SseParser::take_oversized`] was last called.
+    oversized_count: u32,
     /// Bytes of the current event's lines so far (line ends counted as one byte each).
     event_len: usize,
     /// Longest event (or line) read; longer ones are reported as [`EventKind::Oversized`].
@@ -75,6 +77,7 @@ impl SseParser {
             in_block: false,
             skip_lf: false,
             oversized: false,
+            oversized_count: 0,
             in_skipped_line: false,
             event_len: 0,
             max_event,
@@ -88,6 +91,12 @@ impl SseParser {
     pub fn with_dialect(mut self, dialect: Dialect) -> Self {
         self.dialect = dialect;
         self
+    }
+
+    /// How many events went over the size limit since the last call: counted when an event
+    /// crosses it, not at its blank line, so that an event that never ends is counted too.
+    pub fn take_oversized(&mut self) -> u32 {
+        std::mem::take(&mut self.oversized_count)
     }
 
     /// Feeds the next frame; `on_event` is called for each event the frame completes, in order.
@@ -178,6 +187,7 @@ impl SseParser {
     #[cold]
     fn pass_over(&mut self) {
         self.oversized = true;
+        self.oversized_count = self.oversized_count.saturating_add(1);
         self.in_block = true;
         self.state = Data::Empty;
         // Whatever was held for this event goes, memory included.

@@ -712,3 +712,21 @@ fn vectors_read_alike_in_any_frames() {
         }
     }
 }
+
+/// An event over the size limit is counted once, when it crosses the limit (an event that never
+/// ends is counted too), and reported at its blank line without being counted again.
+#[test]
+fn an_oversized_event_is_counted_when_it_crosses_the_limit() {
+    let mut p = SseParser::with_max_event(64);
+    let mut kinds = Vec::new();
+    p.feed(b"data: ", |e| kinds.push(e.kind));
+    assert_eq!(p.take_oversized(), 0);
+    p.feed(&[b'x'; 100], |e| kinds.push(e.kind));
+    assert_eq!(p.take_oversized(), 1, "counted as it crosses the limit");
+    p.feed(&[b'x'; 100], |e| kinds.push(e.kind));
+    assert_eq!(p.take_oversized(), 0, "once");
+    assert!(kinds.is_empty(), "{kinds:?}");
+    p.feed(b"\n\ndata: [DONE]\n\n", |e| kinds.push(e.kind));
+    assert_eq!(kinds, [EventKind::Oversized, EventKind::Done]);
+    assert_eq!(p.take_oversized(), 0, "not again at its end");
+}
