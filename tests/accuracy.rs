@@ -7,41 +7,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 use common::*;
 use tokentap::bench::{self, BenchArgs};
-use tracing::field::{Field, Visit};
-use tracing_subscriber::layer::{Context, SubscriberExt};
-
-type Lines = Arc<Mutex<Vec<HashMap<String, String>>>>;
-
-/// Keeps every `tokentap::access` event's fields.
-struct Capture(Lines);
-
-struct Fields(HashMap<String, String>);
-
-impl Visit for Fields {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), value.to_string());
-    }
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
-    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-        if event.metadata().target() == "tokentap::access" {
-            let mut f = Fields(HashMap::new());
-            event.record(&mut f);
-            self.0.lock().unwrap().push(f.0);
-        }
-    }
-}
 
 /// A runtime of `workers` threads of its own, as a separate process would have.
 fn runtime(workers: usize) -> tokio::runtime::Runtime {
@@ -57,11 +25,7 @@ const WARMUP_MODEL: &str = "warmup";
 
 #[test]
 fn proxy_and_client_agree_per_request_and_in_the_table() {
-    let lines: Lines = Arc::default();
-    tracing::subscriber::set_global_default(
-        tracing_subscriber::registry().with(Capture(lines.clone())),
-    )
-    .expect("the only subscriber of this test binary");
+    let lines = access_log();
     // Simulator, proxy and client each run on threads of their own, as three processes would:
     // on one shared runtime, a client task woken by a chunk can wait behind the proxy's and the
     // simulator's tasks, and the client would measure that wait as latency the proxy added.

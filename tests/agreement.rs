@@ -12,54 +12,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
 
 use common::*;
 use tokentap::bench::{self, BenchArgs};
 use tokentap::simulate::{Flavor, SimConfig};
-use tracing::field::{Field, Visit};
-use tracing_subscriber::layer::{Context, SubscriberExt};
 
 type Line = HashMap<String, String>;
-
-/// Every `tokentap::access` line of this binary, as text.
-fn lines() -> &'static Arc<Mutex<Vec<Line>>> {
-    static LINES: OnceLock<Arc<Mutex<Vec<Line>>>> = OnceLock::new();
-    LINES.get_or_init(|| {
-        let lines = Arc::default();
-        tracing::subscriber::set_global_default(
-            tracing_subscriber::registry().with(Capture(Arc::clone(&lines))),
-        )
-        .expect("the only subscriber of this test binary");
-        lines
-    })
-}
-
-struct Capture(Arc<Mutex<Vec<Line>>>);
-
-struct Fields(Line);
-
-impl Visit for Fields {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), value.to_string());
-    }
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
-    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-        if event.metadata().target() == "tokentap::access" {
-            let mut f = Fields(HashMap::new());
-            event.record(&mut f);
-            self.0.lock().unwrap().push(f.0);
-        }
-    }
-}
 
 const TTFT_MS: f64 = 40.0;
 const STEP_MS: f64 = 15.0;
@@ -69,7 +27,7 @@ const REQUESTS: usize = 12;
 /// Runs bench through a proxy in front of `sim_config`; checks every request against its
 /// access-log line and the simulator's timing model.
 async fn agrees(name: &str, sim_config: SimConfig) {
-    let lines = lines();
+    let lines = access_log();
     let sim = sim(sim_config).await;
     let mut config = proxy_config(&sim.base_url());
     config.telemetry.access_log = true;

@@ -12,12 +12,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 
 use common::*;
 use serde_json::Value;
-use tracing::field::{Field, Visit};
-use tracing_subscriber::layer::{Context, SubscriberExt};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/stream_client.py");
 const VECTORS: &str = concat!(
@@ -98,35 +95,6 @@ fn python_client_reads_the_vectors_as_bench_does() {
     assert_eq!(checked, 10);
 }
 
-type Lines = Arc<Mutex<Vec<HashMap<String, String>>>>;
-
-/// Keeps every `tokentap::access` event's fields.
-struct Capture(Lines);
-
-struct Fields(HashMap<String, String>);
-
-impl Visit for Fields {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), value.to_string());
-    }
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
-    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-        if event.metadata().target() == "tokentap::access" {
-            let mut f = Fields(HashMap::new());
-            event.record(&mut f);
-            self.0.lock().unwrap().push(f.0);
-        }
-    }
-}
-
 /// A runtime of its own, as a separate process would have.
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -144,11 +112,7 @@ fn python_client_joins_the_access_log_per_request() {
     if !python("python_client_joins_the_access_log_per_request") {
         return;
     }
-    let lines: Lines = Arc::default();
-    tracing::subscriber::set_global_default(
-        tracing_subscriber::registry().with(Capture(lines.clone())),
-    )
-    .expect("the only subscriber of this test binary");
+    let lines = access_log();
     let (sim_rt, proxy_rt) = (runtime(), runtime());
     let sim = sim_rt.block_on(async { sim(exact_sim(40.0, 15.0)).await });
     let proxy = proxy_rt.block_on(async {

@@ -7,10 +7,10 @@
 
 mod common;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,8 +21,6 @@ use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Sleep;
-use tracing::field::{Field, Visit};
-use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 
 /// A body that sends each frame a given time after the one before.
 struct Scripted {
@@ -319,43 +317,11 @@ async fn json_body_metrics_are_read() {
     proxy.shutdown().await;
 }
 
-type Lines = Arc<Mutex<Vec<HashMap<String, String>>>>;
-
-struct Capture(Lines);
-
-struct Fields(HashMap<String, String>);
-
-impl Visit for Fields {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), value.to_string());
-    }
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
-    fn on_event(&self, event: &tracing::Event<'_>, _: LayerContext<'_, S>) {
-        if event.metadata().target() == "tokentap::access" {
-            let mut f = Fields(HashMap::new());
-            event.record(&mut f);
-            self.0.lock().unwrap().push(f.0);
-        }
-    }
-}
-
 /// The access log carries the same figures, in milliseconds: a reasoning model's stream with
 /// vLLM's `metrics`.
 #[test]
 fn access_log_carries_where_ttft_went() {
-    let lines: Lines = Arc::default();
-    tracing::subscriber::set_global_default(
-        tracing_subscriber::registry().with(Capture(lines.clone())),
-    )
-    .expect("the only subscriber of this test binary");
+    let lines = access_log();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)

@@ -192,3 +192,49 @@ pub fn completions_body(max_tokens: u32, stream: bool, extra: &str) -> String {
 pub fn require_external() -> bool {
     std::env::var("TOKENTAP_REQUIRE_EXTERNAL").is_ok_and(|v| v == "1")
 }
+
+/// Fields of each `tokentap::access` line, as text.
+pub type AccessLog =
+    std::sync::Arc<std::sync::Mutex<Vec<std::collections::HashMap<String, String>>>>;
+
+/// Every access-log line this test binary writes from now on. The first call installs the
+/// global log subscriber that keeps them (one per test binary); later calls share it.
+pub fn access_log() -> AccessLog {
+    use std::collections::HashMap;
+    use tracing::field::{Field, Visit};
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    struct Capture(AccessLog);
+    struct Fields(HashMap<String, String>);
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.insert(field.name().to_owned(), format!("{value:?}"));
+        }
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.0.insert(field.name().to_owned(), value.to_owned());
+        }
+        fn record_f64(&mut self, field: &Field, value: f64) {
+            self.0.insert(field.name().to_owned(), value.to_string());
+        }
+    }
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            if event.metadata().target() == "tokentap::access" {
+                let mut f = Fields(HashMap::new());
+                event.record(&mut f);
+                self.0.lock().unwrap().push(f.0);
+            }
+        }
+    }
+    static LINES: std::sync::OnceLock<AccessLog> = std::sync::OnceLock::new();
+    LINES
+        .get_or_init(|| {
+            let lines = AccessLog::default();
+            tracing::subscriber::set_global_default(
+                tracing_subscriber::registry().with(Capture(lines.clone())),
+            )
+            .expect("no other global subscriber in this test binary");
+            lines
+        })
+        .clone()
+}
