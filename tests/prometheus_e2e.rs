@@ -12,7 +12,7 @@
 //! Needs `prometheus` (Debian's `prometheus` package). Without it the test prints "skipped: ..."
 //! and passes, unless `TOKENTAP_REQUIRE_EXTERNAL=1`, in which case it fails.
 //!
-//! `cargo test --release --test prometheus_e2e -- --nocapture` prints what ran.
+//! `cargo test --profile ci --test prometheus_e2e -- --nocapture` prints what ran.
 
 mod common;
 

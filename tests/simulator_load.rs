@@ -1,8 +1,8 @@
 //! Load check (ignored by default; run it in release):
 //!
 //! ```sh
-//! cargo test --release --test simulator_load -- --ignored --nocapture
-//! SIM_STREAMS=5000 SIM_TOKENS=60 SIM_ITL_MS=50 SIM_RAMP_MS=1000 cargo test --release --test simulator_load -- --ignored --nocapture
+//! cargo test --profile ci --test simulator_load -- --ignored --nocapture
+//! SIM_STREAMS=5000 SIM_TOKENS=60 SIM_ITL_MS=50 SIM_RAMP_MS=1000 cargo test --profile ci --test simulator_load -- --ignored --nocapture
 //! ```
 //!
 //! Opens many concurrent streams (one HTTP/1.1 connection each) against an in-process

@@ -3,7 +3,7 @@
 //! own checks pass (fds back to baseline, every response the same bytes as the simulator's
 //! direct answer or the fault it was sent, attacks answered as docs/limits.md says); RSS is
 //! not judged in a run this short. About 40 s, so not in the default run:
-//! `cargo test --release --test soak -- --ignored`.
+//! `cargo test --profile ci --test soak -- --ignored`.
 
 use std::path::Path;
 use std::process::Command;
