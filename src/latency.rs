@@ -11,7 +11,7 @@ use std::time::Duration;
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use crate::sse::{Event, EventKind, FinishReason, ServerTimings, Usage};
+use crate::sse::{Event, EventKind, Finish, FinishReason, ServerTimings, Usage};
 
 /// Choice indexes at or above this are not tracked for per-choice ITL (an upstream that sends
 /// `"index": 4000000000` must not make the proxy allocate for it).
@@ -96,6 +96,8 @@ pub struct Latency {
     finish_reason: Option<FinishReason>,
     /// Read by an output event only when it carried reasoning: past the per-chunk fields.
     first_reasoning: Option<Instant>,
+    /// The API's own word for why it stopped (Responses and Messages).
+    stop_reason: Option<&'static str>,
     usage_seen: bool,
     inband_error: bool,
     done: bool,
@@ -157,8 +159,16 @@ pub struct Figures {
     /// Prompt tokens served from the prefix cache (`usage.prompt_tokens_details.cached_tokens`,
     /// llama.cpp `cache_n`).
     pub cached_prompt_tokens: Option<u64>,
-    /// The last `finish_reason` a choice reported.
+    /// The last `finish_reason` a choice reported; for the Responses and Messages APIs, why
+    /// the response ended, in chat's words.
     pub finish_reason: Option<FinishReason>,
+    /// Why a Responses or Messages response ended, in the API's own word (Messages'
+    /// `stop_reason`, Responses' status or incomplete reason); `None` for chat and completions.
+    pub stop_reason: Option<&'static str>,
+    /// Generated tokens spent reasoning, when the usage said
+    /// (`completion_tokens_details.reasoning_tokens`, Responses'
+    /// `output_tokens_details.reasoning_tokens`); part of `output_tokens`.
+    pub reasoning_tokens: Option<u64>,
 }
 
 impl Latency {
@@ -196,6 +206,7 @@ impl Latency {
             done: false,
             other_events: 0,
             finish_reason: None,
+            stop_reason: None,
         }
     }
 
@@ -233,9 +244,19 @@ impl Latency {
         if let Some(usage) = event.usage {
             self.merge_usage(usage);
         }
+        if let Some(finish) = event.finish {
+            self.on_finish(finish);
+        }
         if let Some(server) = event.server.timings() {
             self.on_server(server);
         }
+    }
+
+    /// Records why a Responses or Messages response ended (from its stream, or a
+    /// non-streaming body); a later one replaces an earlier one, as for chat's choices.
+    pub fn on_finish(&mut self, finish: Finish) {
+        self.finish_reason = Some(finish.reason);
+        self.stop_reason = Some(finish.native);
     }
 
     /// Records the upstream's own timings (from the stream, or a non-streaming body); a field
@@ -319,6 +340,9 @@ impl Latency {
         if usage.cached_prompt_tokens.is_some() {
             self.usage.cached_prompt_tokens = usage.cached_prompt_tokens;
         }
+        if usage.reasoning_tokens.is_some() {
+            self.usage.reasoning_tokens = usage.reasoning_tokens;
+        }
     }
 
     /// True once an error event has been seen.
@@ -379,6 +403,8 @@ impl Latency {
             done: self.done,
             other_events: self.other_events,
             finish_reason: self.finish_reason,
+            stop_reason: self.stop_reason,
+            reasoning_tokens: self.usage.reasoning_tokens,
         }
     }
 }
@@ -777,6 +803,7 @@ mod tests {
             prompt_tokens: Some(3),
             completion_tokens: Some(12),
             cached_prompt_tokens: None,
+            reasoning_tokens: None,
         });
         advance(70 * MS).await;
         let f = lat.figures(Instant::now());

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::classify::Classified;
-use super::{ChoiceInfo, EventKind, FinishReason, ServerRaw, Usage};
+use super::{ChoiceInfo, EventKind, Finish, ServerRaw, Usage};
 
 /// Which API's event rules a stream follows: chosen once per request from its endpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -81,6 +81,7 @@ impl ApiUsage {
             prompt_tokens: self.input_tokens,
             completion_tokens: self.output_tokens,
             cached_prompt_tokens: self.cached_tokens,
+            reasoning_tokens: self.reasoning_tokens,
         }
     }
 }
@@ -98,7 +99,7 @@ pub struct ApiEvent<'a> {
     pub model: Option<&'a str>,
     /// Why generation stopped, when the event says (`message_delta`'s `stop_reason`, the
     /// status of `response.completed` / `response.incomplete`).
-    pub finish_reason: Option<FinishReason>,
+    pub finish: Option<Finish>,
 }
 
 impl<'a> ApiEvent<'a> {
@@ -108,14 +109,14 @@ impl<'a> ApiEvent<'a> {
             usage: None,
             id: None,
             model: None,
-            finish_reason: None,
+            finish: None,
         }
     }
 
     /// The event in the vocabulary of chat events, which the latency state machine reads: an
     /// output event is a token event with one choice that has content; the end is `[DONE]`
-    /// (with its usage); bookkeeping events and pings carry no data for it (their usage, id
-    /// and model are still passed on); an error is an error.
+    /// (with its usage); bookkeeping events and pings carry no data for it (their usage, id,
+    /// model and finish reason are still passed on); an error is an error.
     pub fn classified(&self, choices: &mut Vec<ChoiceInfo>) -> Classified<'a> {
         choices.clear();
         let kind = match self.kind {
@@ -140,6 +141,7 @@ impl<'a> ApiEvent<'a> {
             server: ServerRaw::default(),
             id: self.id,
             model: self.model,
+            finish: self.finish,
         }
     }
 }
@@ -178,13 +180,13 @@ pub(super) fn object(payload: &[u8]) -> Option<&[u8]> {
     (trimmed.first() == Some(&b'{')).then_some(trimmed)
 }
 
-/// The text of a raw JSON string without escapes (`"abc"` → `abc`), else `None`.
 /// The classification of a whole (non-streaming) answer of either API: a usage event when it
 /// carried its counts, else nothing the latency state machine reads.
 pub(super) fn whole_body<'a>(
     usage: Option<ApiUsage>,
     id: Option<&'a str>,
     model: Option<&'a str>,
+    finish: Option<Finish>,
 ) -> Classified<'a> {
     let usage = usage.map(|u| u.usage());
     Classified {
@@ -197,9 +199,11 @@ pub(super) fn whole_body<'a>(
         server: ServerRaw::default(),
         id,
         model,
+        finish,
     }
 }
 
+/// The text of a raw JSON string without escapes (`"abc"` → `abc`), else `None`.
 pub(super) fn plain(raw: Option<&RawValue>) -> Option<&str> {
     let s = raw?.get().strip_prefix('"')?.strip_suffix('"')?;
     (!s.contains('\\')).then_some(s)

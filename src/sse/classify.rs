@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 use std::fmt;
 
 use super::scan;
-use super::{ChoiceInfo, EventKind, FinishReason, ServerRaw, ServerTimings, Usage};
+use super::{ChoiceInfo, EventKind, Finish, FinishReason, ServerRaw, ServerTimings, Usage};
 
 /// What [`classify`] found in one event's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub struct Classified<'a> {
     pub id: Option<&'a str>,
     /// The chunk's `model`.
     pub model: Option<&'a str>,
+    /// Why the whole response ended (Responses and Messages only).
+    pub finish: Option<Finish>,
 }
 
 impl Classified<'_> {
@@ -31,6 +33,7 @@ impl Classified<'_> {
             server: ServerRaw::default(),
             id: None,
             model: None,
+            finish: None,
         }
     }
 }
@@ -126,6 +129,7 @@ pub(super) fn classified<'a>(top: &scan::Top<'a>, has_choices: bool) -> Classifi
         },
         id: top.id,
         model: top.model,
+        finish: None,
     }
 }
 
@@ -168,6 +172,16 @@ pub(super) fn server_timings(
 pub(super) fn cached_tokens_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let v = <Option<serde_json::Value> as serde::Deserialize>::deserialize(d)?;
     Ok(v.as_ref().and_then(cached_tokens))
+}
+
+/// `usage.completion_tokens_details`, read leniently: its `reasoning_tokens` when that is a
+/// non-negative integer, else `None`, whatever else the object holds.
+pub(super) fn reasoning_tokens_de<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u64>, D::Error> {
+    let v = <Option<serde_json::Value> as serde::Deserialize>::deserialize(d)?;
+    Ok(v.as_ref()
+        .and_then(|v| v.get("reasoning_tokens")?.as_u64()))
 }
 
 /// `cached_tokens` of a `prompt_tokens_details` value.

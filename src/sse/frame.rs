@@ -217,6 +217,7 @@ impl SseParser {
             end: next,
             id: None,
             model: None,
+            finish: None,
             data: &[],
         });
     }

@@ -15,7 +15,7 @@ use super::apis::{
     whole_body,
 };
 use super::classify::Classified;
-use super::{EventKind, FinishReason};
+use super::{EventKind, Finish, FinishReason};
 
 #[derive(Deserialize)]
 struct Event<'a> {
@@ -38,6 +38,9 @@ struct Message<'a> {
     model: Option<&'a RawValue>,
     #[serde(default, deserialize_with = "lenient")]
     usage: Option<MessageUsage>,
+    /// Set in a whole message; `null` in `message_start` (it comes with `message_delta`).
+    #[serde(borrow, default)]
+    stop_reason: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -83,14 +86,22 @@ impl MessageUsage {
     }
 }
 
-/// An Anthropic `stop_reason`.
-fn finish_reason(raw: Option<&RawValue>) -> Option<FinishReason> {
-    Some(match plain(raw)? {
-        "end_turn" | "stop_sequence" => FinishReason::Stop,
-        "max_tokens" => FinishReason::Length,
-        "tool_use" => FinishReason::ToolCalls,
-        _ => FinishReason::Other,
-    })
+/// An Anthropic `stop_reason`, in chat's words and kept as it is when it is one of Anthropic's
+/// documented values (anything else is `other`); `None` for `null` or a missing one.
+fn finish(raw: Option<&RawValue>) -> Option<Finish> {
+    let (reason, native) = match plain(raw)? {
+        "end_turn" => (FinishReason::Stop, "end_turn"),
+        "stop_sequence" => (FinishReason::Stop, "stop_sequence"),
+        "max_tokens" => (FinishReason::Length, "max_tokens"),
+        "model_context_window_exceeded" => {
+            (FinishReason::Length, "model_context_window_exceeded")
+        }
+        "tool_use" => (FinishReason::ToolCalls, "tool_use"),
+        "pause_turn" => (FinishReason::Other, "pause_turn"),
+        "refusal" => (FinishReason::Other, "refusal"),
+        _ => (FinishReason::Other, "other"),
+    };
+    Some(Finish { reason, native })
 }
 
 /// Reads one event's data.
@@ -134,7 +145,7 @@ pub fn event(payload: &[u8]) -> ApiEvent<'_> {
         }
         "message_delta" => {
             out.usage = e.usage.as_ref().map(MessageUsage::counts);
-            out.finish_reason = e.delta.as_ref().and_then(|d| finish_reason(d.stop_reason));
+            out.finish = e.delta.as_ref().and_then(|d| finish(d.stop_reason));
         }
         "message_stop" => out.kind = ApiKind::End,
         "ping" => out.kind = ApiKind::Ping,
@@ -144,7 +155,8 @@ pub fn event(payload: &[u8]) -> ApiEvent<'_> {
     out
 }
 
-/// Reads a non-streaming Messages body (a `message` object) for its usage, id and model.
+/// Reads a non-streaming Messages body (a `message` object) for its usage, id, model and
+/// stop reason.
 pub fn body(body: &[u8]) -> Classified<'_> {
     let m = object(body).and_then(|json| serde_json::from_slice::<Message<'_>>(json).ok());
     let Some(m) = m else {
@@ -154,5 +166,6 @@ pub fn body(body: &[u8]) -> Classified<'_> {
         m.usage.as_ref().map(|u| u.counts()),
         plain(m.id),
         plain(m.model),
+        finish(m.stop_reason),
     )
 }

@@ -71,6 +71,19 @@ impl FinishReason {
     }
 }
 
+/// Why a Responses or Messages response ended: in chat's vocabulary, which every endpoint's
+/// figures share, and in the API's own word, which that vocabulary may lose (Messages'
+/// `stop_sequence` and `end_turn` are both `stop`; Responses' `content_filter` is `other`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finish {
+    /// The chat finish reason it maps onto.
+    pub reason: FinishReason,
+    /// The API's own value, one of a fixed set (`docs/METRICS.md`, the sections of these APIs):
+    /// Messages' `stop_reason`, or Responses' status or incomplete reason; `other` for any
+    /// value not in the set, so that it stays bounded.
+    pub native: &'static str,
+}
+
 /// Token counts an event carried in its `usage` object.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
 pub struct Usage {
@@ -89,6 +102,15 @@ pub struct Usage {
         deserialize_with = "classify::cached_tokens_de"
     )]
     pub cached_prompt_tokens: Option<u64>,
+    /// `usage.completion_tokens_details.reasoning_tokens` (Responses:
+    /// `output_tokens_details.reasoning_tokens`): generated tokens the model spent reasoning,
+    /// part of `completion_tokens`. Read as leniently as the cached tokens.
+    #[serde(
+        default,
+        rename = "completion_tokens_details",
+        deserialize_with = "classify::reasoning_tokens_de"
+    )]
+    pub reasoning_tokens: Option<u64>,
 }
 
 /// The raw `metrics` (vLLM) and `timings` (llama.cpp) values of an event, both `None` for
@@ -144,6 +166,9 @@ pub struct Event<'a> {
     pub id: Option<&'a str>,
     /// The chunk's `model`, when it is a plain JSON string.
     pub model: Option<&'a str>,
+    /// Why the response ended, when this event says so for the whole response (the end of a
+    /// Responses stream, Messages' `message_delta`); chat's finish reasons are per choice.
+    pub finish: Option<Finish>,
     /// The event's data (its `data:` lines joined with `\n`); empty when it had none.
     pub data: &'a [u8],
 }
@@ -163,6 +188,7 @@ impl<'a> Event<'a> {
             end,
             id: c.id,
             model: c.model,
+            finish: c.finish,
             data,
         }
     }

@@ -8,12 +8,16 @@
 //! a non-empty `delta` string. `response.completed` and `response.incomplete` end the response
 //! and carry its `usage`; `error` and `response.failed` are in-band errors; every other event
 //! (`response.created`, `…added`, `…done`, `…in_progress`) is bookkeeping.
+//!
+//! Why the response ended is read from the `response` that ends it: `completed` is chat's
+//! `stop` (`tool_calls` when its output holds a `function_call`), `incomplete` for
+//! `max_output_tokens` is `length`; the status or the incomplete reason is kept as the API's
+//! own word.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::EventKind;
-use super::FinishReason;
+use super::{EventKind, Finish, FinishReason};
 use super::apis::{
     ApiEvent, ApiKind, ApiUsage, Output, count, lenient, non_empty_string, object, plain,
     whole_body,
@@ -43,6 +47,16 @@ struct Response<'a> {
     incomplete_details: Option<Incomplete<'a>>,
     #[serde(default, deserialize_with = "lenient")]
     usage: Option<ResponseUsage>,
+    /// The output items' types only, read when the response ended (once per response).
+    #[serde(borrow, default, deserialize_with = "lenient")]
+    output: Option<Vec<Item<'a>>>,
+}
+
+/// An item of a response's `output`: a `message`, a `reasoning`, a `function_call`…
+#[derive(Deserialize)]
+struct Item<'a> {
+    #[serde(borrow, rename = "type", default)]
+    kind: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -93,22 +107,37 @@ impl ResponseUsage {
 }
 
 impl<'a> Response<'a> {
-    /// Why generation stopped, from the status of a response that ended.
-    fn finish_reason(&self) -> Option<FinishReason> {
-        match plain(self.status)? {
-            "completed" => Some(FinishReason::Stop),
+    /// Why generation stopped, from the status of a response that ended: `None` while it is
+    /// `in_progress` or `queued` (or the status is missing), which says nothing about it.
+    fn finish(&self) -> Option<Finish> {
+        let (reason, native) = match plain(self.status)? {
+            "completed" if self.called_a_tool() => (FinishReason::ToolCalls, "completed"),
+            "completed" => (FinishReason::Stop, "completed"),
             "incomplete" => {
                 let reason = self
                     .incomplete_details
                     .as_ref()
                     .and_then(|d| plain(d.reason));
-                Some(match reason {
-                    Some("max_output_tokens") => FinishReason::Length,
-                    _ => FinishReason::Other,
-                })
+                match reason {
+                    Some("max_output_tokens") => (FinishReason::Length, "max_output_tokens"),
+                    Some("content_filter") => (FinishReason::Other, "content_filter"),
+                    _ => (FinishReason::Other, "incomplete"),
+                }
             }
-            _ => None,
-        }
+            "failed" => (FinishReason::Other, "failed"),
+            "cancelled" => (FinishReason::Other, "cancelled"),
+            "in_progress" | "queued" => return None,
+            _ => (FinishReason::Other, "other"),
+        };
+        Some(Finish { reason, native })
+    }
+
+    /// The output holds a function call: the model stopped to have a tool run.
+    fn called_a_tool(&self) -> bool {
+        self.output
+            .iter()
+            .flatten()
+            .any(|item| plain(item.kind) == Some("function_call"))
     }
 }
 
@@ -144,15 +173,16 @@ pub fn event(payload: &[u8]) -> ApiEvent<'_> {
         usage: r.and_then(|r| r.usage.as_ref()).map(ResponseUsage::counts),
         id: r.and_then(|r| plain(r.id)),
         model: r.and_then(|r| plain(r.model)),
-        finish_reason: if kind == ApiKind::End {
-            r.and_then(Response::finish_reason)
+        finish: if kind == ApiKind::End {
+            r.and_then(Response::finish)
         } else {
             None
         },
     }
 }
 
-/// Reads a non-streaming Responses body (a `response` object) for its usage, id and model.
+/// Reads a non-streaming Responses body (a `response` object) for its usage, id, model and
+/// why it ended.
 pub fn body(body: &[u8]) -> Classified<'_> {
     let r = object(body).and_then(|json| serde_json::from_slice::<Response<'_>>(json).ok());
     let Some(r) = r else {
@@ -162,5 +192,6 @@ pub fn body(body: &[u8]) -> Classified<'_> {
         r.usage.as_ref().map(|u| u.counts()),
         plain(r.id),
         plain(r.model),
+        r.finish(),
     )
 }

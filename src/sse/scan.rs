@@ -734,21 +734,26 @@ impl<'a> Scan<'a> {
             }
             b'{' => {
                 let mut u = Usage::default();
-                let keys: [&[u8]; 3] = [
+                let keys: [&[u8]; 4] = [
                     b"prompt_tokens",
                     b"completion_tokens",
                     b"prompt_tokens_details",
+                    b"completion_tokens_details",
                 ];
                 self.fields(&keys, 2, |s, k| {
                     match k {
                         0 => u.prompt_tokens = s.opt_uint()?,
                         1 => u.completion_tokens = s.opt_uint()?,
-                        // `prompt_tokens_details`: `null` (vLLM without
-                        // `--enable-prompt-tokens-details`) or an object; anything unusual
+                        // The details: `null` (vLLM without `--enable-prompt-tokens-details`,
+                        // a model that does not reason) or an object; anything unusual
                         // declines, and the serde reading answers leniently.
                         _ if s.peek()? == b'n' => s.literal(b"null")?,
-                        _ => s.fields(&[b"cached_tokens"], 3, |s, _| {
+                        2 => s.fields(&[b"cached_tokens"], 3, |s, _| {
                             u.cached_prompt_tokens = s.opt_uint()?;
+                            Some(())
+                        })?,
+                        _ => s.fields(&[b"reasoning_tokens"], 3, |s, _| {
+                            u.reasoning_tokens = s.opt_uint()?;
                             Some(())
                         })?,
                     }

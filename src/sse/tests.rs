@@ -73,6 +73,7 @@ fn expected(s: &str) -> Vec<Seen> {
                 prompt_tokens: Some(12),
                 completion_tokens: Some(100),
                 cached_prompt_tokens: None,
+                reasoning_tokens: None,
             }),
             end: ends.next().unwrap(),
         },
@@ -495,6 +496,7 @@ fn continuous_usage_rides_on_token_events() {
             prompt_tokens: Some(3),
             completion_tokens: Some(2),
             cached_prompt_tokens: None,
+            reasoning_tokens: None,
         })
     );
 }
@@ -729,4 +731,49 @@ fn an_oversized_event_is_counted_when_it_crosses_the_limit() {
     p.feed(b"\n\ndata: [DONE]\n\n", |e| kinds.push(e.kind));
     assert_eq!(kinds, [EventKind::Oversized, EventKind::Done]);
     assert_eq!(p.take_oversized(), 0, "not again at its end");
+}
+
+/// vLLM's usage with `completion_tokens_details.reasoning_tokens` (a reasoning parser on):
+/// the fast scanner and serde read the same count; a details object without a usable count,
+/// or `null`, is no observation and hides nothing else.
+#[test]
+fn chat_usage_reasoning_tokens() {
+    let mut choices = Vec::new();
+    for (usage, want) in [
+        (
+            r#"{"prompt_tokens":5,"completion_tokens":9,"completion_tokens_details":{"reasoning_tokens":6}}"#,
+            Some(6),
+        ),
+        (
+            r#"{"prompt_tokens":5,"completion_tokens":9,"completion_tokens_details":null}"#,
+            None,
+        ),
+        (
+            r#"{"prompt_tokens":5,"completion_tokens":9,"completion_tokens_details":{"reasoning_tokens":"6","audio_tokens":0}}"#,
+            None,
+        ),
+        (
+            r#"{"prompt_tokens":5,"completion_tokens":9,"completion_tokens_details":[6]}"#,
+            None,
+        ),
+    ] {
+        let data = format!(r#"{{"id":"c","choices":[],"usage":{usage}}}"#);
+        let fast = fuzzing::scanned(data.as_bytes()).map(|(c, _)| c.usage);
+        let slow = fuzzing::reference(data.as_bytes()).0.usage;
+        if let Some(fast) = fast {
+            assert_eq!(fast, slow, "{usage}");
+        }
+        let c = classify(data.as_bytes(), &mut choices);
+        assert_eq!(c.kind, EventKind::Usage, "{usage}");
+        let u = c.usage.expect("usage");
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.reasoning_tokens),
+            (Some(5), Some(9), want),
+            "{usage}"
+        );
+    }
+    // The fast path reads the plain shape itself.
+    let data = br#"{"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9,"completion_tokens_details":{"reasoning_tokens":6}}}"#;
+    let fast = fuzzing::scanned(data).expect("the scanner reads it");
+    assert_eq!(fast.0.usage.and_then(|u| u.reasoning_tokens), Some(6));
 }

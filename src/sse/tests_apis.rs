@@ -184,12 +184,24 @@ fn responses_usage_id_model_and_status() {
             reasoning_tokens: Some(20),
         })
     );
-    assert_eq!(e.finish_reason, Some(FinishReason::Stop));
+    assert_eq!(
+        e.finish,
+        Some(Finish {
+            reason: FinishReason::Stop,
+            native: "completed"
+        })
+    );
     let e = responses(
         br#"{"type":"response.incomplete","response":{"id":"r","status":"incomplete","incomplete_details":{"reason":"max_output_tokens"},"usage":{"input_tokens":"x","output_tokens":null}}}"#,
     );
     assert_eq!(e.kind, ApiKind::End);
-    assert_eq!(e.finish_reason, Some(FinishReason::Length));
+    assert_eq!(
+        e.finish,
+        Some(Finish {
+            reason: FinishReason::Length,
+            native: "max_output_tokens"
+        })
+    );
     // Counts that are not numbers are no observation, not zeros, and hide nothing else.
     assert_eq!(e.usage.map(|u| u.usage()), Some(Usage::default()));
     // `response.created` names the response before any output.
@@ -334,6 +346,9 @@ fn messages_thinking_then_text() {
         assert_eq!(f.prompt_tokens, Some(11));
         assert_eq!(f.tpot, Some((at(9) - at(3)) / 3));
         assert!(f.done && !f.inband_error);
+        assert_eq!(f.finish_reason, Some(FinishReason::Stop), "cut {cut}");
+        assert_eq!(f.stop_reason, Some("end_turn"), "cut {cut}");
+        assert_eq!(f.reasoning_tokens, None, "Anthropic's usage does not say");
         assert_eq!(
             f.other_events, 0,
             "ping and bookkeeping are not unrecognized"
@@ -418,16 +433,48 @@ fn messages_start_and_delta_carry_usage_and_stop_reason() {
     );
     assert_eq!(delta.kind, ApiKind::NonOutput);
     assert_eq!(delta.usage.and_then(|u| u.output_tokens), Some(15));
-    assert_eq!(delta.finish_reason, Some(FinishReason::ToolCalls));
-    for (reason, want) in [
-        ("end_turn", FinishReason::Stop),
-        ("stop_sequence", FinishReason::Stop),
-        ("max_tokens", FinishReason::Length),
-        ("refusal", FinishReason::Other),
+    assert_eq!(
+        delta.finish,
+        Some(Finish {
+            reason: FinishReason::ToolCalls,
+            native: "tool_use"
+        })
+    );
+    // Chat's words lose some of Anthropic's: the stop reason itself is kept beside them, and
+    // a value outside Anthropic's documented set is `other` (bounded, whatever is sent).
+    for (reason, want, native) in [
+        ("end_turn", FinishReason::Stop, "end_turn"),
+        ("stop_sequence", FinishReason::Stop, "stop_sequence"),
+        ("max_tokens", FinishReason::Length, "max_tokens"),
+        (
+            "model_context_window_exceeded",
+            FinishReason::Length,
+            "model_context_window_exceeded",
+        ),
+        ("tool_use", FinishReason::ToolCalls, "tool_use"),
+        ("pause_turn", FinishReason::Other, "pause_turn"),
+        ("refusal", FinishReason::Other, "refusal"),
+        ("x-new-reason", FinishReason::Other, "other"),
     ] {
         let data = format!(r#"{{"type":"message_delta","delta":{{"stop_reason":"{reason}"}}}}"#);
         let d = messages(data.as_bytes());
-        assert_eq!(d.finish_reason, Some(want), "{reason}");
+        assert_eq!(
+            d.finish,
+            Some(Finish {
+                reason: want,
+                native
+            }),
+            "{reason}"
+        );
+    }
+    for data in [
+        r#"{"type":"message_delta","delta":{"stop_reason":null}}"#,
+        r#"{"type":"message_delta","delta":{"stop_reason":7}}"#,
+        // Escaped: not a value vLLM or Anthropic sends; read as no stop reason.
+        r#"{"type":"message_delta","delta":{"stop_reason":"end\u005fturn"}}"#,
+        r#"{"type":"message_delta","usage":{"output_tokens":3}}"#,
+    ] {
+        assert_eq!(messages(data.as_bytes()).finish, None, "{data}");
     }
 }
 
@@ -497,6 +544,8 @@ fn messages_cut_before_message_stop() {
     assert_eq!(r.figures.output_tokens, Some(3));
     assert_eq!(r.figures.token_source, TokenSource::Chunks);
     assert_eq!(r.figures.prompt_tokens, Some(11));
+    assert_eq!(r.figures.finish_reason, None, "no message_delta, no stop reason");
+    assert_eq!(r.figures.stop_reason, None);
     // Cut inside an event: the parser says so.
     let mut p = SseParser::new().with_dialect(Dialect::Messages);
     p.feed(b"event: message_stop\ndata: {\"type\":\"mess", |_| {});
@@ -518,6 +567,7 @@ fn whole_bodies_give_usage_id_and_model() {
                 prompt_tokens: Some(4),
                 completion_tokens: Some(6),
                 cached_prompt_tokens: None,
+                reasoning_tokens: None,
             })
         )
     );
@@ -534,6 +584,7 @@ fn whole_bodies_give_usage_id_and_model() {
                 prompt_tokens: Some(7),
                 completion_tokens: Some(2),
                 cached_prompt_tokens: None,
+                reasoning_tokens: None,
             })
         )
     );
@@ -591,4 +642,132 @@ fn mutated_streams_never_panic() {
         }
     }
     assert!(events > 2_000, "{events} events read");
+}
+
+/// How a Responses stream ended reaches the figures, in chat's words and in its own: a
+/// completed response that called a tool is `tool_calls`, a filtered one `other` with its
+/// reason kept; the reasoning tokens of its usage come with it.
+#[test]
+fn responses_finish_and_reasoning_tokens_reach_the_figures() {
+    let text = ev(
+        "response.output_text.delta",
+        r#"{"type":"response.output_text.delta","delta":"a"}"#,
+    );
+    let end = |name: &str, response: &str| {
+        ev(
+            name,
+            &format!(r#"{{"type":"{name}","sequence_number":4,"response":{response}}}"#),
+        )
+    };
+    let usage = r#""usage":{"input_tokens":9,"output_tokens":40,"output_tokens_details":{"reasoning_tokens":31}}"#;
+    let cases = [
+        (
+            end(
+                "response.completed",
+                &format!(
+                    r#"{{"id":"r","status":"completed","output":[{{"type":"reasoning"}},{{"type":"function_call","name":"get","arguments":"{{}}"}}],{usage}}}"#
+                ),
+            ),
+            FinishReason::ToolCalls,
+            "completed",
+        ),
+        (
+            end(
+                "response.completed",
+                &format!(
+                    r#"{{"id":"r","status":"completed","output":[{{"type":"message"}}],{usage}}}"#
+                ),
+            ),
+            FinishReason::Stop,
+            "completed",
+        ),
+        (
+            end(
+                "response.incomplete",
+                &format!(
+                    r#"{{"id":"r","status":"incomplete","incomplete_details":{{"reason":"content_filter"}},{usage}}}"#
+                ),
+            ),
+            FinishReason::Other,
+            "content_filter",
+        ),
+        (
+            end(
+                "response.incomplete",
+                &format!(
+                    r#"{{"id":"r","status":"incomplete","incomplete_details":{{"reason":"max_output_tokens"}},{usage}}}"#
+                ),
+            ),
+            FinishReason::Length,
+            "max_output_tokens",
+        ),
+        (
+            end(
+                "response.incomplete",
+                &format!(r#"{{"id":"r","status":"incomplete","incomplete_details":null,{usage}}}"#),
+            ),
+            FinishReason::Other,
+            "incomplete",
+        ),
+    ];
+    for (last, reason, native) in cases {
+        for cut in [0, 7] {
+            let r = run(Dialect::Responses, &[text.clone(), last.clone()], cut);
+            let f = &r.figures;
+            assert_eq!(f.finish_reason, Some(reason), "{native} {last}");
+            assert_eq!(f.stop_reason, Some(native), "{last}");
+            assert_eq!(f.reasoning_tokens, Some(31), "{last}");
+            assert_eq!(f.output_tokens, Some(40));
+            assert!(f.done);
+        }
+    }
+    // `response.created` says `in_progress`: nothing about why it ends, and no finish before
+    // the end even when a bookkeeping event carries a status.
+    let created = ev(
+        "response.created",
+        r#"{"type":"response.created","response":{"id":"r","status":"in_progress","usage":null}}"#,
+    );
+    let r = run(Dialect::Responses, &[created, text], 0);
+    assert_eq!((r.figures.finish_reason, r.figures.stop_reason), (None, None));
+    assert_eq!(r.figures.reasoning_tokens, None);
+    // A failed response is an error, and says nothing of a finish either.
+    let failed = responses(
+        br#"{"type":"response.failed","response":{"id":"r","status":"failed","usage":null}}"#,
+    );
+    assert_eq!((failed.kind, failed.finish), (ApiKind::Error, None));
+}
+
+/// Whole bodies say why they ended too, as their streams do.
+#[test]
+fn whole_bodies_give_their_finish() {
+    let r = classify_body(
+        Dialect::Responses,
+        br#"{"id":"r","object":"response","status":"completed","output":[{"type":"function_call","name":"f","arguments":"{}"}],"usage":{"input_tokens":4,"output_tokens":6,"output_tokens_details":{"reasoning_tokens":2}}}"#,
+    );
+    assert_eq!(
+        r.finish,
+        Some(Finish {
+            reason: FinishReason::ToolCalls,
+            native: "completed"
+        })
+    );
+    assert_eq!(r.usage.and_then(|u| u.reasoning_tokens), Some(2));
+    let m = classify_body(
+        Dialect::Messages,
+        br#"{"id":"m","type":"message","content":[],"stop_reason":"max_tokens","usage":{"input_tokens":7,"output_tokens":2}}"#,
+    );
+    assert_eq!(
+        m.finish,
+        Some(Finish {
+            reason: FinishReason::Length,
+            native: "max_tokens"
+        })
+    );
+    // Chat's bodies keep their finish reasons per choice.
+    let c = classify_body(
+        Dialect::Chat,
+        br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":5,"completion_tokens_details":{"reasoning_tokens":3}}}"#,
+    );
+    assert_eq!(c.finish, None);
+    assert_eq!(c.usage.and_then(|u| u.reasoning_tokens), Some(3));
 }

@@ -35,8 +35,10 @@ pub(super) fn access_log(done: &Finished<'_>) {
         itl_count = f.itl_count,
         prompt_tokens = f.prompt_tokens,
         output_tokens = f.output_tokens,
+        reasoning_tokens = f.reasoning_tokens,
         token_source = f.token_source.as_str(),
         finish_reason = f.finish_reason.map(|r| r.as_str()),
+        stop_reason = f.stop_reason,
         "request"
     );
 }

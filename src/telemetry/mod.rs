@@ -247,6 +247,8 @@ pub struct RouteMetrics {
     pub outside_engine_negative: Counter,
     /// Cached prompt tokens histogram.
     pub cached_prompt_tokens: Histogram,
+    /// Reasoning tokens histogram.
+    pub reasoning_tokens: Histogram,
     /// ITL histogram.
     pub itl: Histogram,
     /// TPOT histogram.
@@ -428,6 +430,7 @@ impl Telemetry {
             outside_engine: g(names::OUTSIDE_ENGINE),
             outside_engine_negative: gc(names::OUTSIDE_ENGINE_NEGATIVE),
             cached_prompt_tokens: g(names::CACHED_PROMPT_TOKENS),
+            reasoning_tokens: g(names::REASONING_TOKENS),
             itl: g(names::ITL),
             tpot: g(names::TPOT),
             e2el: h(names::E2EL),
@@ -535,6 +538,9 @@ impl Telemetry {
         }
         if let Some(n) = f.cached_prompt_tokens {
             route.cached_prompt_tokens.record(n as f64);
+        }
+        if let Some(n) = f.reasoning_tokens {
+            route.reasoning_tokens.record(n as f64);
         }
         // Tokens the upstream generated count even when the request did not end well.
         if let Some(n) = f.output_tokens {

@@ -397,6 +397,16 @@ impl RequestSpan {
                     Value::Array(Array::String(vec![StringValue::from(reason.as_str())])),
                 ));
             }
+            if let Some(reason) = figures.stop_reason {
+                // The Responses or Messages API's own word, which chat's may have lost.
+                attributes.push(KeyValue::new("tokentap.stop_reason", reason));
+            }
+            if let Some(tokens) = figures.reasoning_tokens {
+                attributes.push(KeyValue::new(
+                    "gen_ai.usage.reasoning.output_tokens",
+                    clamp(tokens),
+                ));
+            }
             if let Some(ttft) = figures.ttft {
                 if self.stream {
                     attributes.push(KeyValue::new(

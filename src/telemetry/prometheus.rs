@@ -52,6 +52,8 @@ pub mod names {
         "tokentap_time_to_first_token_outside_engine_negative_total";
     /// Histogram: prompt tokens served from the prefix cache, per request.
     pub const CACHED_PROMPT_TOKENS: &str = "tokentap_request_cached_prompt_tokens";
+    /// Histogram: generated tokens spent reasoning, per request that reported them.
+    pub const REASONING_TOKENS: &str = "tokentap_request_reasoning_tokens";
     /// Histogram: gap between consecutive token events of a choice, seconds.
     pub const ITL: &str = "tokentap_inter_token_latency_seconds";
     /// Histogram: time per output token after the first, seconds.
@@ -164,6 +166,12 @@ pub(super) fn describe<'a>(
         names::CACHED_PROMPT_TOKENS,
         None,
         "Prompt tokens served from the prefix cache, per request (usage.prompt_tokens_details.cached_tokens, llama.cpp cache_n).",
+        'h',
+    );
+    d(
+        names::REASONING_TOKENS,
+        None,
+        "Generated tokens spent reasoning, per request whose usage reported them (completion_tokens_details.reasoning_tokens; Responses output_tokens_details.reasoning_tokens); part of the generation tokens.",
         'h',
     );
     d(
