@@ -11,7 +11,7 @@
 # build when the run is short, as in CI.
 set -euo pipefail
 cd "$(dirname "$0")"
-targets=(request chunked response_head sse json_scan usage_cut)
+targets=(request chunked response_head sse json_scan usage_cut responses messages)
 what=${1:?usage: fuzz/run.sh TARGET|all SECONDS [libFuzzer flags...] | fuzz/run.sh build}
 triple=$(rustc -vV | sed -n 's/^host: //p')
 flags=(

@@ -243,4 +243,131 @@ for i, (name, b) in enumerate(heads.items()):
     write("response_head", name, bytes([i % 5]) + b)
 write("response_head", "head-method-te", bytes([2]) + heads["sse"])
 write("response_head", "connect-200", bytes([3]) + b"HTTP/1.1 200 Connection Established\r\n\r\n")
+
+# --- The Responses and Messages APIs -------------------------------------------------------
+def named(name, obj, eol="\n"):
+    s = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return f"event: {name}{eol}data: {s}{eol}{eol}"
+
+
+def resp_ev(kind, seq, **fields):
+    return named(kind, {"type": kind, "sequence_number": seq, **fields})
+
+
+def response(status, output, usage=None, incomplete=None):
+    return {"id": "resp_8f1c2a9e0b7d4e3f", "object": "response", "created_at": 1735689600,
+            "model": MODEL, "status": status, "incomplete_details": incomplete,
+            "output": output, "usage": usage}
+
+
+R_USAGE = {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 8}, "output_tokens": 9,
+           "output_tokens_details": {"reasoning_tokens": 4}, "total_tokens": 21}
+
+
+def resp_stream(parts, status="completed", incomplete=None, tool=False):
+    s = resp_ev("response.created", 0, response=response("in_progress", []))
+    s += resp_ev("response.in_progress", 1, response=response("in_progress", []))
+    seq, out = 2, []
+    for i, (kind, deltas) in enumerate(parts):
+        item = {"reasoning_text": "reasoning", "output_text": "message",
+                "function_call_arguments": "function_call"}[kind]
+        s += resp_ev("response.output_item.added", seq, output_index=i,
+                     item={"id": f"it_{i}", "type": item, "status": "in_progress"})
+        seq += 1
+        for d in deltas:
+            s += resp_ev(f"response.{kind}.delta", seq, item_id=f"it_{i}", output_index=i,
+                         content_index=0, delta=d)
+            seq += 1
+        s += resp_ev(f"response.{kind}.done", seq, item_id=f"it_{i}", output_index=i,
+                     text="".join(deltas))
+        seq += 1
+        out.append({"id": f"it_{i}", "type": item, "status": "completed"})
+    end = "response.completed" if status == "completed" else "response.incomplete"
+    s += resp_ev(end, seq, response=response(status, out, R_USAGE, incomplete))
+    return s
+
+
+rstreams = {
+    "text": resp_stream([("output_text", words)]),
+    "reasoning-text": resp_stream([("reasoning_text", ["Hmm", ", so"]), ("output_text", words[:4])]),
+    "tool-call": resp_stream([("function_call_arguments", ['{"city":', ' "Paris"}'])]),
+    "max-output-tokens": resp_stream([("output_text", words[:3])], "incomplete",
+                                     {"reason": "max_output_tokens"}),
+    "content-filter": resp_stream([("output_text", words[:2])], "incomplete",
+                                  {"reason": "content_filter"}),
+    "error": resp_stream([("output_text", words[:2])]).split("event: response.output_text.done")[0]
+    + named("error", {"type": "error", "code": "server_error", "message": "engine died"}),
+    "failed": resp_ev("response.created", 0, response=response("in_progress", []))
+    + resp_ev("response.failed", 1, response=response("failed", [])),
+    "crlf": resp_stream([("output_text", words[:3])]).replace("\n", "\r\n"),
+    "done-marker": resp_stream([("output_text", words[:2])]) + ev("[DONE]"),
+    "pings-and-comments": ": keep-alive\n\n" + resp_stream([("output_text", words[:2])]),
+    "malformed": named("response.output_text.delta", '{"type":"response.output_text.delta","delta":')
+    + named("response.output_text.delta", '{"type":7,"delta":"a"}')
+    + named("response.completed", '{"type":"response.completed","response":[1,2],"usage":{"input_tokens":"x"}}')
+    + named("response.completed", '{"type":"response.completed","response":{"status":"completed","output":{"type":"function_call"},"usage":[5,6]}}'),
+}
+rstreams["cut"] = rstreams["reasoning-text"][: len(rstreams["reasoning-text"]) * 2 // 3]
+
+MSG_ID = "msg_8f1c2a9e0b7d4e3fa1c25e6d"
+
+
+def msg_ev(kind, **fields):
+    return named(kind, {"type": kind, **fields})
+
+
+def msg_stream(blocks, stop="end_turn", usage=None):
+    s = msg_ev("message_start", message={"id": MSG_ID, "type": "message", "role": "assistant",
+                                         "content": [], "model": MODEL, "stop_reason": None,
+                                         "stop_sequence": None,
+                                         "usage": usage or {"input_tokens": 12, "output_tokens": 0}})
+    s += msg_ev("ping")
+    for i, (kind, deltas) in enumerate(blocks):
+        block, delta, field = {
+            "thinking": ({"type": "thinking", "thinking": ""}, "thinking_delta", "thinking"),
+            "text": ({"type": "text", "text": ""}, "text_delta", "text"),
+            "tool_use": ({"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}},
+                         "input_json_delta", "partial_json"),
+        }[kind]
+        s += msg_ev("content_block_start", index=i, content_block=block)
+        for d in deltas:
+            s += msg_ev("content_block_delta", index=i, delta={"type": delta, field: d})
+        if kind == "thinking":
+            s += msg_ev("content_block_delta", index=i,
+                        delta={"type": "signature_delta", "signature": "9f1c2a"})
+        s += msg_ev("content_block_stop", index=i)
+    s += msg_ev("message_delta", delta={"stop_reason": stop, "stop_sequence": None},
+                usage={"input_tokens": 12, "output_tokens": 9})
+    s += msg_ev("message_stop")
+    return s
+
+
+mstreams = {
+    "text": msg_stream([("text", words)]),
+    "thinking-text": msg_stream([("thinking", ["Let", " me"]), ("text", words[:4])]),
+    "tool-use": msg_stream([("tool_use", ["", '{"city":', ' "Paris"}'])], "tool_use"),
+    "max-tokens": msg_stream([("text", words[:3])], "max_tokens"),
+    "stop-sequence": msg_stream([("text", words[:3])], "stop_sequence"),
+    "cache-usage": msg_stream([("text", words[:2])], "end_turn",
+                              {"input_tokens": 5, "cache_read_input_tokens": 100,
+                               "cache_creation_input_tokens": 20, "output_tokens": 1}),
+    "error": msg_stream([("text", words[:2])]).split("event: content_block_stop")[0]
+    + msg_ev("error", error={"type": "overloaded_error", "message": "Overloaded"}),
+    "crlf": msg_stream([("text", words[:3])]).replace("\n", "\r\n"),
+    "unknown-stop": msg_stream([("text", words[:2])], "x-new-reason"),
+    "malformed": named("content_block_delta", '{"type":"content_block_delta","delta":{"type":"text_delta"')
+    + named("content_block_delta", '{"type":"content_block_delta","delta":["text_delta","a"]}')
+    + named("message_delta", '{"type":"message_delta","delta":{"stop_reason":7},"usage":[1,2,3,4]}')
+    + named("message_start", '{"type":"message_start","message":{"usage":{"input_tokens":18446744073709551615,"cache_read_input_tokens":5}}}'),
+}
+mstreams["cut"] = mstreams["thinking-text"][: len(mstreams["thinking-text"]) * 2 // 3]
+
+for target, table in (("responses", rstreams), ("messages", mstreams)):
+    for i, (name, text) in enumerate(table.items()):
+        b = text.encode()
+        # Whole events at the default cap, and a small cap that passes big events over.
+        write(target, f"{name}", hdr(0, 0x2345 + i) + b)
+        if i % 3 == 0:
+            write(target, f"{name}-cap64", hdr(3, 0x5432 + i) + b)
+
 print({t: len(os.listdir(os.path.join(CORPUS, t))) for t in sorted(os.listdir(CORPUS))})

@@ -54,3 +54,13 @@ fn json_scan() {
 fn usage_cut() {
     replay("usage_cut", checks::usage_cut);
 }
+
+#[test]
+fn responses() {
+    replay("responses", checks::responses);
+}
+
+#[test]
+fn messages() {
+    replay("messages", checks::messages);
+}

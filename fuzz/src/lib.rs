@@ -18,7 +18,10 @@ use tokentap::proxy::fuzzing::{Cutter, inspect_both};
 use tokentap::proxy::inspect::{inject_usage, inspect};
 use tokentap::proxy::strip_hop_by_hop;
 use tokentap::sse::fuzzing::{Answer, Scanner, held, reference, scanned};
-use tokentap::sse::{ChoiceInfo, EventKind, SseParser, Usage, classify};
+use tokentap::sse::{
+    ApiEvent, ApiKind, ApiUsage, ChoiceInfo, Dialect, EventKind, Finish, FinishReason, Output,
+    SseParser, Usage, api_events, classify, classify_api,
+};
 
 /// Bytes of settings before the bytes under test: a mode or size selector, then a 16-bit seed
 /// for where frames are split.
@@ -517,6 +520,7 @@ struct Ev {
     end: usize,
     id: Option<String>,
     model: Option<String>,
+    finish: Option<Finish>,
     data: Vec<u8>,
 }
 
@@ -531,7 +535,12 @@ fn max_event(selector: u8) -> usize {
 /// Feeds `stream`, cut into `frames`, to a parser capped at `max`, checking what it holds
 /// after each frame.
 fn events(max: usize, stream: &[u8], frames: &[&[u8]]) -> (Vec<Ev>, bool) {
-    let mut parser = SseParser::with_max_event(max);
+    events_in(Dialect::Chat, max, stream, frames)
+}
+
+/// [`events`] with a parser that reads `dialect`'s events.
+fn events_in(dialect: Dialect, max: usize, stream: &[u8], frames: &[&[u8]]) -> (Vec<Ev>, bool) {
+    let mut parser = SseParser::with_max_event(max).with_dialect(dialect);
     let mut out = Vec::new();
     let mut at = 0;
     for frame in frames {
@@ -550,6 +559,7 @@ fn events(max: usize, stream: &[u8], frames: &[&[u8]]) -> (Vec<Ev>, bool) {
                 end,
                 id: e.id.map(str::to_owned),
                 model: e.model.map(str::to_owned),
+                finish: e.finish,
                 data: e.data.to_vec(),
             });
         });
@@ -699,4 +709,365 @@ pub fn usage_cut(data: &[u8]) {
         );
         assert_eq!(got, want);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. The Responses and Messages readers.
+
+/// Target `responses`: byte 0 chooses the event cap, bytes 1–2 the split; the rest is a
+/// `/v1/responses` stream. See [`api_stream`].
+pub fn responses(data: &[u8]) {
+    api_stream(Dialect::Responses, data);
+}
+
+/// Target `messages`: byte 0 chooses the event cap, bytes 1–2 the split; the rest is a
+/// `/v1/messages` stream. See [`api_stream`].
+pub fn messages(data: &[u8]) {
+    api_stream(Dialect::Messages, data);
+}
+
+/// A stream of `dialect`'s events: any split into frames gives the same events as one frame,
+/// each event is classified as its data alone is, what the parser holds stays bounded, and
+/// each event's reading is consistent with itself and, when the JSON is unambiguous (no
+/// escapes, no key given twice), is what a plain `serde_json::Value` reading of the API's
+/// rules gives ([`model`]).
+fn api_stream(dialect: Dialect, data: &[u8]) {
+    let Some((sel, seed, stream)) = header(data) else {
+        return;
+    };
+    let max = max_event(sel);
+    let [one, bytes, seeded] = frame_splits(seed, stream.len());
+    let whole = events_in(dialect, max, stream, &pieces(stream, &one));
+    for cuts in [bytes, seeded] {
+        let split = events_in(dialect, max, stream, &pieces(stream, &cuts));
+        assert_eq!(
+            whole,
+            split,
+            "one frame and split at {cuts:?}: {:?}",
+            String::from_utf8_lossy(stream)
+        );
+    }
+    let mut choices = Vec::new();
+    for e in &whole.0 {
+        if matches!(e.kind, EventKind::Oversized | EventKind::NoData) && e.data.is_empty() {
+            assert!(e.choices.is_empty() && e.usage.is_none() && e.finish.is_none());
+            continue;
+        }
+        assert!(e.data.len() <= max);
+        let c = classify_api(dialect, &e.data, &mut choices);
+        assert_eq!(
+            (c.kind, c.usage, c.id, c.model, c.finish),
+            (
+                e.kind,
+                e.usage,
+                e.id.as_deref(),
+                e.model.as_deref(),
+                e.finish
+            ),
+            "classified differently in the stream: {:?}",
+            String::from_utf8_lossy(&e.data)
+        );
+        if e.kind == EventKind::Token {
+            assert_eq!(choices, e.choices);
+        } else {
+            assert!(e.choices.is_empty());
+        }
+        api_event(dialect, &e.data);
+    }
+    // Each line of the stream read as one event's data too: most inputs are not well-framed.
+    for line in stream.split(|&b| b == b'\n') {
+        api_event(dialect, line.strip_prefix(b"data:").unwrap_or(line));
+    }
+}
+
+/// The checks of one event's data.
+fn api_event(dialect: Dialect, payload: &[u8]) {
+    let e = match dialect {
+        Dialect::Responses => api_events::responses(payload),
+        Dialect::Messages => api_events::messages(payload),
+        Dialect::Chat => return,
+    };
+    let mut choices = Vec::new();
+    let c = e.classified(&mut choices);
+    match e.kind {
+        ApiKind::Output(o) => {
+            assert_eq!(c.kind, EventKind::Token);
+            assert_eq!(
+                choices,
+                [ChoiceInfo {
+                    index: 0,
+                    output: true,
+                    answer: o == Output::Content,
+                    reasoning: o == Output::Reasoning,
+                    finish_reason: None,
+                }]
+            );
+        }
+        _ => assert!(choices.is_empty()),
+    }
+    if let Some(f) = e.finish {
+        let (kind, words): (ApiKind, &[(&str, FinishReason)]) = match dialect {
+            Dialect::Responses => (ApiKind::End, RESPONSES_FINISH),
+            _ => (ApiKind::NonOutput, MESSAGES_FINISH),
+        };
+        assert_eq!(e.kind, kind, "a finish on {:?}", e.kind);
+        // A word of the table with chat's word for it, `other` for anything else, or a
+        // completed response that called a tool.
+        let tool = dialect == Dialect::Responses && f.native == "completed";
+        assert!(
+            words.contains(&(f.native, f.reason))
+                || (f.native, f.reason) == ("other", FinishReason::Other)
+                || (tool && f.reason == FinishReason::ToolCalls),
+            "{f:?}"
+        );
+    }
+    if let Some(u) = e.usage {
+        assert_eq!(u.usage().prompt_tokens, u.input_tokens);
+        if let (Some(input), Some(cached)) = (u.input_tokens, u.cached_tokens)
+            && dialect == Dialect::Messages
+        {
+            assert!(input >= cached, "cached tokens are part of the prompt: {u:?}");
+        }
+    }
+    let json = payload.trim_ascii();
+    if !json.contains(&b'\\') && !has_duplicate_keys(json) {
+        let want = model(dialect, json);
+        assert_eq!(
+            e,
+            want,
+            "the reader and the model disagree on {:?}",
+            String::from_utf8_lossy(json)
+        );
+    }
+}
+
+/// Responses' own words for why a response ended, and chat's for each.
+const RESPONSES_FINISH: &[(&str, FinishReason)] = &[
+    ("completed", FinishReason::Stop),
+    ("max_output_tokens", FinishReason::Length),
+    ("content_filter", FinishReason::Other),
+    ("incomplete", FinishReason::Other),
+    ("failed", FinishReason::Other),
+    ("cancelled", FinishReason::Other),
+];
+
+/// Anthropic's stop reasons, and chat's word for each.
+const MESSAGES_FINISH: &[(&str, FinishReason)] = &[
+    ("end_turn", FinishReason::Stop),
+    ("stop_sequence", FinishReason::Stop),
+    ("max_tokens", FinishReason::Length),
+    ("model_context_window_exceeded", FinishReason::Length),
+    ("tool_use", FinishReason::ToolCalls),
+    ("pause_turn", FinishReason::Other),
+    ("refusal", FinishReason::Other),
+];
+
+/// True when some object in `json` (which must parse) names a key twice; `true` too for text
+/// that is not JSON, which the model does not read.
+fn has_duplicate_keys(json: &[u8]) -> bool {
+    use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+    struct Unique;
+    impl<'de> Deserialize<'de> for Unique {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Unique)
+        }
+    }
+    impl<'de> Visitor<'de> for Unique {
+        type Value = Unique;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_unit<E>(self) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Unique, A::Error> {
+            while a.next_element::<Unique>()?.is_some() {}
+            Ok(Unique)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Unique, A::Error> {
+            let mut keys = std::collections::HashSet::new();
+            while let Some(k) = a.next_key::<String>()? {
+                if !keys.insert(k) {
+                    return Err(serde::de::Error::custom("duplicate key"));
+                }
+                a.next_value::<Unique>()?;
+            }
+            Ok(Unique)
+        }
+    }
+    serde_json::from_slice::<Unique>(json).is_err()
+}
+
+/// The API's rules (`docs/METRICS.md`, their sections) read from a `serde_json::Value`: the
+/// reference for JSON without escapes or repeated keys.
+fn model(dialect: Dialect, json: &[u8]) -> ApiEvent<'_> {
+    use serde_json::Value;
+    let mut out = ApiEvent {
+        kind: ApiKind::Other,
+        usage: None,
+        id: None,
+        model: None,
+        finish: None,
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(json) else {
+        return out;
+    };
+    let Some(name) = v.get("type").and_then(Value::as_str) else {
+        return out;
+    };
+    let count = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
+    let obj = |v: Option<&Value>| v.filter(|v| v.is_object()).cloned();
+    // Borrowed strings of the input: without escapes, a string's text is in the bytes.
+    let text = |s: Option<&str>| -> Option<&[u8]> {
+        let s = s?;
+        let at = json
+            .windows(s.len() + 2)
+            .position(|w| w[0] == b'"' && &w[1..=s.len()] == s.as_bytes() && w[s.len() + 1] == b'"')?;
+        Some(&json[at + 1..at + 1 + s.len()])
+    };
+    let borrowed = |s: Option<&str>| text(s).map(|b| std::str::from_utf8(b).expect("utf-8"));
+    out.kind = ApiKind::NonOutput;
+    match dialect {
+        Dialect::Responses => {
+            let non_empty = v
+                .get("delta")
+                .and_then(Value::as_str)
+                .is_some_and(|d| !d.is_empty());
+            let output = |o| {
+                if non_empty {
+                    ApiKind::Output(o)
+                } else {
+                    ApiKind::NonOutput
+                }
+            };
+            out.kind = match name {
+                "response.output_text.delta" => output(Output::Content),
+                "response.reasoning_text.delta" => output(Output::Reasoning),
+                "response.function_call_arguments.delta" => output(Output::ToolCall),
+                "response.completed" | "response.incomplete" => ApiKind::End,
+                "error" | "response.failed" => ApiKind::Error,
+                _ => ApiKind::NonOutput,
+            };
+            let Some(r) = obj(v.get("response")) else {
+                return out;
+            };
+            out.id = borrowed(r.get("id").and_then(Value::as_str));
+            out.model = borrowed(r.get("model").and_then(Value::as_str));
+            out.usage = obj(r.get("usage")).map(|u| ApiUsage {
+                input_tokens: count(&u, "input_tokens"),
+                output_tokens: count(&u, "output_tokens"),
+                cached_tokens: obj(u.get("input_tokens_details"))
+                    .and_then(|d| count(&d, "cached_tokens")),
+                reasoning_tokens: obj(u.get("output_tokens_details"))
+                    .and_then(|d| count(&d, "reasoning_tokens")),
+            });
+            if out.kind == ApiKind::End {
+                let tool = r.get("output").and_then(Value::as_array).is_some_and(|items| {
+                    items
+                        .iter()
+                        .any(|i| i.get("type").and_then(Value::as_str) == Some("function_call"))
+                });
+                let reason = obj(r.get("incomplete_details"))
+                    .and_then(|d| d.get("reason").and_then(Value::as_str).map(str::to_owned));
+                out.finish = match r.get("status").and_then(Value::as_str) {
+                    None | Some("in_progress" | "queued") => None,
+                    Some("completed") if tool => Some(Finish {
+                        reason: FinishReason::ToolCalls,
+                        native: "completed",
+                    }),
+                    Some("incomplete") => {
+                        let native = match reason.as_deref() {
+                            Some("max_output_tokens") => "max_output_tokens",
+                            Some("content_filter") => "content_filter",
+                            _ => "incomplete",
+                        };
+                        Some(finish_of(RESPONSES_FINISH, native))
+                    }
+                    Some(status) => Some(finish_of(RESPONSES_FINISH, status)),
+                };
+            }
+        }
+        _ => {
+            let usage = |u: &Value| {
+                let (cached, created) = (
+                    count(u, "cache_read_input_tokens"),
+                    count(u, "cache_creation_input_tokens"),
+                );
+                ApiUsage {
+                    input_tokens: count(u, "input_tokens").map(|n| {
+                        n.saturating_add(cached.unwrap_or(0))
+                            .saturating_add(created.unwrap_or(0))
+                    }),
+                    output_tokens: count(u, "output_tokens"),
+                    cached_tokens: cached,
+                    reasoning_tokens: None,
+                }
+            };
+            match name {
+                "content_block_delta" => {
+                    let Some(d) = obj(v.get("delta")) else {
+                        return out;
+                    };
+                    let (o, field) = match d.get("type").and_then(Value::as_str) {
+                        Some("text_delta") => (Output::Content, "text"),
+                        Some("thinking_delta") => (Output::Reasoning, "thinking"),
+                        Some("input_json_delta") => (Output::ToolCall, "partial_json"),
+                        _ => return out,
+                    };
+                    if d.get(field)
+                        .and_then(Value::as_str)
+                        .is_some_and(|t| !t.is_empty())
+                    {
+                        out.kind = ApiKind::Output(o);
+                    }
+                }
+                "message_start" => {
+                    if let Some(m) = obj(v.get("message")) {
+                        out.id = borrowed(m.get("id").and_then(Value::as_str));
+                        out.model = borrowed(m.get("model").and_then(Value::as_str));
+                        out.usage = obj(m.get("usage")).map(|u| ApiUsage {
+                            output_tokens: None,
+                            ..usage(&u)
+                        });
+                    }
+                }
+                "message_delta" => {
+                    out.usage = obj(v.get("usage")).map(|u| usage(&u));
+                    out.finish = obj(v.get("delta"))
+                        .and_then(|d| d.get("stop_reason").and_then(Value::as_str).map(str::to_owned))
+                        .map(|r| finish_of(MESSAGES_FINISH, &r));
+                }
+                "message_stop" => out.kind = ApiKind::End,
+                "ping" => out.kind = ApiKind::Ping,
+                "error" => out.kind = ApiKind::Error,
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// The finish a table gives `native`, `other` when it is not there.
+fn finish_of(table: &[(&'static str, FinishReason)], native: &str) -> Finish {
+    let (native, reason) = table
+        .iter()
+        .find(|(n, _)| *n == native)
+        .copied()
+        .unwrap_or(("other", FinishReason::Other));
+    Finish { reason, native }
 }

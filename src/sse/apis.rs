@@ -225,12 +225,26 @@ pub(super) fn count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64
 }
 
 /// An optional object read leniently: one of an unexpected type is `None` rather than an
-/// error, so that a stray field never hides the event's kind.
+/// error, so that a stray field never hides the event's kind. Only a JSON object is one
+/// (serde would read a struct from an array too, by position).
 pub(super) fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
 {
     let raw = <&'de RawValue>::deserialize(d)?;
-    Ok(serde_json::from_str::<T>(raw.get()).ok())
+    let raw = raw.get();
+    if !raw.starts_with('{') {
+        return Ok(None);
+    }
+    Ok(serde_json::from_str::<T>(raw).ok())
+}
+
+/// An optional array read leniently, its items left raw: anything but an array is `None`.
+pub(super) fn lenient_items<'de, D>(d: D) -> Result<Option<Vec<&'de RawValue>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let raw = <&'de RawValue>::deserialize(d)?;
+    Ok(serde_json::from_str(raw.get()).ok())
 }

@@ -19,8 +19,8 @@ use serde_json::value::RawValue;
 
 use super::{EventKind, Finish, FinishReason};
 use super::apis::{
-    ApiEvent, ApiKind, ApiUsage, Output, count, lenient, non_empty_string, object, plain,
-    whole_body,
+    ApiEvent, ApiKind, ApiUsage, Output, count, lenient, lenient_items, non_empty_string, object,
+    plain, whole_body,
 };
 use super::classify::Classified;
 
@@ -47,9 +47,9 @@ struct Response<'a> {
     incomplete_details: Option<Incomplete<'a>>,
     #[serde(default, deserialize_with = "lenient")]
     usage: Option<ResponseUsage>,
-    /// The output items' types only, read when the response ended (once per response).
-    #[serde(borrow, default, deserialize_with = "lenient")]
-    output: Option<Vec<Item<'a>>>,
+    /// The output items, left raw: only a response that ended has each one's type read.
+    #[serde(borrow, default, deserialize_with = "lenient_items")]
+    output: Option<Vec<&'a RawValue>>,
 }
 
 /// An item of a response's `output`: a `message`, a `reasoning`, a `function_call`…
@@ -134,10 +134,12 @@ impl<'a> Response<'a> {
 
     /// The output holds a function call: the model stopped to have a tool run.
     fn called_a_tool(&self) -> bool {
-        self.output
-            .iter()
-            .flatten()
-            .any(|item| plain(item.kind) == Some("function_call"))
+        self.output.iter().flatten().any(|item| {
+            let item = item.get();
+            item.starts_with('{')
+                && serde_json::from_str::<Item<'_>>(item)
+                    .is_ok_and(|i| plain(i.kind) == Some("function_call"))
+        })
     }
 }
 
