@@ -267,12 +267,26 @@ async fn through(
     path: &str,
     request: &str,
 ) -> (Result<Reply, String>, String) {
+    through_logged(upstream, path, request, None).await
+}
+
+/// [`through`], with the access log on when the request is sent with `request_id`.
+async fn through_logged(
+    upstream: &Scripted,
+    path: &str,
+    request: &str,
+    request_id: Option<&str>,
+) -> (Result<Reply, String>, String) {
     let addr = upstream.start().await;
-    let proxy = tokentap::start(proxy_config(&format!("http://{addr}")))
-        .await
-        .unwrap();
-    let req = Request::post(format!("http://{}{path}", proxy.addr()))
-        .header("content-type", "application/json")
+    let mut config = proxy_config(&format!("http://{addr}"));
+    config.telemetry.access_log = request_id.is_some();
+    let proxy = tokentap::start(config).await.unwrap();
+    let mut req = Request::post(format!("http://{}{path}", proxy.addr()))
+        .header("content-type", "application/json");
+    if let Some(id) = request_id {
+        req = req.header("x-request-id", id);
+    }
+    let req = req
         .body(Full::new(Bytes::from(request.to_owned())))
         .unwrap();
     let resp = client().request(req).await.unwrap();
@@ -767,5 +781,241 @@ async fn demo_shows_either_api() {
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(&cols[2..4], &["8.00", "8.00"], "{row}");
         assert!(out.contains(path), "the example names {path}:\n{out}");
+    }
+}
+
+/// A Responses stream that calls a tool: the function call's arguments stream, and the
+/// completed response lists a `function_call` among its output.
+fn responses_tool_stream() -> Vec<(Duration, String)> {
+    let args = |d: &str| {
+        sse(
+            "response.function_call_arguments.delta",
+            &format!(
+                r#"{{"type":"response.function_call_arguments.delta","item_id":"fc_1","output_index":0,"delta":"{d}"}}"#
+            ),
+        )
+    };
+    vec![
+        (
+            20 * MS,
+            sse(
+                "response.created",
+                &format!(
+                    r#"{{"type":"response.created","response":{{"id":"resp_t","model":"{MODEL}","status":"in_progress","usage":null}}}}"#
+                ),
+            ),
+        ),
+        (30 * MS, args(r#"{\"city\":"#)),
+        (10 * MS, args(r#" \"Paris\"}"#)),
+        (
+            5 * MS,
+            sse(
+                "response.completed",
+                &format!(
+                    r#"{{"type":"response.completed","response":{{"id":"resp_t","model":"{MODEL}","status":"completed","output":[{{"type":"function_call","name":"get_weather","arguments":"{{}}","status":"completed"}}],"usage":{{"input_tokens":20,"output_tokens":7,"output_tokens_details":{{"reasoning_tokens":0}}}}}}}}"#
+                ),
+            ),
+        ),
+    ]
+}
+
+/// Why each response ended reaches the access log in chat's words (`finish_reason`) and in
+/// the API's own (`stop_reason`), with the reasoning tokens its usage reported; chat's
+/// `completion_tokens_details.reasoning_tokens` likewise. The reasoning tokens are a
+/// histogram per route, like the cached prompt tokens.
+#[tokio::test(start_paused = true)]
+async fn finish_and_reasoning_tokens_reach_the_access_log_and_metrics() {
+    let lines = access_log();
+    let mut max_tokens = messages_stream();
+    let last = max_tokens.len() - 2;
+    max_tokens[last].1 = max_tokens[last].1.replace("end_turn", "max_tokens");
+    let chat = vec![
+        (
+            40 * MS,
+            format!(
+                "data: {{\"id\":\"chatcmpl-1\",\"model\":\"{MODEL}\",\"choices\":[{{\"index\":0,\"delta\":{{\"reasoning\":\"hm\"}},\"finish_reason\":null}}]}}\n\n"
+            ),
+        ),
+        (
+            10 * MS,
+            format!(
+                "data: {{\"id\":\"chatcmpl-1\",\"model\":\"{MODEL}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"a\"}},\"finish_reason\":\"length\"}}]}}\n\n"
+            ),
+        ),
+        (
+            MS,
+            format!(
+                "data: {{\"id\":\"chatcmpl-1\",\"model\":\"{MODEL}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":4,\"completion_tokens\":6,\"completion_tokens_details\":{{\"reasoning_tokens\":5}}}}}}\n\ndata: [DONE]\n\n"
+            ),
+        ),
+    ];
+    let chat_request = format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":6,"stream":true,"stream_options":{{"include_usage":true}}}}"#
+    );
+    // (path, endpoint, upstream, request, id, finish_reason, stop_reason, reasoning tokens)
+    let cases = [
+        (
+            "/v1/responses",
+            "responses",
+            responses_stream(),
+            responses_request(true),
+            "resp-text",
+            "stop",
+            Some("completed"),
+            Some("3"),
+        ),
+        (
+            "/v1/responses",
+            "responses",
+            responses_tool_stream(),
+            responses_request(true),
+            "resp-tool",
+            "tool_calls",
+            Some("completed"),
+            Some("0"),
+        ),
+        (
+            "/v1/messages",
+            "messages",
+            messages_stream(),
+            messages_request(true),
+            "msg-end-turn",
+            "stop",
+            Some("end_turn"),
+            None,
+        ),
+        (
+            "/v1/messages",
+            "messages",
+            max_tokens,
+            messages_request(true),
+            "msg-max-tokens",
+            "length",
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            "chat",
+            chat,
+            chat_request,
+            "chat-reasoning",
+            "length",
+            None,
+            Some("5"),
+        ),
+    ];
+    for (path, endpoint, steps, request, id, finish, stop, reasoning) in cases {
+        let up = Scripted::new("text/event-stream", steps);
+        let (reply, m) = through_logged(&up, path, &request, Some(id)).await;
+        assert_eq!(reply.unwrap().body, up.body(), "{id}");
+        let lines = lines.lock().unwrap();
+        let line = lines
+            .iter()
+            .find(|l| l.get("request_id").map(String::as_str) == Some(id))
+            .unwrap_or_else(|| panic!("no access-log line for {id}"));
+        assert_eq!(line["endpoint"], endpoint, "{id}");
+        assert_eq!(line["outcome"], "ok", "{id}");
+        assert_eq!(line["finish_reason"], finish, "{id}");
+        assert_eq!(line.get("stop_reason").map(String::as_str), stop, "{id}");
+        assert_eq!(
+            line.get("reasoning_tokens").map(String::as_str),
+            reasoning,
+            "{id}"
+        );
+        let l = [("model", MODEL), ("endpoint", endpoint)];
+        let want: f64 = reasoning.map_or(0.0, |r| r.parse().unwrap());
+        close(&m, "tokentap_request_reasoning_tokens_sum", &l, want);
+        close(
+            &m,
+            "tokentap_request_reasoning_tokens_count",
+            &l,
+            if reasoning.is_some() { 1.0 } else { 0.0 },
+        );
+    }
+}
+
+/// The span says it too: `gen_ai.response.finish_reasons` in chat's words (as for chat, so
+/// that one query finds every truncated request), `tokentap.stop_reason` in the API's, and
+/// `gen_ai.usage.reasoning.output_tokens`. Real clock: the exporter runs on its own timer.
+#[tokio::test]
+async fn finish_and_reasoning_tokens_reach_the_span() {
+    use fake_opentelemetry_collector::FakeCollectorServer;
+    let mut collector = FakeCollectorServer::start().await.unwrap();
+    let fast = |steps: Vec<(Duration, String)>| -> Vec<(Duration, String)> {
+        steps
+            .into_iter()
+            .map(|(_, s)| (Duration::ZERO, s))
+            .collect()
+    };
+    let cases = [
+        (
+            "/v1/responses",
+            Scripted::new("text/event-stream", fast(responses_stream())),
+            responses_request(true),
+            "stop",
+            "completed",
+            Some(3),
+        ),
+        (
+            "/v1/messages",
+            Scripted::new("text/event-stream", fast(messages_stream())),
+            messages_request(true),
+            "stop",
+            "end_turn",
+            None,
+        ),
+        (
+            "/v1/responses",
+            Scripted::new("text/event-stream", fast(responses_tool_stream())),
+            responses_request(true),
+            "tool_calls",
+            "completed",
+            Some(0),
+        ),
+    ];
+    for (path, up, request, finish, stop, reasoning) in cases {
+        let addr = up.start().await;
+        let mut config = proxy_config(&format!("http://{addr}"));
+        config.telemetry.discover_models = false;
+        config.tracing = tokentap::config::TracingConfig {
+            enabled: true,
+            protocol: Some(tokentap::config::Protocol::Grpc),
+            endpoint: Some(collector.endpoint()),
+            service_name: Some("tokentap-test".to_owned()),
+            scheduled_delay_ms: Some(20),
+            timeout_secs: Some(5.0),
+            ..tokentap::config::TracingConfig::default()
+        };
+        let proxy = tokentap::start(config).await.unwrap();
+        let r = post(
+            &client(),
+            &format!("http://{}{path}", proxy.addr()),
+            &request,
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        proxy.shutdown().await;
+        let spans = collector.exported_spans(1, Duration::from_secs(15)).await;
+        assert_eq!(spans.len(), 1, "{path}: one span per request");
+        let attrs = &spans[0].attributes;
+        let value = |v: &str| format!("Some(AnyValue {{ value: Some({v}) }})");
+        assert_eq!(
+            attrs["gen_ai.response.finish_reasons"],
+            value(&format!(
+                "ArrayValue(ArrayValue {{ values: [AnyValue {{ value: Some(StringValue(\"{finish}\")) }}] }})"
+            )),
+            "{path}"
+        );
+        assert_eq!(
+            attrs["tokentap.stop_reason"],
+            value(&format!("StringValue(\"{stop}\")")),
+            "{path}"
+        );
+        assert_eq!(
+            attrs.get("gen_ai.usage.reasoning.output_tokens"),
+            reasoning.map(|n| value(&format!("IntValue({n})"))).as_ref(),
+            "{path}"
+        );
     }
 }

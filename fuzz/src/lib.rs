@@ -826,7 +826,10 @@ fn api_event(dialect: Dialect, payload: &[u8]) {
         if let (Some(input), Some(cached)) = (u.input_tokens, u.cached_tokens)
             && dialect == Dialect::Messages
         {
-            assert!(input >= cached, "cached tokens are part of the prompt: {u:?}");
+            assert!(
+                input >= cached,
+                "cached tokens are part of the prompt: {u:?}"
+            );
         }
     }
     let json = payload.trim_ascii();
@@ -935,9 +938,9 @@ fn model(dialect: Dialect, json: &[u8]) -> ApiEvent<'_> {
     // Borrowed strings of the input: without escapes, a string's text is in the bytes.
     let text = |s: Option<&str>| -> Option<&[u8]> {
         let s = s?;
-        let at = json
-            .windows(s.len() + 2)
-            .position(|w| w[0] == b'"' && &w[1..=s.len()] == s.as_bytes() && w[s.len() + 1] == b'"')?;
+        let at = json.windows(s.len() + 2).position(|w| {
+            w[0] == b'"' && &w[1..=s.len()] == s.as_bytes() && w[s.len() + 1] == b'"'
+        })?;
         Some(&json[at + 1..at + 1 + s.len()])
     };
     let borrowed = |s: Option<&str>| text(s).map(|b| std::str::from_utf8(b).expect("utf-8"));
@@ -977,11 +980,14 @@ fn model(dialect: Dialect, json: &[u8]) -> ApiEvent<'_> {
                     .and_then(|d| count(&d, "reasoning_tokens")),
             });
             if out.kind == ApiKind::End {
-                let tool = r.get("output").and_then(Value::as_array).is_some_and(|items| {
-                    items
-                        .iter()
-                        .any(|i| i.get("type").and_then(Value::as_str) == Some("function_call"))
-                });
+                let tool = r
+                    .get("output")
+                    .and_then(Value::as_array)
+                    .is_some_and(|items| {
+                        items
+                            .iter()
+                            .any(|i| i.get("type").and_then(Value::as_str) == Some("function_call"))
+                    });
                 let reason = obj(r.get("incomplete_details"))
                     .and_then(|d| d.get("reason").and_then(Value::as_str).map(str::to_owned));
                 out.finish = match r.get("status").and_then(Value::as_str) {
@@ -1049,7 +1055,11 @@ fn model(dialect: Dialect, json: &[u8]) -> ApiEvent<'_> {
                 "message_delta" => {
                     out.usage = obj(v.get("usage")).map(|u| usage(&u));
                     out.finish = obj(v.get("delta"))
-                        .and_then(|d| d.get("stop_reason").and_then(Value::as_str).map(str::to_owned))
+                        .and_then(|d| {
+                            d.get("stop_reason")
+                                .and_then(Value::as_str)
+                                .map(str::to_owned)
+                        })
                         .map(|r| finish_of(MESSAGES_FINISH, &r));
                 }
                 "message_stop" => out.kind = ApiKind::End,

@@ -180,8 +180,7 @@ pub(super) fn reasoning_tokens_de<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<u64>, D::Error> {
     let v = <Option<serde_json::Value> as serde::Deserialize>::deserialize(d)?;
-    Ok(v.as_ref()
-        .and_then(|v| v.get("reasoning_tokens")?.as_u64()))
+    Ok(v.as_ref().and_then(|v| v.get("reasoning_tokens")?.as_u64()))
 }
 
 /// `cached_tokens` of a `prompt_tokens_details` value.

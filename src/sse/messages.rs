@@ -93,9 +93,7 @@ fn finish(raw: Option<&RawValue>) -> Option<Finish> {
         "end_turn" => (FinishReason::Stop, "end_turn"),
         "stop_sequence" => (FinishReason::Stop, "stop_sequence"),
         "max_tokens" => (FinishReason::Length, "max_tokens"),
-        "model_context_window_exceeded" => {
-            (FinishReason::Length, "model_context_window_exceeded")
-        }
+        "model_context_window_exceeded" => (FinishReason::Length, "model_context_window_exceeded"),
         "tool_use" => (FinishReason::ToolCalls, "tool_use"),
         "pause_turn" => (FinishReason::Other, "pause_turn"),
         "refusal" => (FinishReason::Other, "refusal"),

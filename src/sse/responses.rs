@@ -17,12 +17,12 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{EventKind, Finish, FinishReason};
 use super::apis::{
     ApiEvent, ApiKind, ApiUsage, Output, count, lenient, lenient_items, non_empty_string, object,
     plain, whole_body,
 };
 use super::classify::Classified;
+use super::{EventKind, Finish, FinishReason};
 
 #[derive(Deserialize)]
 struct Event<'a> {

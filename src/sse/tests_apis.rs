@@ -544,7 +544,10 @@ fn messages_cut_before_message_stop() {
     assert_eq!(r.figures.output_tokens, Some(3));
     assert_eq!(r.figures.token_source, TokenSource::Chunks);
     assert_eq!(r.figures.prompt_tokens, Some(11));
-    assert_eq!(r.figures.finish_reason, None, "no message_delta, no stop reason");
+    assert_eq!(
+        r.figures.finish_reason, None,
+        "no message_delta, no stop reason"
+    );
     assert_eq!(r.figures.stop_reason, None);
     // Cut inside an event: the parser says so.
     let mut p = SseParser::new().with_dialect(Dialect::Messages);
@@ -728,7 +731,10 @@ fn responses_finish_and_reasoning_tokens_reach_the_figures() {
         r#"{"type":"response.created","response":{"id":"r","status":"in_progress","usage":null}}"#,
     );
     let r = run(Dialect::Responses, &[created, text], 0);
-    assert_eq!((r.figures.finish_reason, r.figures.stop_reason), (None, None));
+    assert_eq!(
+        (r.figures.finish_reason, r.figures.stop_reason),
+        (None, None)
+    );
     assert_eq!(r.figures.reasoning_tokens, None);
     // A failed response is an error, and says nothing of a finish either.
     let failed = responses(
