@@ -905,8 +905,43 @@ async fn finish_and_reasoning_tokens_reach_the_access_log_and_metrics() {
             Some("5"),
         ),
     ];
+    let whole = |body: String| {
+        let (head, tail) = body.split_at(body.len() / 2);
+        vec![(60 * MS, head.to_owned()), (40 * MS, tail.to_owned())]
+    };
+    let cases = cases.into_iter().chain([
+        (
+            "/v1/responses",
+            "responses",
+            whole(format!(
+                r#"{{"id":"resp_2","object":"response","model":"{MODEL}","status":"incomplete","incomplete_details":{{"reason":"max_output_tokens"}},"output":[],"usage":{{"input_tokens":7,"output_tokens":11,"output_tokens_details":{{"reasoning_tokens":9}}}}}}"#
+            )),
+            responses_request(false),
+            "resp-whole",
+            "length",
+            Some("max_output_tokens"),
+            Some("9"),
+        ),
+        (
+            "/v1/messages",
+            "messages",
+            whole(format!(
+                r#"{{"id":"msg_2","type":"message","model":"{MODEL}","content":[],"stop_reason":"stop_sequence","usage":{{"input_tokens":7,"output_tokens":11}}}}"#
+            )),
+            messages_request(false),
+            "msg-whole",
+            "stop",
+            Some("stop_sequence"),
+            None,
+        ),
+    ]);
     for (path, endpoint, steps, request, id, finish, stop, reasoning) in cases {
-        let up = Scripted::new("text/event-stream", steps);
+        let kind = if id.ends_with("whole") {
+            "application/json"
+        } else {
+            "text/event-stream"
+        };
+        let up = Scripted::new(kind, steps);
         let (reply, m) = through_logged(&up, path, &request, Some(id)).await;
         assert_eq!(reply.unwrap().body, up.body(), "{id}");
         let lines = lines.lock().unwrap();

@@ -198,6 +198,10 @@ impl Recorder {
                 if let Some(usage) = body.usage {
                     self.latency.on_usage(usage);
                 }
+                if let Some(finish) = body.finish {
+                    // A Responses or Messages body's status or stop reason.
+                    self.latency.on_finish(finish);
+                }
                 if let Some(server) = body.server.timings() {
                     self.latency.on_server(server);
                 }
