@@ -825,3 +825,6 @@ impl Batcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
