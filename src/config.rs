@@ -691,7 +691,11 @@ fn check_url(field: &str, url: &str) -> Result<(), ConfigError> {
     let uri: http::Uri = url.parse().map_err(|e| invalid(format!("{url}: {e}")))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        _ => return Err(invalid(format!("{url}: must start with http:// or https://"))),
+        _ => {
+            return Err(invalid(format!(
+                "{url}: must start with http:// or https://"
+            )));
+        }
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(invalid(format!("{url}: has no host")));
@@ -826,16 +830,14 @@ upstreams = ["https://fallback:8443/"]
                 route(r#"["a"]"#, r#"["http://h:1", "http://h:1"]"#, ""),
                 "routes[0].upstreams",
             ),
-            (
-                route(r#"["a"]"#, r#"["h:1"]"#, ""),
-                "routes[0].upstreams",
-            ),
+            (route(r#"["a"]"#, r#"["h:1"]"#, ""), "routes[0].upstreams"),
             (
                 "[upstream]\nurl = \"http://127.0.0.1:8000\"\n".to_owned() + &ok,
                 "upstream.url",
             ),
             (
-                ok.clone() + "[[routes]]\nmodels = [\"c\"]\nupstreams = [\"http://h:1\"]\nweight = 2\n",
+                ok.clone()
+                    + "[[routes]]\nmodels = [\"c\"]\nupstreams = [\"http://h:1\"]\nweight = 2\n",
                 "weight",
             ),
         ] {
@@ -848,6 +850,11 @@ upstreams = ["https://fallback:8443/"]
         // `--upstream` on top of a file with routes: refused by `validate`.
         let mut c = Config::parse(&ok).unwrap();
         c.upstream.url = "http://elsewhere:8000".to_owned();
-        assert!(c.validate().unwrap_err().to_string().contains("upstream.url"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("upstream.url")
+        );
     }
 }
