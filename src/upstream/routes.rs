@@ -78,6 +78,27 @@ impl Route {
         req: Request<RequestBody>,
         retry: bool,
     ) -> Result<(Response<UpstreamResponse>, Arc<Endpoint>), Failed> {
+        let sent = self.try_endpoints(req, retry).await;
+        self.count_live(Instant::now());
+        sent
+    }
+
+    /// Sets the live-endpoints gauge (after each request, as its answer may have ejected or
+    /// recovered an endpoint; and periodically, as ejections end by themselves).
+    fn count_live(&self, now: Instant) {
+        let live = self
+            .endpoints
+            .iter()
+            .filter(|e| e.health().is_live(now))
+            .count();
+        self.live.set(live as f64);
+    }
+
+    async fn try_endpoints(
+        &self,
+        req: Request<RequestBody>,
+        retry: bool,
+    ) -> Result<(Response<UpstreamResponse>, Arc<Endpoint>), Failed> {
         let now = Instant::now();
         let first = self.pick(now, None).expect("a route has endpoints").clone();
         let refused = match first.send(req).await {
@@ -254,12 +275,7 @@ impl Routes {
             endpoint.refresh(now);
         }
         for route in &self.routes {
-            let live = route
-                .endpoints
-                .iter()
-                .filter(|e| e.health().is_live(now))
-                .count();
-            route.live.set(live as f64);
+            route.count_live(now);
         }
     }
 }
