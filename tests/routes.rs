@@ -390,7 +390,7 @@ async fn one_routes_outage_leaves_the_proxy_ready() {
     let a = replica(&["model-a"], 1.0, 256, 4).await;
     let proxy = routed(
         &(route(&["model-a"], &[a.base_url()], "round_robin")
-            + &route(&["model-b"], &[down.clone()], "round_robin")),
+            + &route(&["model-b"], &[down], "round_robin")),
     )
     .await;
     let url = format!("http://{}/v1/chat/completions", proxy.addr());
