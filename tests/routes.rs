@@ -164,6 +164,42 @@ async fn a_model_no_route_serves_gets_vllms_404_and_outcome_rejected() {
     proxy.shutdown().await;
 }
 
+#[tokio::test]
+async fn models_lists_the_union_of_what_the_routes_reach() {
+    let a = replica(&["model-a", "shared"], 1.0, 256, 4).await;
+    let b = replica(&["model-b", "shared"], 1.0, 256, 4).await;
+    let (down, _) = closed_port().await;
+    let proxy = routed(
+        &(route(&["model-a"], &[a.base_url()], "round_robin")
+            + &route(&["*"], &[b.base_url(), down], "round_robin")),
+    )
+    .await;
+    let r = send(
+        &client(),
+        Method::GET,
+        &format!("http://{}/v1/models", proxy.addr()),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let list: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(list["object"], "list");
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    // "shared" once, from the replica its route reaches; the replica that is down adds nothing.
+    assert_eq!(ids, ["model-a", "model-b", "shared"]);
+    assert_eq!(
+        list["data"][0]["owned_by"], "vllm",
+        "entries are the replicas' own"
+    );
+    proxy.shutdown().await;
+}
+
 /// Sends `n` streaming chats through `proxy` from `concurrency` clients at once; all must
 /// succeed.
 async fn load(proxy: &Running, n: usize, concurrency: usize) {

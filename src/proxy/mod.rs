@@ -7,6 +7,7 @@ mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inspect;
+mod models;
 pub mod strip;
 
 use body::read_whole;
@@ -37,8 +38,8 @@ use crate::config::{Config, secs};
 use crate::net::{self, BoxError, Connector, TlsError};
 use crate::observe::{Feedback, Observer, Recorder, TimedBody};
 use crate::route::{Endpoint, RequestInfo};
-use crate::telemetry::Telemetry;
 use crate::telemetry::otel::Tracer;
+use crate::telemetry::{Outcome, Telemetry};
 use crate::upstream::{self, Failed, RequestBody, Routes, SendError, UpstreamResponse};
 
 pin_project! {
@@ -209,6 +210,24 @@ impl Proxy {
             n: 1,
             ..RequestInfo::default()
         };
+        if parts.method == Method::GET
+            && endpoint == Endpoint::Models
+            && (self.routes.by_model() || self.routes.endpoints().len() > 1)
+        {
+            // Several replicas: the proxy's own list, the union of theirs.
+            let recorder = observe(&info, &parts, request_id);
+            let limit = self.header_timeout.min(Duration::from_secs(10));
+            let (response, ok) = models::union(&self.routes, limit).await;
+            if let Some(recorder) = recorder {
+                let outcome = if ok {
+                    Outcome::Ok
+                } else {
+                    Outcome::ConnectError
+                };
+                recorder.finish_without_body(outcome, response.status().as_u16(), Instant::now());
+            }
+            return response;
+        }
         if parts.method == Method::CONNECT {
             // Not a tunnel: the upstream serves an API.
             let recorder = observe(&info, &parts, request_id);
