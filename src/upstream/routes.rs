@@ -214,7 +214,7 @@ impl Routes {
                 name,
                 endpoints: mine,
                 policy: Policy::new(rc.balance),
-                rng: Rng::new(0x5EED ^ i as u64),
+                rng: Rng::new(rand::random::<u64>() ^ i as u64),
                 live,
             });
         }
