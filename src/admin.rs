@@ -8,8 +8,14 @@ use http_body_util::Full;
 
 use crate::telemetry::{Telemetry, openmetrics};
 
-/// Answers one admin request.
-pub fn handle<B>(telemetry: &Arc<Telemetry>, req: &Request<B>) -> Response<Full<Bytes>> {
+/// Answers one admin request. `/readyz` is ready while the upstreams answered within
+/// `telemetry.ready_window_secs` and `live()` says some route has an endpoint that is not
+/// ejected (one model's outage does not take the whole proxy out of its Service).
+pub fn handle<B>(
+    telemetry: &Arc<Telemetry>,
+    req: &Request<B>,
+    live: impl Fn() -> bool,
+) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: &'static str| {
         Response::builder()
             .status(status)
@@ -38,11 +44,15 @@ pub fn handle<B>(telemetry: &Arc<Telemetry>, req: &Request<B>) -> Response<Full<
         }
         "/stats" => stats(telemetry, req.uri().query().unwrap_or("")),
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if telemetry.upstream.ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(
+        "/readyz" if !telemetry.upstream.ready() => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream has not answered within telemetry.ready_window_secs\n",
         ),
+        "/readyz" if !live() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "every upstream is ejected after failing (passive health)\n",
+        ),
+        "/readyz" => text(StatusCode::OK, "ready\n"),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /metrics, /stats, /healthz or /readyz\n",

@@ -27,6 +27,7 @@ pub mod openmetrics;
 pub mod otel;
 mod prometheus;
 pub mod stats;
+mod upstreams;
 
 use access_log::access_log;
 use histogram::Histograms;
@@ -35,6 +36,7 @@ pub use labels::{MODEL_NONE, MODEL_OTHER, ModelLabels};
 pub use prometheus::{E2EL_BUCKETS, ITL_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS, names};
 use prometheus::{METADATA, describe};
 use stats::{ModelStats, Stats};
+pub use upstreams::{EndpointMetrics, upstream_names};
 
 /// How a request ended (`docs/METRICS.md` §3), the `outcome` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
