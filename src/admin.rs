@@ -6,10 +6,16 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Telemetry, openmetrics};
 
-/// Answers one admin request.
-pub fn handle<B>(telemetry: &Arc<Telemetry>, req: &Request<B>) -> Response<Full<Bytes>> {
+/// Answers one admin request. `/readyz` is ready while the upstreams answered within
+/// `telemetry.ready_window_secs` and `live()` says some route has an endpoint that is not
+/// ejected (one model's outage does not take the whole proxy out of its Service).
+pub fn handle<B>(
+    telemetry: &Arc<Telemetry>,
+    req: &Request<B>,
+    live: impl Fn() -> bool,
+) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: &'static str| {
         Response::builder()
             .status(status)
@@ -21,20 +27,32 @@ pub fn handle<B>(telemetry: &Arc<Telemetry>, req: &Request<B>) -> Response<Full<
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
     match req.uri().path() {
-        "/metrics" => Response::builder()
-            .header(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )
-            .body(Full::new(Bytes::from(telemetry.render())))
-            .expect("static response parts are valid"),
+        "/metrics" => {
+            // OpenMetrics (with exemplars) for scrapers that prefer it, as Prometheus does.
+            let om = openmetrics::wanted(req.headers().get(header::ACCEPT).map(|v| v.as_bytes()));
+            Response::builder()
+                .header(
+                    header::CONTENT_TYPE,
+                    if om {
+                        openmetrics::CONTENT_TYPE
+                    } else {
+                        openmetrics::TEXT_CONTENT_TYPE
+                    },
+                )
+                .body(Full::new(Bytes::from(telemetry.render(om))))
+                .expect("static response parts are valid")
+        }
         "/stats" => stats(telemetry, req.uri().query().unwrap_or("")),
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if telemetry.upstream.ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(
+        "/readyz" if !telemetry.upstream.ready() => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream has not answered within telemetry.ready_window_secs\n",
         ),
+        "/readyz" if !live() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "every upstream is ejected after failing (passive health)\n",
+        ),
+        "/readyz" => text(StatusCode::OK, "ready\n"),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /metrics, /stats, /healthz or /readyz\n",

@@ -53,9 +53,13 @@ fn build_tracer(
     config: &Config,
     telemetry: &Telemetry,
 ) -> Result<Option<Arc<otel::Tracer>>, StartError> {
-    let upstream: http::Uri = config
-        .upstream
-        .url
+    // Spans name one upstream as the server: `upstream.url`, or the first route's first.
+    let url = config
+        .routes
+        .first()
+        .and_then(|r| r.upstreams.first())
+        .unwrap_or(&config.upstream.url);
+    let upstream: http::Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| proxy::BuildError::Url(e.to_string()))?;
     Ok(otel::Tracer::new(&config.tracing, telemetry, &upstream)?.map(Arc::new))
@@ -114,10 +118,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let ready = Ready::prepare(config).await?;
+    let upstreams: Vec<&str> = ready
+        .proxy
+        .routes()
+        .endpoints()
+        .iter()
+        .map(|e| e.address())
+        .collect();
     tracing::info!(
         listen = %ready.addr,
         admin = ?ready.admin_addr,
-        upstream = %ready.config.upstream.url,
+        upstreams = ?upstreams,
+        routes = ready.proxy.routes().routes().len(),
         workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "tokentap serving"
     );
@@ -184,6 +196,8 @@ impl Ready {
         let telemetry = Arc::new(Telemetry::new(&config));
         let tracer = build_tracer(&config, &telemetry)?;
         let proxy = Arc::new(Proxy::new(&config, telemetry.clone(), tracer.clone())?);
+        // The models routes name are `model` label values from the start.
+        telemetry.models.extend(proxy.routes().models());
         let limits = server::Limits::of(&config, raise_fd_limit());
         Ok(Ready {
             config,
@@ -240,8 +254,10 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
     let (admin_stop, admin_stopped) = oneshot::channel::<()>();
     let admin_task = admin.map(|listener| {
         let telemetry = telemetry.clone();
+        let proxy = proxy.clone();
         let handler = move |req: Request<server::ClientBody>, _remote| {
-            let response = admin::handle(&telemetry, &req);
+            let live = || proxy.routes().any_live(tokio::time::Instant::now());
+            let response = admin::handle(&telemetry, &req, live);
             async move { response.map(|b| b.map_err(|never| match never {}).boxed()) }
         };
         tokio::spawn(server::serve(
@@ -264,7 +280,7 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
             loop {
                 tick.tick().await;
                 telemetry.run_upkeep();
-                proxy.pool().sweep();
+                proxy.routes().upkeep(tokio::time::Instant::now());
             }
         }
     });
@@ -297,8 +313,9 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
     }
 }
 
-/// Polls the upstream's `GET /v1/models`: the answer keeps `/readyz` current and, when
-/// `discover` is on, adds the listed model names to the allowed `model` label values.
+/// Polls every upstream endpoint's `GET /v1/models`: an answer keeps `/readyz` current and
+/// the endpoint's passive health too (a refused poll ejects it, an answer lets it back), and,
+/// when `discover` is on, adds the listed model names to the allowed `model` label values.
 async fn poll_upstream(
     proxy: Arc<Proxy>,
     telemetry: Arc<Telemetry>,
@@ -317,33 +334,42 @@ async fn poll_upstream(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let answer = tokio::time::timeout(Duration::from_secs(10), async {
-            let response = proxy.get("/v1/models").await.ok()?;
-            let status = response.status();
-            let body = http_body_util::Limited::new(response.into_body(), 4 * 1024 * 1024)
-                .collect()
-                .await
-                .ok()?
-                .to_bytes();
-            Some((status, body))
-        })
-        .await;
-        match answer {
-            Ok(Some((status, body))) if status.as_u16() < 500 => {
-                telemetry.upstream.mark();
-                if discover && status.is_success() {
-                    match serde_json::from_slice::<Models>(&body) {
-                        Ok(models) => telemetry
-                            .models
-                            .extend(models.data.iter().map(|m| m.id.as_str())),
-                        Err(error) => {
-                            tracing::debug!(%error, "upstream /v1/models is not a model list")
+        for endpoint in proxy.routes().endpoints() {
+            let answer = tokio::time::timeout(Duration::from_secs(10), async {
+                let response = endpoint.get("/v1/models").await.ok()?;
+                let status = response.status();
+                let body = http_body_util::Limited::new(response.into_body(), 4 * 1024 * 1024)
+                    .collect()
+                    .await
+                    .ok()?
+                    .to_bytes();
+                Some((status, body))
+            })
+            .await;
+            match answer {
+                Ok(Some((status, body))) if status.as_u16() < 500 => {
+                    telemetry.upstream.mark();
+                    if discover && status.is_success() {
+                        match serde_json::from_slice::<Models>(&body) {
+                            Ok(models) => telemetry
+                                .models
+                                .extend(models.data.iter().map(|m| m.id.as_str())),
+                            Err(error) => {
+                                tracing::debug!(%error, "upstream /v1/models is not a model list")
+                            }
                         }
                     }
                 }
+                Ok(Some((status, _))) => tracing::warn!(
+                    upstream = endpoint.address(),
+                    %status,
+                    "upstream /v1/models failed"
+                ),
+                _ => tracing::debug!(
+                    upstream = endpoint.address(),
+                    "upstream /v1/models did not answer"
+                ),
             }
-            Ok(Some((status, _))) => tracing::warn!(%status, "upstream /v1/models failed"),
-            _ => tracing::debug!("upstream /v1/models did not answer"),
         }
     }
 }

@@ -18,8 +18,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`); `None` turns it off.
     pub admin_listen: Option<SocketAddr>,
-    /// The upstream server and how to reach it.
+    /// The upstream server and how to reach it. With `[[routes]]`, `upstream.url` is not used
+    /// (and may not be set); the other `[upstream]` settings apply to every route's upstreams.
     pub upstream: UpstreamConfig,
+    /// Per-model routes to several upstreams (`[[routes]]`); empty: every request goes to
+    /// `upstream.url`.
+    pub routes: Vec<RouteConfig>,
     /// Request handling.
     pub proxy: ProxyConfig,
     /// Metrics and logs.
@@ -39,6 +43,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             upstream: UpstreamConfig::default(),
+            routes: Vec::new(),
             proxy: ProxyConfig::default(),
             telemetry: TelemetryConfig::default(),
             slo: SloConfig::default(),
@@ -84,6 +89,49 @@ impl Default for UpstreamConfig {
         }
     }
 }
+
+/// One `[[routes]]` entry: the models it serves and the upstreams that serve them.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Exact model names (the request body's `model`); `"*"`: any model no other route names,
+    /// and requests without a usable model.
+    pub models: Vec<String>,
+    /// Base URLs of the upstreams (replicas) that serve these models, `http://` or `https://`,
+    /// without a path. One listed in several routes is one endpoint (one pool, one health).
+    pub upstreams: Vec<String>,
+    /// How a request picks one of `upstreams`. Default `"least_request"`.
+    #[serde(default)]
+    pub balance: Balance,
+}
+
+/// How a route picks an upstream for a request (`routes.balance`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each live upstream in turn.
+    RoundRobin,
+    /// Power of two choices on outstanding requests.
+    #[default]
+    LeastRequest,
+    /// Power of two choices on outstanding requests weighted by a decaying, peak-sensitive
+    /// estimate of the upstream's TTFT and ITL.
+    PeakEwma,
+}
+
+impl Balance {
+    /// The name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastRequest => "least_request",
+            Balance::PeakEwma => "peak_ewma",
+        }
+    }
+}
+
+/// The model name of the catch-all route.
+pub const ANY_MODEL: &str = "*";
 
 /// How requests are handled on the way through.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -376,8 +424,9 @@ pub enum ConfigError {
     /// A field has a value that parses but cannot work.
     #[error("invalid `{field}`: {reason}")]
     Invalid {
-        /// Dotted path of the field, as written in the file.
-        field: &'static str,
+        /// Dotted path of the field, as written in the file (`routes[1].upstreams` for the
+        /// second route's).
+        field: std::borrow::Cow<'static, str>,
         /// What is wrong with it.
         reason: String,
     },
@@ -402,52 +451,93 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: PathBuf::from("<config>"),
             message: e.to_string(),
-        })?;
+        };
+        let config: Config = toml::from_str(text).map_err(parse_error)?;
+        if !config.routes.is_empty() {
+            // `upstream.url` written in the file, even as its default value, is refused with
+            // routes: which of the two was meant cannot be told.
+            let table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+            let url_given = table
+                .get("upstream")
+                .and_then(toml::Value::as_table)
+                .is_some_and(|u| u.contains_key("url"));
+            if url_given {
+                return Err(url_with_routes());
+            }
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// Checks `[[routes]]`: each names models and upstreams, no model in two routes, one `"*"`
+    /// route at most, and `upstream.url` (or `--upstream`) left unset.
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        if self.routes.is_empty() {
+            return Ok(());
+        }
+        if self.upstream.url != UpstreamConfig::default().url {
+            return Err(url_with_routes());
+        }
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let field = |name: &str| format!("routes[{i}].{name}").into();
+            if route.models.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: field("models"),
+                    reason: "must name at least one model, or \"*\" for any".to_owned(),
+                });
+            }
+            for model in &route.models {
+                if model.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        field: field("models"),
+                        reason: "a model name is empty".to_owned(),
+                    });
+                }
+                if let Some(first) = seen.insert(model, i) {
+                    let reason = if model == ANY_MODEL {
+                        format!("a second \"*\" route (routes[{first}] is one already)")
+                    } else {
+                        format!("model {model:?} is routed by routes[{first}] already")
+                    };
+                    return Err(ConfigError::Invalid {
+                        field: field("models"),
+                        reason,
+                    });
+                }
+            }
+            if route.upstreams.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: field("upstreams"),
+                    reason: "must list at least one upstream URL".to_owned(),
+                });
+            }
+            for (j, url) in route.upstreams.iter().enumerate() {
+                check_url(&format!("routes[{i}].upstreams"), url)?;
+                if route.upstreams[..j].contains(url) {
+                    return Err(ConfigError::Invalid {
+                        field: field("upstreams"),
+                        reason: format!("{url} is listed twice"),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks values that parse but cannot work; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.workers == Some(0) {
             return Err(ConfigError::Invalid {
-                field: "workers",
+                field: "workers".into(),
                 reason: "must be at least 1".to_owned(),
             });
         }
-        let uri: http::Uri = self
-            .upstream
-            .url
-            .parse()
-            .map_err(|e| ConfigError::Invalid {
-                field: "upstream.url",
-                reason: format!("{e}"),
-            })?;
-        match uri.scheme_str() {
-            Some("http") | Some("https") => {}
-            _ => {
-                return Err(ConfigError::Invalid {
-                    field: "upstream.url",
-                    reason: "must start with http:// or https://".to_owned(),
-                });
-            }
-        }
-        if uri.host().is_none() {
-            return Err(ConfigError::Invalid {
-                field: "upstream.url",
-                reason: "has no host".to_owned(),
-            });
-        }
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err(ConfigError::Invalid {
-                field: "upstream.url",
-                reason: "must not have a path or query: request paths are forwarded as they are"
-                    .to_owned(),
-            });
-        }
+        check_url("upstream.url", &self.upstream.url)?;
+        self.validate_routes()?;
         let seconds = [
             (
                 "upstream.connect_timeout_secs",
@@ -493,7 +583,7 @@ impl Config {
         for (field, value) in seconds {
             if !(value.is_finite() && value > 0.0 && value < 1e9) {
                 return Err(ConfigError::Invalid {
-                    field,
+                    field: field.into(),
                     reason: format!("must be a positive number of seconds, got {value}"),
                 });
             }
@@ -508,7 +598,7 @@ impl Config {
                 && !(v.is_finite() && v > 0.0 && v < 1e12)
             {
                 return Err(ConfigError::Invalid {
-                    field,
+                    field: field.into(),
                     reason: format!("must be a positive number of milliseconds, got {v}"),
                 });
             }
@@ -531,20 +621,20 @@ impl Config {
         for (field, value) in at_least_one {
             if value == 0 {
                 return Err(ConfigError::Invalid {
-                    field,
+                    field: field.into(),
                     reason: "must be at least 1".to_owned(),
                 });
             }
         }
         if self.proxy.max_sse_event_bytes < 1024 {
             return Err(ConfigError::Invalid {
-                field: "proxy.max_sse_event_bytes",
+                field: "proxy.max_sse_event_bytes".into(),
                 reason: "must be at least 1024".to_owned(),
             });
         }
         if self.proxy.body_budget_bytes < self.proxy.max_request_body_bytes {
             return Err(ConfigError::Invalid {
-                field: "proxy.body_budget_bytes",
+                field: "proxy.body_budget_bytes".into(),
                 reason: format!(
                     "must hold at least one body of proxy.max_request_body_bytes ({})",
                     self.proxy.max_request_body_bytes
@@ -563,7 +653,7 @@ impl Config {
                 let increasing = list.windows(2).all(|w| w[0] < w[1]);
                 if list.is_empty() || !increasing || list.iter().any(|b| !b.is_finite()) {
                     return Err(ConfigError::Invalid {
-                        field,
+                        field: field.into(),
                         reason: "must be a non-empty list of finite, strictly increasing numbers"
                             .to_owned(),
                     });
@@ -574,12 +664,48 @@ impl Config {
             && !ca.is_file()
         {
             return Err(ConfigError::Invalid {
-                field: "upstream.ca_file",
+                field: "upstream.ca_file".into(),
                 reason: format!("{} is not a readable file", ca.display()),
             });
         }
         Ok(())
     }
+}
+
+/// `upstream.url` and `[[routes]]` together.
+fn url_with_routes() -> ConfigError {
+    ConfigError::Invalid {
+        field: "upstream.url".into(),
+        reason: "set together with [[routes]]: give the upstreams in the routes, or use \
+                 upstream.url (--upstream) alone for one upstream"
+            .to_owned(),
+    }
+}
+
+/// An upstream base URL: `http://` or `https://`, a host, no path or query.
+fn check_url(field: &str, url: &str) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        field: field.to_owned().into(),
+        reason,
+    };
+    let uri: http::Uri = url.parse().map_err(|e| invalid(format!("{url}: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(invalid(format!(
+                "{url}: must start with http:// or https://"
+            )));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid(format!("{url}: has no host")));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(invalid(format!(
+            "{url}: must not have a path or query: request paths are forwarded as they are"
+        )));
+    }
+    Ok(())
 }
 
 /// Seconds from a validated config field.
@@ -651,5 +777,84 @@ mod tests {
             let err = Config::parse(text).unwrap_err();
             assert!(err.to_string().contains(field), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn routes_parse_with_their_balance() {
+        let c = Config::parse(
+            r#"
+[[routes]]
+models = ["a", "b"]
+upstreams = ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+balance = "peak_ewma"
+
+[[routes]]
+models = ["*"]
+upstreams = ["https://fallback:8443/"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.routes[0].models, ["a", "b"]);
+        assert_eq!(c.routes[0].balance, Balance::PeakEwma);
+        assert_eq!(c.routes[1].balance, Balance::LeastRequest, "the default");
+    }
+
+    #[test]
+    fn bad_routes_name_their_field() {
+        let route = |models: &str, upstreams: &str, extra: &str| {
+            format!("[[routes]]\nmodels = {models}\nupstreams = {upstreams}\n{extra}\n")
+        };
+        let ok = route(r#"["a"]"#, r#"["http://h:1"]"#, "");
+        for (text, field) in [
+            (
+                ok.clone() + &route(r#"["b", "a"]"#, r#"["http://h:1"]"#, ""),
+                "routes[1].models",
+            ),
+            (
+                route(r#"["*"]"#, r#"["http://h:1"]"#, "")
+                    + &route(r#"["*"]"#, r#"["http://h:2"]"#, ""),
+                "routes[1].models",
+            ),
+            (route(r#"["a"]"#, "[]", ""), "routes[0].upstreams"),
+            (route("[]", r#"["http://h:1"]"#, ""), "routes[0].models"),
+            (
+                route(r#"["a"]"#, r#"["http://h:1"]"#, r#"balance = "fastest""#),
+                "balance",
+            ),
+            (
+                route(r#"["a"]"#, r#"["http://h:1", "http://h:2/v1"]"#, ""),
+                "routes[0].upstreams",
+            ),
+            (
+                route(r#"["a"]"#, r#"["http://h:1", "http://h:1"]"#, ""),
+                "routes[0].upstreams",
+            ),
+            (route(r#"["a"]"#, r#"["h:1"]"#, ""), "routes[0].upstreams"),
+            (
+                "[upstream]\nurl = \"http://127.0.0.1:8000\"\n".to_owned() + &ok,
+                "upstream.url",
+            ),
+            (
+                ok.clone()
+                    + "[[routes]]\nmodels = [\"c\"]\nupstreams = [\"http://h:1\"]\nweight = 2\n",
+                "weight",
+            ),
+        ] {
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.to_string().contains(field), "{text}: {err}");
+        }
+        // Sharing an upstream between routes is fine.
+        let shared = ok.clone() + &route(r#"["b"]"#, r#"["http://h:1"]"#, "");
+        Config::parse(&shared).unwrap();
+        // `--upstream` on top of a file with routes: refused by `validate`.
+        let mut c = Config::parse(&ok).unwrap();
+        c.upstream.url = "http://elsewhere:8000".to_owned();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("upstream.url")
+        );
     }
 }

@@ -8,7 +8,7 @@ mod recorder;
 
 pub use body::{IdleTimeout, TimedBody};
 pub use layer::Observer;
-pub use recorder::{Ending, Recorder};
+pub use recorder::{Ending, Feedback, Recorder};
 
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,7 @@
 //! report it makes when the request ends.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -40,6 +41,24 @@ pub enum Ending {
     Dropped,
 }
 
+/// Where the latency a request's upstream showed is fed back (the load balancer's estimate of
+/// that upstream): told at most once at the first token and once when the request ends well,
+/// never per chunk.
+pub trait Feedback: Send + Sync + std::fmt::Debug {
+    /// The first token reached the client `ttft` after the request arrived.
+    fn first_token(&self, ttft: Duration, now: Instant);
+    /// The request ended well (outcome `ok`) after `e2el`: `itl_mean` is its mean ITL when it
+    /// streamed tokens, and `ttft` its TTFT when one was timed (a non-streaming answer has
+    /// none: its whole latency stands in for it).
+    fn finished(
+        &self,
+        ttft: Option<Duration>,
+        itl_mean: Option<Duration>,
+        e2el: Duration,
+        now: Instant,
+    );
+}
+
 /// Per-request telemetry state, created when the request arrives and consumed by
 /// [`Recorder::finish`] exactly once.
 ///
@@ -61,6 +80,8 @@ pub struct Recorder {
     latency: Latency,
     telemetry: Arc<Telemetry>,
     request_id: Box<str>,
+    /// The upstream's load balancer, when it wants the request's latency.
+    feedback: Option<Arc<dyn Feedback>>,
 }
 
 impl Recorder {
@@ -84,7 +105,14 @@ impl Recorder {
             meta_seen: span.is_none(),
             span: span.map(Box::new),
             itl: ItlBatch::default(),
+            feedback: None,
         }
+    }
+
+    /// Feeds the request's first token and its end to `feedback` (set once the upstream that
+    /// serves the request is known).
+    pub fn set_feedback(&mut self, feedback: Arc<dyn Feedback>) {
+        self.feedback = Some(feedback);
     }
 
     /// Called when the upstream's response head arrives: records the header time and decides
@@ -133,6 +161,7 @@ impl Recorder {
         let span = &mut self.span;
         let itl = &mut self.itl;
         let meta_seen = &mut self.meta_seen;
+        let feedback = &self.feedback;
         match &mut self.mode {
             Mode::Opaque => {}
             Mode::Json { frames, len } => {
@@ -146,7 +175,7 @@ impl Recorder {
             }
             Mode::Sse { parser } => {
                 parser.feed(data, |event| {
-                    latency.on_event(event, now, |o| observe(route, span, itl, o, now));
+                    latency.on_event(event, now, |o| observe(route, span, itl, feedback, o, now));
                     if !*meta_seen
                         && let (Some(span), Some(id), Some(model)) =
                             (span.as_mut(), event.id, event.model)
@@ -224,6 +253,12 @@ impl Recorder {
             stats.flush_itl(&mut self.itl, now);
         }
         let figures = self.latency.figures(now);
+        let trace = self.span.as_ref().and_then(|span| span.trace());
+        if let Some(feedback) = self.feedback.take()
+            && outcome == Outcome::Ok
+        {
+            feedback.finished(figures.ttft, figures.itl_mean, figures.e2el, now);
+        }
         if let Some(span) = self.span {
             (*span).finish(outcome, self.status, &figures);
         }
@@ -235,6 +270,7 @@ impl Recorder {
                 outcome,
                 figures: &figures,
                 stream: figures.chunks + figures.empty_choice_events > 0,
+                trace,
             },
             self.latency.t0(),
             now,
@@ -247,12 +283,18 @@ fn observe(
     route: &RouteMetrics,
     span: &mut Option<Box<RequestSpan>>,
     itl: &mut ItlBatch,
+    feedback: &Option<Arc<dyn Feedback>>,
     o: Observation,
     now: Instant,
 ) {
     match o {
         Observation::FirstToken(d) => {
-            route.ttft.record(d.as_secs_f64());
+            route
+                .ttft
+                .record_traced(d.as_secs_f64(), span.as_ref().and_then(|s| s.trace()));
+            if let Some(feedback) = feedback {
+                feedback.first_token(d, now);
+            }
             if let Some(span) = span {
                 span.on_first_token(d);
             }

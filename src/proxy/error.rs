@@ -28,6 +28,9 @@ pub struct Refusal {
     pub message: Cow<'static, str>,
     /// Whether the connection closes after the answer (a request body left unread).
     pub close: bool,
+    /// The answer is the upstream's own (vLLM's words and `param`), so it is sent as the
+    /// upstream would have: without the proxy's name in front.
+    pub as_upstream: Option<&'static str>,
 }
 
 impl Refusal {
@@ -43,6 +46,23 @@ impl Refusal {
             kind,
             message: message.into(),
             close: false,
+            as_upstream: None,
+        }
+    }
+
+    /// A request for a model no route serves: vLLM's own 404 for an unknown model, so that a
+    /// client cannot tell the proxy's answer from a replica's.
+    pub fn model_not_found(model: &str) -> Refusal {
+        // The name is the client's own; a very long one is not sent back whole.
+        let model: String = model.chars().take(256).collect();
+        Refusal {
+            as_upstream: Some("model"),
+            ..Refusal::new(
+                StatusCode::NOT_FOUND,
+                Outcome::Rejected,
+                "NotFoundError",
+                format!("The model `{model}` does not exist."),
+            )
         }
     }
 
@@ -163,7 +183,10 @@ impl Refusal {
 
     /// The answer.
     pub fn response(self) -> Response<ProxyBody> {
-        let mut response = error_response(self.status, self.kind, &self.message);
+        let mut response = match self.as_upstream {
+            Some(param) => json_error(self.status, self.kind, Some(param), &self.message),
+            None => error_response(self.status, self.kind, &self.message),
+        };
         let headers = response.headers_mut();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -201,11 +224,21 @@ fn client_went_away(error: &(dyn std::error::Error + 'static)) -> bool {
 
 /// An OpenAI-style error response: `{"error": {"message", "type", "param", "code"}}`.
 pub fn error_response(status: StatusCode, kind: &str, message: &str) -> Response<ProxyBody> {
+    json_error(status, kind, None, &format!("tokentap: {message}"))
+}
+
+/// `{"error": {"message", "type", "param", "code"}}` with these words, as vLLM writes it.
+fn json_error(
+    status: StatusCode,
+    kind: &str,
+    param: Option<&str>,
+    message: &str,
+) -> Response<ProxyBody> {
     let body = serde_json::json!({
         "error": {
-            "message": format!("tokentap: {message}"),
+            "message": message,
             "type": kind,
-            "param": null,
+            "param": param,
             "code": status.as_u16(),
         }
     });

@@ -7,6 +7,7 @@ mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inspect;
+mod models;
 pub mod strip;
 
 use body::read_whole;
@@ -23,8 +24,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::header;
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -35,11 +36,11 @@ use tokio::time::Instant;
 
 use crate::config::{Config, secs};
 use crate::net::{self, BoxError, Connector, TlsError};
-use crate::observe::{Observer, Recorder, TimedBody};
+use crate::observe::{Feedback, Observer, Recorder, TimedBody};
 use crate::route::{Endpoint, RequestInfo};
-use crate::telemetry::Telemetry;
 use crate::telemetry::otel::Tracer;
-use crate::upstream::{Pool, RequestBody, SendError, UpstreamResponse};
+use crate::telemetry::{Outcome, Telemetry};
+use crate::upstream::{self, Failed, RequestBody, Routes, SendError, UpstreamResponse};
 
 pin_project! {
     /// The body of a response the proxy sends to a client.
@@ -104,19 +105,15 @@ pub enum BuildError {
         /// Why it was refused.
         reason: String,
     },
-    /// `upstream.url` is not usable.
-    #[error("upstream.url: {0}")]
+    /// An upstream URL (`upstream.url` or a route's) is not usable.
+    #[error("upstream URL {0}")]
     Url(String),
 }
 
 /// The forwarding half of `tokentap serve`, shared by all connections.
 #[derive(Debug)]
 pub struct Proxy {
-    pool: Arc<Pool>,
-    scheme: Scheme,
-    authority: Authority,
-    /// The `Host` header sent upstream: the authority without a default port.
-    host: HeaderValue,
+    routes: Routes,
     observer: Observer,
     max_body: usize,
     /// Request bodies held in memory, all requests together.
@@ -151,33 +148,11 @@ impl Proxy {
         telemetry: Arc<Telemetry>,
         tracer: Option<Arc<Tracer>>,
     ) -> Result<Proxy, BuildError> {
-        let uri: Uri = config
-            .upstream
-            .url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| BuildError::Url(e.to_string()))?;
-        let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
-        else {
-            return Err(BuildError::Url("needs a scheme and a host".to_owned()));
-        };
-        let host = match authority.port_u16() {
-            Some(443) if scheme == Scheme::HTTPS => authority.host().to_owned(),
-            Some(80) if scheme == Scheme::HTTP => authority.host().to_owned(),
-            _ => authority.as_str().to_owned(),
-        };
-        let host = HeaderValue::from_str(&host).map_err(|e| BuildError::Url(e.to_string()))?;
         let body_bytes_held = telemetry.body_bytes_held();
-        let pool = Pool::new(
-            connector(config)?,
-            uri,
-            config.upstream.pool_max_idle,
-            secs(config.upstream.pool_idle_timeout_secs),
-        );
+        let routes =
+            Routes::new(config, &connector(config)?, &telemetry).map_err(BuildError::Url)?;
         Ok(Proxy {
-            pool,
-            scheme,
-            authority,
-            host,
+            routes,
             observer: Observer::new(telemetry, tracer),
             max_body: config.proxy.max_request_body_bytes,
             budget: Budget::new(config.proxy.body_budget_bytes, body_bytes_held),
@@ -192,20 +167,9 @@ impl Proxy {
         })
     }
 
-    /// The upstream connection pool (swept by the upkeep task).
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
-    /// Sends a request of the proxy's own (for example the `/v1/models` poll) to the upstream,
-    /// on the same pool as proxied requests.
-    pub async fn get(&self, path: &'static str) -> Result<Response<UpstreamResponse>, SendError> {
-        let req = Request::builder()
-            .uri(path)
-            .header(header::HOST, self.host.clone())
-            .body(RequestBody::Bytes(Bytes::new()))
-            .expect("static request parts are valid");
-        self.pool.send(req).await
+    /// The routes and their endpoints (kept up by the upkeep task, polled by the model poller).
+    pub fn routes(&self) -> &Routes {
+        &self.routes
     }
 
     /// Proxies one request from the client at `remote`. Takes the proxy by `Arc` so that the
@@ -246,6 +210,24 @@ impl Proxy {
             n: 1,
             ..RequestInfo::default()
         };
+        if parts.method == Method::GET
+            && endpoint == Endpoint::Models
+            && (self.routes.by_model() || self.routes.endpoints().len() > 1)
+        {
+            // Several replicas: the proxy's own list, the union of theirs.
+            let recorder = observe(&info, &parts, request_id);
+            let limit = self.header_timeout.min(Duration::from_secs(10));
+            let (response, ok) = models::union(&self.routes, limit).await;
+            if let Some(recorder) = recorder {
+                let outcome = if ok {
+                    Outcome::Ok
+                } else {
+                    Outcome::ConnectError
+                };
+                recorder.finish_without_body(outcome, response.status().as_u16(), Instant::now());
+            }
+            return response;
+        }
         if parts.method == Method::CONNECT {
             // Not a tunnel: the upstream serves an API.
             let recorder = observe(&info, &parts, request_id);
@@ -254,12 +236,19 @@ impl Proxy {
         let mut injected = false;
         // The body's share of the body budget, held until the upstream has answered.
         let mut _held = None;
-        let body = if self.telemetry_enabled && endpoint.inspects_body(&parts.method) {
+        let telemetry_reads = self.telemetry_enabled && endpoint.inspects_body(&parts.method);
+        // With routes by model, every body that carries `model` is read for it (the one parse
+        // that telemetry's labels use too).
+        let routing_reads = self.routes.by_model()
+            && parts.method == Method::POST
+            && (endpoint.is_generation() || endpoint == Endpoint::Embeddings);
+        let body = if telemetry_reads || routing_reads {
             match read_whole(body, self.max_body, &self.budget).await {
                 Ok((mut bytes, held)) => {
                     _held = Some(held);
                     info = inspect::inspect(&bytes);
-                    if self.inject_usage
+                    if telemetry_reads
+                        && self.inject_usage
                         && endpoint.takes_stream_options()
                         && let Some(rewritten) = inspect::inject_usage(&bytes, &info)
                     {
@@ -274,15 +263,23 @@ impl Proxy {
                     return refuse(recorder, Refusal::body(error, self.max_body));
                 }
             }
+        } else if body.is_end_stream() {
+            RequestBody::Bytes(Bytes::new())
         } else {
             RequestBody::Stream(UnsyncBoxBody::new(body))
         };
 
         let recorder = observe(&info, &parts, request_id);
+        let Some(route) = self.routes.route(info.model.as_deref()) else {
+            let model = info.model.as_deref().unwrap_or_default();
+            return refuse(recorder, Refusal::model_not_found(model));
+        };
+        // A body held whole (or none) can be sent again, to another endpoint, when a connection
+        // is refused before any of it was written; a streamed one cannot.
+        let retry = matches!(body, RequestBody::Bytes(_));
         strip_hop_by_hop(&mut parts.headers);
         // Answered by the proxy's own server already (the body is read or streamed on).
         parts.headers.remove(header::EXPECT);
-        parts.headers.insert(header::HOST, self.host.clone());
         if self.x_forwarded {
             add_forwarded(&mut parts.headers, remote);
         }
@@ -300,18 +297,18 @@ impl Proxy {
 
         // Boxed: connecting and sending are large futures that end at the response head; inline
         // they would stay in every connection's memory for the whole stream.
-        let sending = Box::pin(self.pool.send(upstream_req));
+        let sending = Box::pin(route.send(upstream_req, retry));
         let sent = tokio::time::timeout(self.header_timeout, sending).await;
-        let response = match sent {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
+        let (response, upstream) = match sent {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(Failed { error, endpoint })) => {
                 let refusal = match error {
                     SendError::Body(error) => Refusal::body(ReadError::from(error), self.max_body),
                     error => {
                         let failure = Refusal::upstream(&error);
                         // The address stays in the log; the client's answer does not name it.
                         tracing::warn!(
-                            upstream = %format_args!("{}://{}", self.scheme, self.authority),
+                            upstream = endpoint.address(),
                             error = %net::error_chain(&error),
                             outcome = failure.outcome.as_str(),
                             "upstream request failed"
@@ -343,6 +340,9 @@ impl Proxy {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
         recorder.on_head(parts.status.as_u16(), sse, json, self.max_sse_event, now);
+        if route.estimates_latency() {
+            recorder.set_feedback(upstream);
+        }
         let body = TimedBody::new(body, recorder, self.idle_timeout, now, strip);
         let body = if strip {
             ProxyBody::Stripped {
@@ -352,6 +352,30 @@ impl Proxy {
             ProxyBody::Timed { body }
         };
         Response::from_parts(parts, body)
+    }
+}
+
+/// The balancer's latency estimate of an endpoint learns from the requests it serves: their
+/// TTFT at the first token, their mean ITL at the end (a non-streaming answer's whole latency
+/// stands in for its TTFT).
+impl Feedback for upstream::Endpoint {
+    fn first_token(&self, ttft: Duration, now: Instant) {
+        self.load().on_ttft(ttft, now);
+    }
+
+    fn finished(
+        &self,
+        ttft: Option<Duration>,
+        itl: Option<Duration>,
+        e2el: Duration,
+        now: Instant,
+    ) {
+        if ttft.is_none() {
+            self.load().on_ttft(e2el, now);
+        }
+        if let Some(itl) = itl {
+            self.load().on_itl(itl, now);
+        }
     }
 }
 

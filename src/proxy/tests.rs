@@ -1,7 +1,7 @@
 use super::forward::{HOP_BY_HOP, push_ip};
 use super::*;
 use http::StatusCode;
-use http::header::HeaderMap;
+use http::header::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 use std::net::IpAddr;
 

@@ -23,16 +23,20 @@ use crate::route::Endpoint;
 mod access_log;
 pub mod histogram;
 mod labels;
+pub mod openmetrics;
 pub mod otel;
 mod prometheus;
 pub mod stats;
+mod upstreams;
 
 use access_log::access_log;
 use histogram::Histograms;
+pub use histogram::{Series, TraceIds};
 pub use labels::{MODEL_NONE, MODEL_OTHER, ModelLabels};
 pub use prometheus::{E2EL_BUCKETS, ITL_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS, names};
 use prometheus::{METADATA, describe};
 use stats::{ModelStats, Stats};
+pub use upstreams::{EndpointMetrics, upstream_names};
 
 /// How a request ended (`docs/METRICS.md` §3), the `outcome` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -227,8 +231,8 @@ pub struct RouteMetrics {
     pub model: Arc<str>,
     /// The `endpoint` label value.
     pub endpoint: Endpoint,
-    /// TTFT histogram.
-    pub ttft: Histogram,
+    /// TTFT histogram (exemplars: the traces of sampled requests).
+    pub ttft: Series,
     /// Time-to-first-answer histogram.
     pub ttfa: Histogram,
     /// Reasoning-time histogram.
@@ -249,12 +253,12 @@ pub struct RouteMetrics {
     pub cached_prompt_tokens: Histogram,
     /// Reasoning tokens histogram.
     pub reasoning_tokens: Histogram,
-    /// ITL histogram.
-    pub itl: Histogram,
+    /// ITL histogram (exemplars: each sampled request's largest gap).
+    pub itl: Series,
     /// TPOT histogram.
     pub tpot: Histogram,
-    /// E2EL histogram.
-    pub e2el: Histogram,
+    /// E2EL histogram (exemplars: the traces of sampled requests).
+    pub e2el: Series,
     /// Prompt tokens histogram.
     pub prompt_tokens: Histogram,
     /// Generation tokens histogram.
@@ -295,6 +299,8 @@ pub struct Finished<'a> {
     pub figures: &'a Figures,
     /// It was a streaming (SSE) response.
     pub stream: bool,
+    /// The request's trace, when its span was sampled: the exemplar of its E2EL and ITL.
+    pub trace: Option<TraceIds>,
 }
 
 /// (model label, endpoint): what a set of route metrics is resolved for.
@@ -414,13 +420,24 @@ impl Telemetry {
                 Histogram::noop()
             }
         };
+        let series = |name: &'static str| {
+            self.histograms
+                .series(name, &[("model", &model), ("endpoint", endpoint.as_str())])
+        };
+        let gs = |name: &'static str| {
+            if generation {
+                series(name)
+            } else {
+                Series::noop()
+            }
+        };
         let gc = |name: &'static str| {
             if generation { c(name) } else { Counter::noop() }
         };
         let route = Arc::new(RouteMetrics {
             model: model.clone(),
             endpoint,
-            ttft: g(names::TTFT),
+            ttft: gs(names::TTFT),
             ttfa: g(names::TTFA),
             reasoning: g(names::REASONING),
             max_itl: g(names::MAX_ITL),
@@ -431,9 +448,9 @@ impl Telemetry {
             outside_engine_negative: gc(names::OUTSIDE_ENGINE_NEGATIVE),
             cached_prompt_tokens: g(names::CACHED_PROMPT_TOKENS),
             reasoning_tokens: g(names::REASONING_TOKENS),
-            itl: g(names::ITL),
+            itl: gs(names::ITL),
             tpot: g(names::TPOT),
-            e2el: h(names::E2EL),
+            e2el: series(names::E2EL),
             prompt_tokens: g(names::PROMPT_TOKENS),
             generation_tokens: g(names::GENERATION_TOKENS),
             tokens_per_chunk: g(names::TOKENS_PER_CHUNK),
@@ -500,8 +517,11 @@ impl Telemetry {
         if let Some(n) = f.prompt_tokens {
             route.prompt_tokens_total.increment(n);
         }
+        if let (Some(ids), Some(max)) = (done.trace, f.itl_max) {
+            route.itl.exemplar(max.as_secs_f64(), ids);
+        }
         if done.outcome == Outcome::Ok {
-            route.e2el.record(f.e2el.as_secs_f64());
+            route.e2el.record_traced(f.e2el.as_secs_f64(), done.trace);
             if let Some(tpot) = f.tpot {
                 route.tpot.record(tpot.as_secs_f64());
             }
@@ -566,12 +586,21 @@ impl Telemetry {
             .register_counter(&Key::from_name(name), &METADATA)
     }
 
-    /// Renders `/metrics` in the Prometheus text format.
-    pub fn render(&self) -> String {
+    /// Renders `/metrics` in the Prometheus text format, or in OpenMetrics (with exemplars)
+    /// when `openmetrics` is set.
+    pub fn render(&self, openmetrics: bool) -> String {
         self.ready_gauge
             .set(if self.upstream.ready() { 1.0 } else { 0.0 });
-        let mut out = self.handle.render();
-        self.histograms.render_into(&mut out);
+        let text = self.handle.render();
+        if !openmetrics {
+            let mut out = text;
+            self.histograms.render_into(&mut out, false);
+            return out;
+        }
+        let mut out = String::with_capacity(text.len() * 2);
+        openmetrics::from_text(&text, &mut out);
+        self.histograms.render_into(&mut out, true);
+        out.push_str("# EOF\n");
         out
     }
 

@@ -1,6 +1,13 @@
-//! Upstreams: where a request goes and on which connection.
+//! Upstreams: which route serves a request's model, which endpoint of it takes the request
+//! (balance, health), and on which connection.
 
+pub mod balance;
+pub mod endpoint;
+pub mod health;
 pub mod pool;
+pub mod routes;
 
-pub use crate::http1::client::{RequestBody, SendError, UpstreamResponse};
+pub use crate::http1::client::{RequestBody, SendError};
+pub use endpoint::{Endpoint, UpstreamResponse};
 pub use pool::Pool;
+pub use routes::{Failed, Route, Routes};

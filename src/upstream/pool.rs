@@ -11,6 +11,24 @@ use tower_service::Service;
 use crate::http1::client::{Checkin, Conn, Io, Outgoing, RequestBody, SendError, UpstreamResponse};
 use crate::net::Connector;
 
+/// A request [`Pool::try_send`] could not send.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub error: SendError,
+    /// The request, untouched, when none of it was written or encoded.
+    pub request: Option<Request<RequestBody>>,
+}
+
+impl Refused {
+    fn consumed(error: SendError) -> Refused {
+        Refused {
+            error,
+            request: None,
+        }
+    }
+}
+
 struct Idle {
     conn: Conn,
     since: Instant,
@@ -59,25 +77,49 @@ impl Pool {
         self: &Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<Response<UpstreamResponse>, SendError> {
-        let mut out = Outgoing::new(req);
+        self.try_send(req).await.map_err(|refused| refused.error)
+    }
+
+    /// [`Pool::send`], giving the request back when no connection could be opened before any
+    /// of it was taken apart to be written (so that it can go to another upstream whole).
+    ///
+    /// The request is given back when a new connection was needed at once and could not be
+    /// opened. After a pooled connection refused it, it is already encoded and is not.
+    pub async fn try_send(
+        self: &Arc<Self>,
+        req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamResponse>, Refused> {
+        let mut req = Some(req);
+        let mut out: Option<Outgoing> = None;
         while let Some(mut conn) = self.checkout() {
-            match out.send_on(&mut conn).await {
-                Ok(head) => return Ok(out.into_response(*head, conn, self.clone())),
+            let sending = out.get_or_insert_with(|| Outgoing::new(req.take().expect("taken once")));
+            match sending.send_on(&mut conn).await {
+                Ok(head) => {
+                    let out = out.take().expect("set above");
+                    return Ok(out.into_response(*head, conn, self.clone()));
+                }
                 Err(failed) if failed.unsent => {}
-                Err(failed) => return Err(failed.error),
+                Err(failed) => return Err(Refused::consumed(failed.error)),
             }
         }
-        let io = self
-            .connector
-            .clone()
-            .call(self.uri.clone())
-            .await
-            .map_err(SendError::Connect)?;
+        let io = match self.connector.clone().call(self.uri.clone()).await {
+            Ok(io) => io,
+            Err(error) => {
+                return Err(Refused {
+                    error: SendError::Connect(error),
+                    request: req,
+                });
+            }
+        };
+        let mut out = match out {
+            Some(out) => out,
+            None => Outgoing::new(req.take().expect("taken once")),
+        };
         let mut conn = Conn::new(Io::from(io));
         let head = out
             .send_on(&mut conn)
             .await
-            .map_err(|failed| failed.error)?;
+            .map_err(|failed| Refused::consumed(failed.error))?;
         Ok(out.into_response(*head, conn, self.clone()))
     }
 
@@ -392,6 +434,14 @@ mod tests {
         let pool = pool(&uri, 8, Duration::from_secs(60));
         let error = pool.send(get(&uri)).await.unwrap_err();
         assert!(matches!(error, SendError::Connect(_)), "{error:?}");
+        let refused = pool.try_send(get(&uri)).await.unwrap_err();
+        assert!(matches!(refused.error, SendError::Connect(_)));
+        let back = refused.request.expect("given back whole");
+        assert_eq!(back.uri(), "/");
+        assert_eq!(
+            back.headers()[http::header::HOST],
+            uri.authority().unwrap().as_str()
+        );
     }
 
     /// Accepts one connection, reads its request and answers with a chunked response head.

@@ -1,0 +1,289 @@
+//! Routes: which endpoints serve a request's model, and the pick of one of them for each
+//! request, with one retry elsewhere when a connection is refused before anything was sent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{Request, Response, Uri};
+use smallvec::SmallVec;
+use tokio::time::Instant;
+
+use super::balance::{Policy, Rng};
+use super::endpoint::{Endpoint, UpstreamResponse};
+use crate::config::{ANY_MODEL, Config, RouteConfig, secs};
+use crate::http1::client::{RequestBody, SendError};
+use crate::net::Connector;
+use crate::telemetry::Telemetry;
+
+/// One route: its endpoints and how it balances over them.
+#[derive(Debug)]
+pub struct Route {
+    /// The first model the route names (`"*"` for the catch-all): the `route` label.
+    name: Box<str>,
+    endpoints: Vec<Arc<Endpoint>>,
+    policy: Policy,
+    rng: Rng,
+    live: metrics::Gauge,
+}
+
+/// A request that no endpoint answered.
+#[derive(Debug)]
+pub struct Failed {
+    /// Why (of the last endpoint tried).
+    pub error: SendError,
+    /// The last endpoint tried.
+    pub endpoint: Arc<Endpoint>,
+}
+
+impl Route {
+    /// The route's name (its first model).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its endpoints.
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    /// Picks an endpoint at `now` other than `except`: by the route's policy among the live
+    /// ones; when none is live, the one whose ejection ends first (a route whose endpoints are
+    /// all ejected still tries one rather than fail outright, as Envoy's panic threshold does).
+    fn pick(&self, now: Instant, except: Option<&Arc<Endpoint>>) -> Option<&Arc<Endpoint>> {
+        let candidate = |e: &&Arc<Endpoint>| except.is_none_or(|x| !Arc::ptr_eq(x, e));
+        let live: SmallVec<[&Arc<Endpoint>; 8]> = self
+            .endpoints
+            .iter()
+            .filter(candidate)
+            .filter(|e| e.health().is_live(now))
+            .collect();
+        if live.is_empty() {
+            return self
+                .endpoints
+                .iter()
+                .filter(candidate)
+                .min_by_key(|e| e.health().ejected_until(now));
+        }
+        let i = self
+            .policy
+            .pick(live.len(), &self.rng, now, |i| live[i].load());
+        Some(live[i])
+    }
+
+    /// Sends `req` to an endpoint of the route. When the connection is refused before any of
+    /// the request was written and `retry` allows (its body is held whole, or empty), it is
+    /// sent once more, to another endpoint.
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+        retry: bool,
+    ) -> Result<(Response<UpstreamResponse>, Arc<Endpoint>), Failed> {
+        let sent = self.try_endpoints(req, retry).await;
+        self.count_live(Instant::now());
+        sent
+    }
+
+    /// Sets the live-endpoints gauge (after each request, as its answer may have ejected or
+    /// recovered an endpoint; and periodically, as ejections end by themselves).
+    fn count_live(&self, now: Instant) {
+        let live = self
+            .endpoints
+            .iter()
+            .filter(|e| e.health().is_live(now))
+            .count();
+        self.live.set(live as f64);
+    }
+
+    async fn try_endpoints(
+        &self,
+        req: Request<RequestBody>,
+        retry: bool,
+    ) -> Result<(Response<UpstreamResponse>, Arc<Endpoint>), Failed> {
+        let now = Instant::now();
+        let first = self.pick(now, None).expect("a route has endpoints").clone();
+        let refused = match first.send(req).await {
+            Ok(response) => return Ok((response, first)),
+            Err(refused) => refused,
+        };
+        let second = match (&refused.error, refused.request) {
+            (SendError::Connect(_), Some(req)) if retry => self
+                .pick(Instant::now(), Some(&first))
+                .cloned()
+                .map(|e| (e, req)),
+            _ => None,
+        };
+        let Some((second, req)) = second else {
+            return Err(Failed {
+                error: refused.error,
+                endpoint: first,
+            });
+        };
+        first.retried_elsewhere();
+        tracing::debug!(
+            from = first.address(),
+            to = second.address(),
+            "connection refused, request sent to another upstream"
+        );
+        match second.send(req).await {
+            Ok(response) => Ok((response, second)),
+            Err(refused) => Err(Failed {
+                error: refused.error,
+                endpoint: second,
+            }),
+        }
+    }
+
+    /// Whether the route balances on latency, which its endpoints then learn from requests.
+    pub fn estimates_latency(&self) -> bool {
+        matches!(self.policy, Policy::PeakEwma)
+    }
+
+    /// Whether an endpoint is live at `now`.
+    pub fn any_live(&self, now: Instant) -> bool {
+        self.endpoints.iter().any(|e| e.health().is_live(now))
+    }
+}
+
+/// Every route, and the model → route table.
+#[derive(Debug)]
+pub struct Routes {
+    routes: Vec<Route>,
+    by_model: HashMap<Box<str>, usize>,
+    /// The route of requests without a usable model: the `"*"` route, else the first.
+    fallback: usize,
+    /// A `"*"` route exists: no model is unknown.
+    catch_all: bool,
+    /// Every endpoint once, in the order the configuration first names them.
+    endpoints: Vec<Arc<Endpoint>>,
+}
+
+impl Routes {
+    /// The routes of a validated configuration: its `[[routes]]`, or one catch-all route to
+    /// `upstream.url`. An upstream named in several routes is one endpoint.
+    pub fn new(
+        config: &Config,
+        connector: &Connector,
+        telemetry: &Telemetry,
+    ) -> Result<Routes, String> {
+        let short = [RouteConfig {
+            models: vec![ANY_MODEL.to_owned()],
+            upstreams: vec![config.upstream.url.clone()],
+            balance: crate::config::Balance::RoundRobin,
+        }];
+        let configured: &[RouteConfig] = if config.routes.is_empty() {
+            &short
+        } else {
+            &config.routes
+        };
+        let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
+        let mut routes = Vec::with_capacity(configured.len());
+        let mut by_model = HashMap::new();
+        let (mut fallback, mut catch_all) = (0, false);
+        for (i, rc) in configured.iter().enumerate() {
+            let mut mine = Vec::with_capacity(rc.upstreams.len());
+            for url in &rc.upstreams {
+                let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+                let endpoint = Endpoint::new(
+                    &uri,
+                    connector.clone(),
+                    config.upstream.pool_max_idle,
+                    secs(config.upstream.pool_idle_timeout_secs),
+                    telemetry.upstream_endpoint(&base(&uri)),
+                )?;
+                let endpoint = match endpoints.iter().find(|e| e.address() == endpoint.address()) {
+                    Some(known) => known.clone(),
+                    None => {
+                        let endpoint = Arc::new(endpoint);
+                        endpoints.push(endpoint.clone());
+                        endpoint
+                    }
+                };
+                mine.push(endpoint);
+            }
+            for model in &rc.models {
+                if model == ANY_MODEL {
+                    (fallback, catch_all) = (i, true);
+                } else {
+                    by_model.insert(model.as_str().into(), i);
+                }
+            }
+            let name: Box<str> = rc.models[0].as_str().into();
+            let live = telemetry.route_live(&name);
+            live.set(mine.len() as f64);
+            routes.push(Route {
+                name,
+                endpoints: mine,
+                policy: Policy::new(rc.balance),
+                rng: Rng::new(rand::random::<u64>() ^ i as u64),
+                live,
+            });
+        }
+        Ok(Routes {
+            routes,
+            by_model,
+            fallback,
+            catch_all,
+            endpoints,
+        })
+    }
+
+    /// Whether requests are routed by model at all (some route names a model): only then need
+    /// bodies be read for it.
+    pub fn by_model(&self) -> bool {
+        !self.by_model.is_empty()
+    }
+
+    /// The route for a request whose body names `model` (`None`: no usable model, or the body
+    /// was not read); `None` when the model is named and no route serves it.
+    pub fn route(&self, model: Option<&str>) -> Option<&Route> {
+        match model.filter(|m| !m.is_empty()) {
+            Some(m) => match self.by_model.get(m) {
+                Some(&i) => Some(&self.routes[i]),
+                None if self.catch_all => Some(&self.routes[self.fallback]),
+                None => None,
+            },
+            None => Some(&self.routes[self.fallback]),
+        }
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// Every endpoint once.
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    /// The model names routes name (not `"*"`).
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        self.by_model.keys().map(|m| &**m)
+    }
+
+    /// Whether some route has a live endpoint at `now` (readiness: one model's outage does not
+    /// take the whole proxy out of its Service).
+    pub fn any_live(&self, now: Instant) -> bool {
+        self.routes.iter().any(|r| r.any_live(now))
+    }
+
+    /// Periodic upkeep: closes expired idle connections and brings the health gauges up to
+    /// date (an ejection ends by itself).
+    pub fn upkeep(&self, now: Instant) {
+        for endpoint in &self.endpoints {
+            endpoint.pool().sweep();
+            endpoint.refresh(now);
+        }
+        for route in &self.routes {
+            route.count_live(now);
+        }
+    }
+}
+
+/// `scheme://authority` of an upstream URL.
+fn base(uri: &Uri) -> String {
+    match (uri.scheme(), uri.authority()) {
+        (Some(s), Some(a)) => format!("{s}://{a}"),
+        _ => uri.to_string(),
+    }
+}
