@@ -106,6 +106,14 @@ fn main() -> ExitCode {
                 c.listen = *listen;
             }
             if let Some(upstream) = upstream {
+                // Even when it names the default URL, which validation cannot tell from unset.
+                if !c.routes.is_empty() {
+                    eprintln!(
+                        "tokentap: upstream.url: --upstream set together with [[routes]]: give \
+                         the upstreams in the routes, or use --upstream alone for one upstream"
+                    );
+                    return ExitCode::from(2);
+                }
                 c.upstream.url = upstream.clone();
             }
             if let Some(admin) = admin_listen {
