@@ -307,3 +307,64 @@ async fn ten_thousand_tenants_stay_bounded() {
         .sum();
     assert_eq!(total, TOTAL as u64);
 }
+
+/// The span carries the label value, never a header value that did not become one.
+#[tokio::test]
+async fn the_span_carries_the_label() {
+    use fake_opentelemetry_collector::FakeCollectorServer;
+    use tokentap::config::{Protocol, TracingConfig};
+
+    let mut collector = FakeCollectorServer::start().await.expect("fake collector");
+    let sim = sim(exact_sim(2.0, 1.0)).await;
+    let mut config = tenant_config(&sim.base_url(), &[], 1);
+    config.telemetry.discover_models = false;
+    config.tracing = TracingConfig {
+        enabled: true,
+        protocol: Some(Protocol::Grpc),
+        endpoint: Some(collector.endpoint()),
+        scheduled_delay_ms: Some(20),
+        timeout_secs: Some(5.0),
+        ..TracingConfig::default()
+    };
+    let proxy = tokentap::start(config).await.unwrap();
+    let c = client();
+    // (trace id, tenant header, label)
+    let cases = [
+        ("0af7651916cd43dd8448eb211c800001", Some("team-a"), "team-a"),
+        (
+            "0af7651916cd43dd8448eb211c800002",
+            Some("sk-secret-9"),
+            "other",
+        ),
+        ("0af7651916cd43dd8448eb211c800003", None, "none"),
+    ];
+    for (trace, tenant, _) in cases {
+        let parent = format!("00-{trace}-b7ad6b7169203331-01");
+        let mut headers = vec![("traceparent", parent.as_str())];
+        if let Some(tenant) = tenant {
+            headers.push(("x-tenant", tenant));
+        }
+        chat(&c, proxy.addr(), &headers).await;
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut spans = Vec::new();
+    while spans.len() < cases.len() && tokio::time::Instant::now() < deadline {
+        spans.extend(collector.exported_spans(0, std::time::Duration::ZERO).await);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(spans.len(), cases.len(), "{spans:#?}");
+    for (trace, _, label) in cases {
+        let span = spans.iter().find(|s| s.trace_id == trace).unwrap();
+        let value = &span.attributes["tokentap.tenant"];
+        assert!(
+            value.contains(&format!("StringValue(\"{label}\")")),
+            "{value}"
+        );
+        assert!(
+            span.attributes.values().all(|v| !v.contains("sk-secret")),
+            "{span:#?}"
+        );
+    }
+    proxy.shutdown().await;
+    collector.abort();
+}
