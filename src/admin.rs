@@ -50,13 +50,6 @@ pub const DEFAULT_PERCENTILES: &[f64] = &[50.0, 90.0, 99.0];
 /// tenant across models instead of one per model (`?tenant=*`: every tenant's); a name without
 /// its own label is shown under the label it is counted in (`other`).
 fn stats(telemetry: &Telemetry, query: &str) -> Response<Full<Bytes>> {
-    let bad_request = |body: &'static str| {
-        Response::builder()
-            .status(StatusCode::BAD_REQUEST)
-            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .body(Full::new(Bytes::from_static(body.as_bytes())))
-            .expect("static response parts are valid")
-    };
     let mut text = false;
     let mut percentiles = DEFAULT_PERCENTILES.to_vec();
     let mut tenant: Option<String> = None;
@@ -127,13 +120,7 @@ fn tenant_stats(
     text: bool,
 ) -> Response<Full<Bytes>> {
     let Some(labels) = &telemetry.tenants else {
-        return Response::builder()
-            .status(StatusCode::BAD_REQUEST)
-            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .body(Full::new(Bytes::from_static(
-                b"tenants are off: set telemetry.tenant_header\n",
-            )))
-            .expect("static response parts are valid");
+        return bad_request("tenants are off: set telemetry.tenant_header\n");
     };
     // Looked up, never assigned: asking about a name does not give it a slot.
     let label = (tenant != "*").then(|| labels.lookup(tenant));
@@ -164,6 +151,15 @@ fn tenant_stats(
     Response::builder()
         .header(header::CONTENT_TYPE, content_type)
         .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+/// A 400 answer that says what was wrong with the query.
+fn bad_request(body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::BAD_REQUEST)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
         .expect("static response parts are valid")
 }
 
