@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Telemetry, openmetrics};
 
 /// Answers one admin request.
 pub fn handle<B>(telemetry: &Arc<Telemetry>, req: &Request<B>) -> Response<Full<Bytes>> {
@@ -21,13 +21,21 @@ pub fn handle<B>(telemetry: &Arc<Telemetry>, req: &Request<B>) -> Response<Full<
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
     match req.uri().path() {
-        "/metrics" => Response::builder()
-            .header(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )
-            .body(Full::new(Bytes::from(telemetry.render())))
-            .expect("static response parts are valid"),
+        "/metrics" => {
+            // OpenMetrics (with exemplars) for scrapers that prefer it, as Prometheus does.
+            let om = openmetrics::wanted(req.headers().get(header::ACCEPT).map(|v| v.as_bytes()));
+            Response::builder()
+                .header(
+                    header::CONTENT_TYPE,
+                    if om {
+                        openmetrics::CONTENT_TYPE
+                    } else {
+                        openmetrics::TEXT_CONTENT_TYPE
+                    },
+                )
+                .body(Full::new(Bytes::from(telemetry.render(om))))
+                .expect("static response parts are valid")
+        }
         "/stats" => stats(telemetry, req.uri().query().unwrap_or("")),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if telemetry.upstream.ready() => text(StatusCode::OK, "ready\n"),

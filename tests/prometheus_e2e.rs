@@ -10,6 +10,10 @@
 //! and must return data; every recording rule must evaluate without error and return data; and
 //! the figures are checked against what bench measured and what tokentap counted.
 //!
+//! A second test proves exemplars: with spans sampled and sent to an OTLP receiver, Prometheus
+//! (scraping OpenMetrics, as it asks to) stores exemplars on the TTFT, ITL and E2EL buckets, and
+//! each names the trace and span of a request the receiver got.
+//!
 //! Needs `prometheus` (Debian's `prometheus` package). Without it the test prints "skipped: ..."
 //! and passes, unless `TOKENTAP_REQUIRE_EXTERNAL=1`, in which case it fails.
 //!
@@ -230,6 +234,8 @@ async fn start_prometheus(tokentap_admin: &str, vllm: &str) -> Prometheus {
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--storage.tsdb.retention.time=1d")
+            // Exemplars are kept (and queryable) only with this on.
+            .arg("--enable-feature=exemplar-storage")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -1446,4 +1452,147 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exemplars.
+
+/// `GET /metrics` from the admin listener with `accept`: (content type, body).
+async fn scrape_admin(admin: std::net::SocketAddr, accept: &str) -> (String, String) {
+    let req = Request::builder()
+        .uri(format!("http://{admin}/metrics"))
+        .header(http::header::ACCEPT, accept)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let content_type = resp.headers()[http::header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (content_type, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// Every sample line of an exposition, without its exemplar: `name{labels}` → value.
+fn sample_lines(exposition: &str) -> BTreeMap<String, String> {
+    exposition
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.split(" # ").next().unwrap())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exemplars_open_the_traces_the_collector_received() {
+    if !prometheus_installed() {
+        assert!(
+            !require_external(),
+            "TOKENTAP_REQUIRE_EXTERNAL=1 but `prometheus` is not installed or does not run"
+        );
+        println!("skipped: exemplars against a real Prometheus: `prometheus` is not installed");
+        return;
+    }
+    let mut collector = fake_opentelemetry_collector::FakeCollectorServer::start()
+        .await
+        .expect("fake collector");
+    let sim = sim(sim_config()).await;
+    let mut config = proxy_config(&sim.base_url());
+    config.tracing = TracingConfig {
+        enabled: true,
+        protocol: Some(Protocol::Grpc),
+        endpoint: Some(collector.endpoint()),
+        scheduled_delay_ms: Some(20),
+        ..TracingConfig::default()
+    };
+    let proxy = tokentap::start(config).await.unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let base = format!("http://{}", proxy.addr());
+    let sim_target = sim.base_url().trim_start_matches("http://").to_owned();
+    let prom = start_prometheus(&admin.to_string(), &sim_target).await;
+    let start = unix_now();
+    wait_for_scrapes(&prom, start).await;
+
+    let result = bench::run(&bench_args(&base, 12, 4, None)).await.unwrap();
+    assert_eq!(result.completed().count(), 12);
+    let end = wait_for_scrapes(&prom, unix_now()).await;
+
+    // Plain text for a scraper that asks for it, OpenMetrics for one that prefers it: the same
+    // samples, exemplars and `# EOF` only in OpenMetrics.
+    let (text_type, text) = scrape_admin(admin, "text/plain;version=0.0.4").await;
+    let (om_type, om) = scrape_admin(
+        admin,
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+    )
+    .await;
+    assert!(
+        text_type.starts_with("text/plain; version=0.0.4"),
+        "{text_type}"
+    );
+    assert!(
+        om_type.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{om_type}"
+    );
+    assert!(!text.contains("trace_id") && !text.contains("# EOF"));
+    assert!(om.ends_with("# EOF\n") && !om.contains("\n\n"));
+    assert!(om.contains("# TYPE tokentap_requests counter\n"), "{om}");
+    let (text_samples, om_samples) = (sample_lines(&text), sample_lines(&om));
+    for (series, value) in &text_samples {
+        // Gauges of the moment (open connections, in flight) may move between the two scrapes.
+        if !series.starts_with("tokentap_connections_open") {
+            assert_eq!(om_samples.get(series), Some(value), "{series}");
+        }
+    }
+    assert_eq!(text_samples.len(), om_samples.len());
+
+    // The spans the receiver got, by trace id: span id.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut spans: BTreeMap<String, String> = BTreeMap::new();
+    while spans.len() < 12 && Instant::now() < deadline {
+        for s in collector.exported_spans(0, Duration::ZERO).await {
+            spans.insert(s.trace_id, s.span_id);
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert!(spans.len() >= 12, "{} spans received", spans.len());
+
+    for family in [
+        "tokentap_time_to_first_token_seconds_bucket",
+        "tokentap_inter_token_latency_seconds_bucket",
+        "tokentap_e2e_request_latency_seconds_bucket",
+    ] {
+        let data = prom
+            .api(&format!(
+                "/api/v1/query_exemplars?query={}&start={:.3}&end={:.3}",
+                encode(family),
+                start - 60.0,
+                end + 60.0
+            ))
+            .await;
+        let exemplars: Vec<&Value> = data
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|series| series["exemplars"].as_array().unwrap())
+            .collect();
+        assert!(!exemplars.is_empty(), "{family}: no exemplars stored");
+        for e in &exemplars {
+            let trace = e["labels"]["trace_id"].as_str().unwrap();
+            let span = e["labels"]["span_id"].as_str().unwrap();
+            assert_eq!(
+                spans.get(trace).map(String::as_str),
+                Some(span),
+                "{family}: exemplar {e} names no span the receiver got"
+            );
+        }
+        println!(
+            "{family}: {} exemplars, each a received span",
+            exemplars.len()
+        );
+    }
+    proxy.shutdown().await;
+    collector.abort();
 }

@@ -220,6 +220,7 @@ impl Recorder {
             stats.flush_itl(&mut self.itl, now);
         }
         let figures = self.latency.figures(now);
+        let trace = self.span.as_ref().and_then(|span| span.trace());
         if let Some(span) = self.span {
             (*span).finish(outcome, self.status, &figures);
         }
@@ -231,6 +232,7 @@ impl Recorder {
                 outcome,
                 figures: &figures,
                 stream: figures.chunks + figures.empty_choice_events > 0,
+                trace,
             },
             self.latency.t0(),
             now,
@@ -248,7 +250,9 @@ fn observe(
 ) {
     match o {
         Observation::FirstToken(d) => {
-            route.ttft.record(d.as_secs_f64());
+            route
+                .ttft
+                .record_traced(d.as_secs_f64(), span.as_ref().and_then(|s| s.trace()));
             if let Some(span) = span {
                 span.on_first_token(d);
             }

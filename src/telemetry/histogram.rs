@@ -5,10 +5,14 @@
 //! comes with every forwarded chunk. Here a sample is a search of the bucket bounds and two
 //! atomic updates; `/metrics` reads the counters as they are. The text is the exporter's: the
 //! same `_bucket`/`_sum`/`_count` lines, cumulative buckets and a `+Inf` bucket.
+//!
+//! A bucket also keeps the last [`Exemplar`] recorded into it: the trace of a sampled request
+//! that fell there, shown only in the OpenMetrics exposition (`docs/METRICS.md`, "Exemplars").
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::formatting::sanitize_label_value;
 
@@ -22,6 +26,29 @@ pub struct Buckets {
     counts: Box<[AtomicU64]>,
     /// The sum of the samples, as `f64` bits.
     sum: AtomicU64,
+    /// The last exemplar of each bucket (same indices as `counts`), made at the first one: a
+    /// series that never sees a sampled trace holds none.
+    exemplars: OnceLock<Box<[Mutex<Option<Exemplar>>]>>,
+}
+
+/// The trace and span of a sampled request, as an exemplar names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceIds {
+    /// The W3C trace id.
+    pub trace_id: u128,
+    /// The request's own span id.
+    pub span_id: u64,
+}
+
+/// One exemplar: a sample and the trace it came from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Exemplar {
+    /// Whose trace.
+    pub ids: TraceIds,
+    /// The sample.
+    pub value: f64,
+    /// When it was recorded, seconds since the Unix epoch.
+    pub unix_secs: f64,
 }
 
 impl Buckets {
@@ -31,16 +58,43 @@ impl Buckets {
             bounds,
             counts,
             sum: AtomicU64::new(0f64.to_bits()),
+            exemplars: OnceLock::new(),
         }
+    }
+
+    /// The index of the bucket that counts `value`: the first bound at or above it (the `le`
+    /// that first counts it). NaN is above every bound.
+    fn bucket_of(&self, value: f64) -> usize {
+        self.bounds
+            .partition_point(|bound| *bound < value || value.is_nan())
+    }
+
+    /// Keeps `ids` as the exemplar of the bucket `value` falls in, without counting a sample:
+    /// for a sample already recorded (the largest ITL of a request, known at its end).
+    pub fn exemplar(&self, value: f64, ids: TraceIds) {
+        let i = self.bucket_of(value);
+        let slots = self
+            .exemplars
+            .get_or_init(|| (0..self.counts.len()).map(|_| Mutex::new(None)).collect());
+        let unix_secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        *slots[i].lock().unwrap_or_else(PoisonError::into_inner) = Some(Exemplar {
+            ids,
+            value,
+            unix_secs,
+        });
+    }
+
+    /// The exemplar of bucket `i`, if one was kept.
+    fn exemplar_of(&self, i: usize) -> Option<Exemplar> {
+        let slot = self.exemplars.get()?.get(i)?;
+        *slot.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Adds one sample; visible to the next scrape at once.
     pub fn record(&self, value: f64) {
-        // The first bound at or above `value`: the bucket `le` that first counts it. NaN is
-        // above every bound.
-        let i = self
-            .bounds
-            .partition_point(|bound| *bound < value || value.is_nan());
+        let i = self.bucket_of(value);
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         let mut old = self.sum.load(Ordering::Relaxed);
         loop {
@@ -78,6 +132,44 @@ impl metrics::HistogramFn for Buckets {
     }
 }
 
+/// A handle on one series that can also keep exemplars; records nothing when made by
+/// [`Series::noop`] or for an undescribed name.
+#[derive(Clone, Debug, Default)]
+pub struct Series(Option<Arc<Buckets>>);
+
+impl Series {
+    /// A handle that records nothing.
+    pub fn noop() -> Self {
+        Series(None)
+    }
+
+    /// Adds one sample.
+    #[inline]
+    pub fn record(&self, value: f64) {
+        if let Some(b) = &self.0 {
+            b.record(value);
+        }
+    }
+
+    /// Adds one sample and, when its request is traced and sampled, keeps the trace as the
+    /// exemplar of the sample's bucket.
+    pub fn record_traced(&self, value: f64, trace: Option<TraceIds>) {
+        if let Some(b) = &self.0 {
+            b.record(value);
+            if let Some(ids) = trace {
+                b.exemplar(value, ids);
+            }
+        }
+    }
+
+    /// Keeps `ids` as the exemplar of the bucket of a sample recorded earlier.
+    pub fn exemplar(&self, value: f64, ids: TraceIds) {
+        if let Some(b) = &self.0 {
+            b.exemplar(value, ids);
+        }
+    }
+}
+
 /// A metric name with its help text, bounds and every series registered under it.
 #[derive(Debug)]
 struct Family {
@@ -112,6 +204,14 @@ impl Histograms {
     /// labels share their counts, so registering twice is harmless. A name never described
     /// gets a handle that records nothing.
     pub fn register(&self, name: &'static str, labels: &[(&str, &str)]) -> metrics::Histogram {
+        match self.series(name, labels) {
+            Series(Some(series)) => metrics::Histogram::from_arc(series),
+            Series(None) => metrics::Histogram::noop(),
+        }
+    }
+
+    /// As [`Histograms::register`], as a handle that can also keep exemplars.
+    pub fn series(&self, name: &'static str, labels: &[(&str, &str)]) -> Series {
         let mut rendered = String::new();
         for (i, (key, value)) in labels.iter().enumerate() {
             if i > 0 {
@@ -121,18 +221,20 @@ impl Histograms {
         }
         let mut families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(family) = families.iter_mut().find(|f| f.name == name) else {
-            return metrics::Histogram::noop();
+            return Series(None);
         };
         if let Some((_, series)) = family.series.iter().find(|(l, _)| *l == rendered) {
-            return metrics::Histogram::from_arc(series.clone());
+            return Series(Some(series.clone()));
         }
         let series = Arc::new(Buckets::new(family.bounds.clone()));
         family.series.push((rendered, series.clone()));
-        metrics::Histogram::from_arc(series)
+        Series(Some(series))
     }
 
-    /// Appends every family that has a series, in the Prometheus text format.
-    pub fn render_into(&self, out: &mut String) {
+    /// Appends every family that has a series, in the Prometheus text format (`openmetrics`
+    /// false: a blank line after each family, no exemplars) or in OpenMetrics (no blank lines,
+    /// each bucket's exemplar after its count).
+    pub fn render_into(&self, out: &mut String, openmetrics: bool) {
         let families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
         for family in families.iter().filter(|f| !f.series.is_empty()) {
             let name = family.name;
@@ -141,10 +243,22 @@ impl Histograms {
             for (labels, series) in &family.series {
                 let (cumulative, total, sum) = series.snapshot();
                 let sep = if labels.is_empty() { "" } else { "," };
-                for (bound, count) in family.bounds.iter().zip(cumulative) {
-                    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
+                let exemplar = |out: &mut String, i: usize| {
+                    if let Some(e) = openmetrics.then(|| series.exemplar_of(i)).flatten() {
+                        let _ = write!(
+                            out,
+                            " # {{trace_id=\"{:032x}\",span_id=\"{:016x}\"}} {} {:.3}",
+                            e.ids.trace_id, e.ids.span_id, e.value, e.unix_secs
+                        );
+                    }
+                    out.push('\n');
+                };
+                for (i, (bound, count)) in family.bounds.iter().zip(cumulative).enumerate() {
+                    let _ = write!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {count}");
+                    exemplar(out, i);
                 }
-                let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
+                let _ = write!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
+                exemplar(out, family.bounds.len());
                 let braces = |labels: &str| {
                     if labels.is_empty() {
                         String::new()
@@ -155,7 +269,9 @@ impl Histograms {
                 let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
                 let _ = writeln!(out, "{name}_count{} {total}", braces(labels));
             }
-            out.push('\n');
+            if !openmetrics {
+                out.push('\n');
+            }
         }
     }
 }
@@ -166,7 +282,7 @@ mod tests {
 
     fn render(h: &Histograms) -> String {
         let mut out = String::new();
-        h.render_into(&mut out);
+        h.render_into(&mut out, false);
         out
     }
 
@@ -223,6 +339,73 @@ mod tests {
         );
         assert!(out.contains("nan_count 1\n"), "{out}");
         assert!(!out.contains("empty"));
+    }
+
+    #[test]
+    fn exemplars_ride_on_their_bucket_in_openmetrics_only() {
+        let h = Histograms::default();
+        h.describe("t_seconds", "Help.", &[0.1, 1.0]);
+        let s = h.series("t_seconds", &[("model", "m")]);
+        let traced = TraceIds {
+            trace_id: 0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
+            span_id: 0x00f0_67aa_0ba9_02b7,
+        };
+        let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        s.record_traced(0.05, None);
+        s.record_traced(0.5, Some(traced));
+        // A later sampled request in the same bucket replaces the first.
+        let later = TraceIds {
+            trace_id: 7,
+            span_id: 9,
+        };
+        s.record_traced(0.7, Some(later));
+        // Recorded earlier, its trace known only at the end: no second count.
+        s.record(3.0);
+        s.exemplar(3.0, traced);
+        let after = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+
+        let text = render(&h);
+        assert!(!text.contains("trace_id"), "{text}");
+        assert!(
+            text.ends_with("t_seconds_count{model=\"m\"} 4\n\n"),
+            "{text}"
+        );
+
+        let mut om = String::new();
+        h.render_into(&mut om, true);
+        let lines: Vec<&str> = om.lines().collect();
+        assert_eq!(lines[2], "t_seconds_bucket{model=\"m\",le=\"0.1\"} 1");
+        let with_exemplar = |line: &str, count: &str, ids: &str, value: &str| {
+            let rest = line
+                .strip_prefix(count)
+                .and_then(|l| l.strip_prefix(ids))
+                .and_then(|l| l.strip_prefix(value))
+                .unwrap_or_else(|| panic!("{line}"));
+            let at: f64 = rest.trim().parse().unwrap();
+            assert!(before.as_secs_f64() - 0.001 <= at && at <= after.as_secs_f64() + 0.001);
+        };
+        with_exemplar(
+            lines[3],
+            "t_seconds_bucket{model=\"m\",le=\"1\"} 3",
+            " # {trace_id=\"00000000000000000000000000000007\",span_id=\"0000000000000009\"}",
+            " 0.7 ",
+        );
+        with_exemplar(
+            lines[4],
+            "t_seconds_bucket{model=\"m\",le=\"+Inf\"} 4",
+            " # {trace_id=\"0af7651916cd43dd8448eb211c80319c\",span_id=\"00f067aa0ba902b7\"}",
+            " 3 ",
+        );
+        assert_eq!(
+            lines[5..],
+            [
+                "t_seconds_sum{model=\"m\"} 4.25",
+                "t_seconds_count{model=\"m\"} 4"
+            ]
+        );
+        assert!(!om.contains("\n\n"));
+        // A no-op handle keeps nothing.
+        Series::noop().record_traced(1.0, Some(traced));
     }
 
     #[test]

@@ -23,12 +23,14 @@ use crate::route::Endpoint;
 mod access_log;
 pub mod histogram;
 mod labels;
+pub mod openmetrics;
 pub mod otel;
 mod prometheus;
 pub mod stats;
 
 use access_log::access_log;
 use histogram::Histograms;
+pub use histogram::{Series, TraceIds};
 pub use labels::{
     MAX_TENANT_LEN, MODEL_NONE, MODEL_OTHER, ModelLabels, TENANT_NONE, TENANT_OTHER, TenantLabels,
 };
@@ -235,8 +237,8 @@ pub struct RouteMetrics {
     pub endpoint: Endpoint,
     /// The `tenant` label value (`None`: tenants are off).
     pub tenant: Option<Arc<str>>,
-    /// TTFT histogram.
-    pub ttft: Histogram,
+    /// TTFT histogram (exemplars: the traces of sampled requests).
+    pub ttft: Series,
     /// Time-to-first-answer histogram.
     pub ttfa: Histogram,
     /// Reasoning-time histogram.
@@ -255,12 +257,12 @@ pub struct RouteMetrics {
     pub outside_engine_negative: Counter,
     /// Cached prompt tokens histogram.
     pub cached_prompt_tokens: Histogram,
-    /// ITL histogram.
-    pub itl: Histogram,
+    /// ITL histogram (exemplars: each sampled request's largest gap).
+    pub itl: Series,
     /// TPOT histogram.
     pub tpot: Histogram,
-    /// E2EL histogram.
-    pub e2el: Histogram,
+    /// E2EL histogram (exemplars: the traces of sampled requests).
+    pub e2el: Series,
     /// Prompt tokens histogram.
     pub prompt_tokens: Histogram,
     /// Generation tokens histogram.
@@ -301,6 +303,8 @@ pub struct Finished<'a> {
     pub figures: &'a Figures,
     /// It was a streaming (SSE) response.
     pub stream: bool,
+    /// The request's trace, when its span was sampled: the exemplar of its E2EL and ITL.
+    pub trace: Option<TraceIds>,
 }
 
 /// (model label, endpoint, tenant label): what a set of route metrics is resolved for.
@@ -468,6 +472,36 @@ impl Telemetry {
                 Histogram::noop()
             }
         };
+        let series = |name: &'static str| {
+            self.histograms
+                .series(name, &[("model", model), ("endpoint", endpoint.as_str())])
+        };
+        // TTFT and E2EL carry `tenant` too (docs/METRICS.md §7), with their exemplars.
+        let series_t = |name: &'static str| match tenant {
+            Some(tenant) => self.histograms.series(
+                name,
+                &[
+                    ("model", model),
+                    ("endpoint", endpoint.as_str()),
+                    ("tenant", tenant),
+                ],
+            ),
+            None => series(name),
+        };
+        let gs = |name: &'static str| {
+            if generation {
+                series(name)
+            } else {
+                Series::noop()
+            }
+        };
+        let gst = |name: &'static str| {
+            if generation {
+                series_t(name)
+            } else {
+                Series::noop()
+            }
+        };
         let gc = |name: &'static str| {
             if generation { c(name) } else { Counter::noop() }
         };
@@ -475,7 +509,7 @@ impl Telemetry {
             model: model.clone(),
             endpoint,
             tenant: tenant.clone(),
-            ttft: gt(names::TTFT),
+            ttft: gst(names::TTFT),
             ttfa: g(names::TTFA),
             reasoning: g(names::REASONING),
             max_itl: g(names::MAX_ITL),
@@ -485,9 +519,9 @@ impl Telemetry {
             outside_engine: g(names::OUTSIDE_ENGINE),
             outside_engine_negative: gc(names::OUTSIDE_ENGINE_NEGATIVE),
             cached_prompt_tokens: g(names::CACHED_PROMPT_TOKENS),
-            itl: g(names::ITL),
+            itl: gs(names::ITL),
             tpot: gt(names::TPOT),
-            e2el: ht(names::E2EL),
+            e2el: series_t(names::E2EL),
             prompt_tokens: g(names::PROMPT_TOKENS),
             generation_tokens: g(names::GENERATION_TOKENS),
             tokens_per_chunk: g(names::TOKENS_PER_CHUNK),
@@ -561,8 +595,11 @@ impl Telemetry {
         if let Some(n) = f.prompt_tokens {
             route.prompt_tokens_total.increment(n);
         }
+        if let (Some(ids), Some(max)) = (done.trace, f.itl_max) {
+            route.itl.exemplar(max.as_secs_f64(), ids);
+        }
         if done.outcome == Outcome::Ok {
-            route.e2el.record(f.e2el.as_secs_f64());
+            route.e2el.record_traced(f.e2el.as_secs_f64(), done.trace);
             if let Some(tpot) = f.tpot {
                 route.tpot.record(tpot.as_secs_f64());
             }
@@ -624,12 +661,21 @@ impl Telemetry {
             .register_counter(&Key::from_name(name), &METADATA)
     }
 
-    /// Renders `/metrics` in the Prometheus text format.
-    pub fn render(&self) -> String {
+    /// Renders `/metrics` in the Prometheus text format, or in OpenMetrics (with exemplars)
+    /// when `openmetrics` is set.
+    pub fn render(&self, openmetrics: bool) -> String {
         self.ready_gauge
             .set(if self.upstream.ready() { 1.0 } else { 0.0 });
-        let mut out = self.handle.render();
-        self.histograms.render_into(&mut out);
+        let text = self.handle.render();
+        if !openmetrics {
+            let mut out = text;
+            self.histograms.render_into(&mut out, false);
+            return out;
+        }
+        let mut out = String::with_capacity(text.len() * 2);
+        openmetrics::from_text(&text, &mut out);
+        self.histograms.render_into(&mut out, true);
+        out.push_str("# EOF\n");
         out
     }
 

@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use crate::config::{Protocol, TracingConfig};
 use crate::latency::Figures;
 use crate::route::{Endpoint, RequestInfo};
-use crate::telemetry::{Outcome, Telemetry};
+use crate::telemetry::{Outcome, Telemetry, TraceIds};
 
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
@@ -332,6 +332,16 @@ impl RequestSpan {
                 headers.remove(TRACESTATE);
             }
         }
+    }
+
+    /// The span's trace and span ids when it is sampled, for the exemplars of its request's
+    /// TTFT, ITL and E2EL: a bucket links only to a trace the collector was sent.
+    pub fn trace(&self) -> Option<TraceIds> {
+        let cx = self.span.span_context();
+        (cx.is_valid() && cx.is_sampled()).then(|| TraceIds {
+            trace_id: u128::from_be_bytes(cx.trace_id().to_bytes()),
+            span_id: u64::from_be_bytes(cx.span_id().to_bytes()),
+        })
     }
 
     /// The upstream's response head arrived with `status`.
@@ -821,3 +831,6 @@ impl Batcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
