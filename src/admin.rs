@@ -64,13 +64,22 @@ pub fn handle<B>(
 pub const DEFAULT_PERCENTILES: &[f64] = &[50.0, 90.0, 99.0];
 
 /// `/stats`: JSON by default, the `vllm bench serve` table with `?format=text`;
-/// `?percentiles=90,99.9` picks the percentiles.
+/// `?percentiles=90,99.9` picks the percentiles. `?tenant=NAME` gives one summary of that
+/// tenant across models instead of one per model (`?tenant=*`: every tenant's); a name without
+/// its own label is shown under the label it is counted in (`other`).
 fn stats(telemetry: &Telemetry, query: &str) -> Response<Full<Bytes>> {
     let mut text = false;
     let mut percentiles = DEFAULT_PERCENTILES.to_vec();
+    let mut tenant: Option<String> = None;
     for (key, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
         match key {
             "format" => text = value == "text",
+            "tenant" => match percent_decode(value) {
+                Some(name) if name.len() <= 4 * crate::telemetry::MAX_TENANT_LEN => {
+                    tenant = Some(name)
+                }
+                _ => return bad_request("tenant: a tenant name, or * for every tenant\n"),
+            },
             "percentiles" => {
                 let parsed: Option<Vec<f64>> = value
                     .split([',', '+', ' '])
@@ -80,18 +89,17 @@ fn stats(telemetry: &Telemetry, query: &str) -> Response<Full<Bytes>> {
                 match parsed {
                     Some(list) if !list.is_empty() && list.len() <= 16 => percentiles = list,
                     _ => {
-                        return Response::builder()
-                            .status(StatusCode::BAD_REQUEST)
-                            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-                            .body(Full::new(Bytes::from_static(
-                                b"percentiles: a comma-separated list of up to 16 numbers in 0..=100\n",
-                            )))
-                            .expect("static response parts are valid");
+                        return bad_request(
+                            "percentiles: a comma-separated list of up to 16 numbers in 0..=100\n",
+                        );
                     }
                 }
             }
             _ => {}
         }
+    }
+    if let Some(tenant) = tenant {
+        return tenant_stats(telemetry, &tenant, &percentiles, text);
     }
     let report = telemetry
         .stats
@@ -120,4 +128,100 @@ fn stats(telemetry: &Telemetry, query: &str) -> Response<Full<Bytes>> {
         .header(header::CONTENT_TYPE, content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts are valid")
+}
+
+/// `/stats?tenant=`: one summary per tenant across models.
+fn tenant_stats(
+    telemetry: &Telemetry,
+    tenant: &str,
+    percentiles: &[f64],
+    text: bool,
+) -> Response<Full<Bytes>> {
+    let Some(labels) = &telemetry.tenants else {
+        return bad_request("tenants are off: set telemetry.tenant_header\n");
+    };
+    // Looked up, never assigned: asking about a name does not give it a slot.
+    let label = (tenant != "*").then(|| labels.lookup(tenant));
+    let report =
+        telemetry
+            .stats
+            .tenant_report(tokio::time::Instant::now(), percentiles, label.as_deref());
+    let (content_type, body) = if text {
+        let mut out = String::new();
+        if report.tenants.is_empty() {
+            out.push_str("no requests in the window yet\n");
+        }
+        for (tenant, summary) in &report.tenants {
+            out.push_str(&crate::report::render_table(
+                &format!("tokentap: tenant {tenant}, last {:.0}s", report.window_s),
+                summary,
+                &[],
+                crate::report::ALL_METRICS,
+            ));
+        }
+        ("text/plain; charset=utf-8", out)
+    } else {
+        (
+            "application/json",
+            serde_json::to_string_pretty(&report).unwrap_or_default(),
+        )
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+/// A 400 answer that says what was wrong with the query.
+fn bad_request(body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::BAD_REQUEST)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("static response parts are valid")
+}
+
+/// A query value with `%XX` escapes and `+` (a space) decoded; `None` when an escape is broken
+/// or the result is not UTF-8.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(percent_decode("team%20a").as_deref(), Some("team a"));
+        assert_eq!(percent_decode("a+b%2Fc").as_deref(), Some("a b/c"));
+        assert_eq!(percent_decode("%2").as_deref(), None);
+        assert_eq!(percent_decode("%zz").as_deref(), None);
+        assert_eq!(percent_decode("%+f").as_deref(), None);
+        assert_eq!(percent_decode("%ff").as_deref(), None);
+        assert_eq!(percent_decode("*").as_deref(), Some("*"));
+    }
 }

@@ -238,6 +238,14 @@ pub struct TelemetryConfig {
     /// one, default) or `"vllm-bench-0.10"` (every event with choices is a token, for
     /// comparing with old benchmark runs). See `docs/METRICS.md` §1.
     pub definitions: Definitions,
+    /// The request header whose value is the request's tenant (set by an API gateway in front,
+    /// for example `x-tenant-id`). Unset (the default): no `tenant` label exists at all.
+    pub tenant_header: Option<String>,
+    /// At most this many distinct `tenant` label values besides `other` and `none`, the
+    /// allow-list included; values beyond them are labelled `other`.
+    pub max_tenants: usize,
+    /// Tenants that always have their own label value, whatever other clients send first.
+    pub tenants: Vec<String>,
 }
 
 /// Which `vllm bench serve` decides what an output event is (`telemetry.definitions`, see
@@ -266,6 +274,9 @@ impl Default for TelemetryConfig {
             buckets: BucketConfig::default(),
             stats_window_secs: 300.0,
             definitions: Definitions::default(),
+            tenant_header: None,
+            max_tenants: 64,
+            tenants: Vec::new(),
         }
     }
 }
@@ -660,6 +671,7 @@ impl Config {
                 }
             }
         }
+        self.telemetry.validate_tenants()?;
         if let Some(ca) = &self.upstream.ca_file
             && !ca.is_file()
         {
@@ -706,6 +718,108 @@ fn check_url(field: &str, url: &str) -> Result<(), ConfigError> {
         )));
     }
     Ok(())
+}
+
+/// Longest header value that can become a `tenant` label value, bytes: room for a UUID with a
+/// prefix, not for a document.
+pub const MAX_TENANT_LEN: usize = 64;
+
+/// Largest `telemetry.max_tenants`: each tenant costs the series of its request counters and
+/// TTFT, TPOT and E2EL histograms per model and endpoint.
+pub const MAX_TENANTS_LIMIT: usize = 1000;
+
+/// Headers that carry credentials: their values must never become label values.
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "api-key",
+];
+
+/// Whether `name` can be a `tenant` label value as it is: 1 to [`MAX_TENANT_LEN`] bytes of
+/// printable ASCII (space included), not starting or ending with a space.
+pub fn valid_tenant(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_TENANT_LEN
+        && name.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !name.starts_with(' ')
+        && !name.ends_with(' ')
+}
+
+impl TelemetryConfig {
+    fn validate_tenants(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, reason: String| {
+            Err(ConfigError::Invalid {
+                field: field.into(),
+                reason,
+            })
+        };
+        let Some(header) = &self.tenant_header else {
+            if !self.tenants.is_empty() {
+                return invalid(
+                    "telemetry.tenants",
+                    "has no effect without telemetry.tenant_header".to_owned(),
+                );
+            }
+            return Ok(());
+        };
+        match http::HeaderName::from_bytes(header.as_bytes()) {
+            Err(_) => {
+                return invalid(
+                    "telemetry.tenant_header",
+                    format!("{header:?} is not a valid HTTP header name"),
+                );
+            }
+            Ok(name) if CREDENTIAL_HEADERS.contains(&name.as_str()) => {
+                return invalid(
+                    "telemetry.tenant_header",
+                    format!(
+                        "{name} carries credentials, which must not become label values; \
+                         have the gateway set a tenant id header"
+                    ),
+                );
+            }
+            Ok(_) => {}
+        }
+        if self.max_tenants > MAX_TENANTS_LIMIT {
+            return invalid(
+                "telemetry.max_tenants",
+                format!("must be at most {MAX_TENANTS_LIMIT}"),
+            );
+        }
+        if self.tenants.len() > self.max_tenants {
+            return invalid(
+                "telemetry.tenants",
+                format!(
+                    "lists {} names, more than telemetry.max_tenants ({})",
+                    self.tenants.len(),
+                    self.max_tenants
+                ),
+            );
+        }
+        for (i, name) in self.tenants.iter().enumerate() {
+            if !valid_tenant(name) {
+                return invalid(
+                    "telemetry.tenants",
+                    format!(
+                        "{name:?} must be 1 to {MAX_TENANT_LEN} bytes of printable ASCII, \
+                         without spaces at either end"
+                    ),
+                );
+            }
+            if name == "other" || name == "none" {
+                return invalid(
+                    "telemetry.tenants",
+                    format!("{name:?} is a reserved label value"),
+                );
+            }
+            if self.tenants[..i].contains(name) {
+                return invalid("telemetry.tenants", format!("{name:?} is listed twice"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Seconds from a validated config field.
@@ -773,6 +887,35 @@ mod tests {
                 "upstream.ca_file",
             ),
             ("workers = 0", "workers"),
+            (
+                "[telemetry]\ntenant_header = \"x tenant\"",
+                "telemetry.tenant_header",
+            ),
+            (
+                "[telemetry]\ntenant_header = \"Authorization\"",
+                "telemetry.tenant_header",
+            ),
+            (
+                "[telemetry]\ntenant_header = \"x-tenant\"\nmax_tenants = 100000",
+                "telemetry.max_tenants",
+            ),
+            (
+                "[telemetry]\ntenant_header = \"x-tenant\"\nmax_tenants = 1\ntenants = [\"a\", \"b\"]",
+                "telemetry.tenants",
+            ),
+            (
+                "[telemetry]\ntenant_header = \"x-tenant\"\ntenants = [\"a\", \"a\"]",
+                "telemetry.tenants",
+            ),
+            (
+                "[telemetry]\ntenant_header = \"x-tenant\"\ntenants = [\"other\"]",
+                "telemetry.tenants",
+            ),
+            (
+                "[telemetry]\ntenant_header = \"x-tenant\"\ntenants = [\"café\"]",
+                "telemetry.tenants",
+            ),
+            ("[telemetry]\ntenants = [\"a\"]", "telemetry.tenants"),
         ] {
             let err = Config::parse(text).unwrap_err();
             assert!(err.to_string().contains(field), "{text}: {err}");

@@ -44,6 +44,10 @@ enum Command {
         /// Base URL of the admin listener.
         #[arg(long, default_value = "http://127.0.0.1:9464")]
         admin: String,
+        /// One tenant's summary across models instead of one per model (`*`: every tenant's);
+        /// needs `telemetry.tenant_header`.
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// Start the simulator and the proxy, send a bench workload through the proxy, and print the
     /// client's and the proxy's figures side by side.
@@ -106,6 +110,14 @@ fn main() -> ExitCode {
                 c.listen = *listen;
             }
             if let Some(upstream) = upstream {
+                // Even when it names the default URL, which validation cannot tell from unset.
+                if !c.routes.is_empty() {
+                    eprintln!(
+                        "tokentap: upstream.url: --upstream set together with [[routes]]: give \
+                         the upstreams in the routes, or use --upstream alone for one upstream"
+                    );
+                    return ExitCode::from(2);
+                }
                 c.upstream.url = upstream.clone();
             }
             if let Some(admin) = admin_listen {
@@ -146,8 +158,9 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::Stats { admin } => {
-                print!("{}", tokentap::bench::fetch_stats(&admin).await?);
+            Command::Stats { admin, tenant } => {
+                let stats = tokentap::bench::fetch_stats(&admin, tenant.as_deref()).await?;
+                print!("{stats}");
                 Ok(())
             }
             Command::Demo(args) => {

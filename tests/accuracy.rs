@@ -223,13 +223,18 @@ fn proxy_and_client_agree_per_request_and_in_the_table() {
                     "{name} {what}: /stats {vs} vs bench's table of the proxy's figures {vo}"
                 );
             }
-            if what == "p99" && name != "ITL" {
-                // Four requests decide a p99 of 400, and a stall the client counts (see above)
-                // may catch them: the proxy's may only be lower, by its figures being lower.
-                assert!(
-                    vs <= vc * 1.015 + 0.05,
-                    "{name} {what}: client {vc} vs proxy {vs}"
-                );
+            if matches!(what, "p90" | "p99") && name != "ITL" {
+                // The tail of 400 requests is where the up to 10 % that a stall the client
+                // counts (see above) may catch sit. Their TTFT and E2EL can only be lower at the
+                // proxy, so its tail may only be lower; a stall moves a client's TPOT either way
+                // (before the first token: lower, before the last: higher), so TPOT's tail is
+                // checked against the proxy's own figures only (above).
+                if name != "TPOT" {
+                    assert!(
+                        vs <= vc * 1.015 + 0.05,
+                        "{name} {what}: client {vc} vs proxy {vs}"
+                    );
+                }
                 continue;
             }
             // ITL's median sits where most gaps are 0 or one step: compare those in absolute terms.

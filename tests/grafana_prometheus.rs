@@ -16,8 +16,8 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 /// The only variables a dashboard query may use, so that queries can be extracted and run by a
-/// script (substitute `.*` for the first two and a duration for the last).
-const ALLOWED_VARIABLES: [&str; 3] = ["$model", "$endpoint", "$__rate_interval"];
+/// script (substitute `.*` for the first three and a duration for the last).
+const ALLOWED_VARIABLES: [&str; 4] = ["$model", "$endpoint", "$tenant", "$__rate_interval"];
 
 /// The datasource every panel, query and query variable must reference.
 const DATASOURCE_VARIABLE: &str = "${datasource}";
@@ -398,6 +398,7 @@ fn dashboard_problems(dashboard: &Value, allowed: &BTreeSet<String>) -> Vec<Stri
     let mut ids: BTreeMap<i64, String> = BTreeMap::new();
     let mut boxes: Vec<(String, i64, i64, i64, i64)> = Vec::new();
     let mut uses_endpoint = false;
+    let mut uses_tenant = false;
     for panel in &panels {
         let name = title(panel);
         let is_row = panel["type"] == "row";
@@ -455,6 +456,7 @@ fn dashboard_problems(dashboard: &Value, allowed: &BTreeSet<String>) -> Vec<Stri
                     ));
                 }
                 uses_endpoint |= var == "$endpoint";
+                uses_tenant |= var == "$tenant";
             }
             for metric in metric_names(expr) {
                 if !allowed.contains(&metric) && !metric.starts_with("vllm:") {
@@ -470,6 +472,10 @@ fn dashboard_problems(dashboard: &Value, allowed: &BTreeSet<String>) -> Vec<Stri
         problems.push(
             "queries use $endpoint but there is no `endpoint` label_values variable".to_owned(),
         );
+    }
+    if uses_tenant && !label_values("tenant") {
+        problems
+            .push("queries use $tenant but there is no `tenant` label_values variable".to_owned());
     }
     for (i, a) in boxes.iter().enumerate() {
         for b in &boxes[i + 1..] {
@@ -768,6 +774,7 @@ fn dashboard_queries_are_valid_promql() {
                 let concrete = expr
                     .replace("$model", ".*")
                     .replace("$endpoint", ".*")
+                    .replace("$tenant", ".*")
                     .replace("$__rate_interval", "1m");
                 count += 1;
                 let quoted = serde_json::to_string(&concrete).unwrap();

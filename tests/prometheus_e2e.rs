@@ -6,6 +6,7 @@
 //! a clean round, then failing (503, in-band error, idle timeout), slow (stall, late response
 //! head) and plain requests on every endpoint. Then every query of both dashboards, with its
 //! template variables substituted, runs through Prometheus's HTTP API (instant and range queries)
+//! (tokentap labels tenants: the plain requests name one, bench's requests none)
 //! and must return data; every recording rule must evaluate without error and return data; and
 //! the figures are checked against what bench measured and what tokentap counted.
 //!
@@ -50,6 +51,10 @@ const FAULT_CUT_STALL: &str = "stall_after=2,stall_ms=5000";
 const FAULT_LATE_HEAD: &str = "header_delay_ms=300";
 const FAULT_STATUS: &str = "status=503";
 const FAULT_INBAND: &str = "error_after=3";
+/// The tenant of the plain requests (tokentap runs with `telemetry.tenant_header`); bench's
+/// requests carry no tenant header, so they are tenant "none".
+const TENANT_HEADER: &str = "x-tenant";
+const PLAIN_TENANT: &str = "team-a";
 /// Output tokens of bench requests.
 const OUTPUT_LEN: usize = 16;
 
@@ -628,7 +633,14 @@ async fn later_traffic(
         for (method, path, body) in plain_requests() {
             let url = format!("{base}{path}");
             set.spawn(async move {
-                let r = send(&client(), method, &url, &body, &[]).await;
+                let r = send(
+                    &client(),
+                    method,
+                    &url,
+                    &body,
+                    &[(TENANT_HEADER, PLAIN_TENANT)],
+                )
+                .await;
                 assert!(r.status.as_u16() < 500, "{path}: {}", r.status);
                 None
             });
@@ -819,6 +831,8 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
     config.slo.ttft_ms = Some(SLO_TTFT_MS);
     config.slo.tpot_ms = Some(SLO_TPOT_MS);
     config.upstream.idle_timeout_secs = IDLE_TIMEOUT_SECS;
+    // Tenants on, so that the per-tenant rules and the tenant panels have data.
+    config.telemetry.tenant_header = Some(TENANT_HEADER.to_owned());
     // Tracing to a collector that is not there, so that the span-drop counter and its panel
     // have data, as in a deployment whose collector is down.
     let dead_collector = format!("http://127.0.0.1:{}", free_port());
@@ -906,7 +920,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
             continue;
         };
         let (selector, label) = inner.rsplit_once(',').unwrap();
-        let selector = substitute(selector.trim(), &[("model", ".*")]);
+        let selector = substitute(selector.trim(), &[("model", ".*"), ("tenant", ".*")]);
         let data = prom
             .api(&format!(
                 "/api/v1/label/{}/values?match[]={}&start={window_start:.3}&end={eval:.3}",
@@ -924,6 +938,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
         let want: &[&str] = match label.trim() {
             "model" => &[MODEL],
             "endpoint" => &["chat", "completions", "embeddings", "models", "other"],
+            "tenant" => &[PLAIN_TENANT, "none"],
             other => panic!("unexpected variable label {other}"),
         };
         for w in want {
@@ -938,12 +953,13 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
     // panel draws it (step 1 s; $__rate_interval = max(4 x scrape interval, step + scrape
     // interval) = 4 s).
     let model_regex = grafana_regex_escape(MODEL);
-    let variable_sets: [(&str, [(&str, &str); 3]); 3] = [
+    let variable_sets: [(&str, [(&str, &str); 4]); 4] = [
         (
             "All",
             [
                 ("model", ".*"),
                 ("endpoint", ".*"),
+                ("tenant", ".*"),
                 ("__rate_interval", window.as_str()),
             ],
         ),
@@ -952,6 +968,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
             [
                 ("model", &model_regex),
                 ("endpoint", "chat"),
+                ("tenant", ".*"),
                 ("__rate_interval", window.as_str()),
             ],
         ),
@@ -960,6 +977,16 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
             [
                 ("model", &model_regex),
                 ("endpoint", "completions"),
+                ("tenant", ".*"),
+                ("__rate_interval", window.as_str()),
+            ],
+        ),
+        (
+            "one tenant",
+            [
+                ("model", ".*"),
+                ("endpoint", ".*"),
+                ("tenant", PLAIN_TENANT),
                 ("__rate_interval", window.as_str()),
             ],
         ),
@@ -1000,6 +1027,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
             &[
                 ("model", ".*"),
                 ("endpoint", ".*"),
+                ("tenant", ".*"),
                 ("__rate_interval", "4s"),
             ],
         );
@@ -1185,6 +1213,27 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
     );
     assert!((0.0..=1.0).contains(&goodput_ratio), "{goodput_ratio}");
     assert_close("goodput ratio", goodput_ratio, goodput_truth);
+    // Which tenant burns the goodput budget: bench's traffic (no tenant header: "none", with its
+    // stalls and late heads) does; the plain requests (one tenant, all within the SLO) do not.
+    let mut by_tenant = BTreeMap::new();
+    for s in prom
+        .query_at("tokentap:tenant_goodput:ratio_rate5m", eval)
+        .await
+    {
+        by_tenant.insert(s.label("tenant").unwrap_or("?").to_owned(), s.value());
+    }
+    ran += 1;
+    println!("goodput ratio per tenant: {by_tenant:?}");
+    let keys: Vec<&str> = by_tenant.keys().map(String::as_str).collect();
+    if keys != ["none", PLAIN_TENANT]
+        || by_tenant[PLAIN_TENANT] != 1.0
+        || !(by_tenant["none"] > 0.0 && by_tenant["none"] < 1.0)
+    {
+        failures.push(format!(
+            "tokentap:tenant_goodput:ratio_rate5m: {by_tenant:?}; expected {PLAIN_TENANT} at 1 \
+             and none between 0 and 1"
+        ));
+    }
     for s in instant("In-flight requests", "A") {
         assert!(s.value() >= 0.0, "in-flight {s:?}");
     }

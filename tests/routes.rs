@@ -518,8 +518,10 @@ fn bad_routes_are_refused_at_load_with_the_field_named() {
         assert!(stderr.contains(field), "{config}: {stderr}");
     }
     assert_eq!(tokentap(&["check-config"], &ok).0, 0);
-    // `--upstream` beside a file with routes.
-    let (code, stderr) = tokentap(&["serve", "--upstream", "http://h:3", "--config"], &ok);
-    assert_eq!(code, 2);
-    assert!(stderr.contains("upstream.url"), "{stderr}");
+    // `--upstream` beside a file with routes, also when it names the default URL.
+    for url in ["http://h:3", "http://127.0.0.1:8000"] {
+        let (code, stderr) = tokentap(&["serve", "--upstream", url, "--config"], &ok);
+        assert_eq!(code, 2, "{url}");
+        assert!(stderr.contains("upstream.url"), "{url}: {stderr}");
+    }
 }

@@ -702,9 +702,21 @@ pub fn chunk_latency_summary(result: &BenchResult) -> Option<serde_json::Value> 
     }))
 }
 
-/// Fetches `/stats?format=text` from a tokentap admin listener (for `tokentap stats`).
-pub async fn fetch_stats(admin: &str) -> Result<String, BenchError> {
-    let uri: http::Uri = format!("{}/stats?format=text", admin.trim_end_matches('/'))
+/// Fetches `/stats?format=text` from a tokentap admin listener (for `tokentap stats`): of one
+/// tenant (`*`: of each) when `tenant` is given.
+pub async fn fetch_stats(admin: &str, tenant: Option<&str>) -> Result<String, BenchError> {
+    let mut query = "format=text".to_owned();
+    if let Some(tenant) = tenant {
+        query.push_str("&tenant=");
+        for b in tenant.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~*".contains(&b) {
+                query.push(char::from(b));
+            } else {
+                query.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    let uri: http::Uri = format!("{}/stats?{query}", admin.trim_end_matches('/'))
         .parse()
         .map_err(|e| BenchError::Usage(format!("--admin: {e}")))?;
     let client = build_client(1)?;

@@ -34,6 +34,8 @@ impl Observer {
         request_id: Box<str>,
         t0: Instant,
     ) -> Recorder {
+        // Read before the span opens, so that the span carries the label too.
+        let tenant = (self.telemetry.tenants.as_ref()).map(|t| t.label(&parts.headers));
         let span = self.tracer.as_ref().map(|tracer| {
             tracer.start(&RequestStart {
                 headers: &parts.headers,
@@ -41,11 +43,12 @@ impl Observer {
                 path: parts.uri.path(),
                 endpoint,
                 info,
+                tenant: tenant.as_deref(),
                 arrived: t0,
             })
         });
         let model = self.telemetry.models.label(info.model.as_deref());
-        let route = self.telemetry.route(model, endpoint);
+        let route = self.telemetry.route(model, endpoint, tenant);
         Recorder::new(self.telemetry.clone(), route, request_id, t0, span)
     }
 }

@@ -8,7 +8,8 @@ fn ms(d: Option<Duration>) -> Option<f64> {
     d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3)
 }
 
-/// Writes the access-log line of a finished request. Never headers, keys or prompt text.
+/// Writes the access-log line of a finished request. Never headers, keys or prompt text: the
+/// tenant is its label value (a header value only once it became a label).
 pub(super) fn access_log(done: &Finished<'_>) {
     let f = done.figures;
     tracing::info!(
@@ -16,6 +17,7 @@ pub(super) fn access_log(done: &Finished<'_>) {
         request_id = done.request_id,
         model = &*done.route.model,
         endpoint = done.route.endpoint.as_str(),
+        tenant = done.route.tenant.as_deref(),
         status = done.status,
         outcome = done.outcome.as_str(),
         stream = done.stream,

@@ -32,10 +32,12 @@ mod upstreams;
 use access_log::access_log;
 use histogram::Histograms;
 pub use histogram::{Series, TraceIds};
-pub use labels::{MODEL_NONE, MODEL_OTHER, ModelLabels};
+pub use labels::{
+    MAX_TENANT_LEN, MODEL_NONE, MODEL_OTHER, ModelLabels, TENANT_NONE, TENANT_OTHER, TenantLabels,
+};
 pub use prometheus::{E2EL_BUCKETS, ITL_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS, names};
 use prometheus::{METADATA, describe};
-use stats::{ModelStats, Stats};
+use stats::{RouteStats, Stats};
 pub use upstreams::{EndpointMetrics, upstream_names};
 
 /// How a request ended (`docs/METRICS.md` §3), the `outcome` label.
@@ -190,7 +192,8 @@ impl ConnMetrics {
         if let Some(telemetry) = &self.telemetry
             && Self::REFUSED.contains(&status)
         {
-            let route = telemetry.route(Arc::from(MODEL_NONE), Endpoint::Other);
+            let tenant = telemetry.tenants.as_ref().map(TenantLabels::none);
+            let route = telemetry.route(Arc::from(MODEL_NONE), Endpoint::Other, tenant);
             telemetry
                 .requests_counter(&route, Outcome::Rejected, status)
                 .increment(1);
@@ -224,13 +227,18 @@ impl Drop for OpenConnection {
     }
 }
 
-/// Metric handles of one (model, endpoint) pair, resolved once and shared.
+/// Metric handles of one (model, endpoint) pair, or (model, endpoint, tenant) triple when
+/// tenants are on, resolved once and shared. Only the request counters, goodput and the TTFT,
+/// TPOT and E2EL histograms carry `tenant`; the other handles of a pair's triples are the
+/// same series.
 #[derive(Debug)]
 pub struct RouteMetrics {
     /// The `model` label value.
     pub model: Arc<str>,
     /// The `endpoint` label value.
     pub endpoint: Endpoint,
+    /// The `tenant` label value (`None`: tenants are off).
+    pub tenant: Option<Arc<str>>,
     /// TTFT histogram (exemplars: the traces of sampled requests).
     pub ttft: Series,
     /// Time-to-first-answer histogram.
@@ -279,8 +287,8 @@ pub struct RouteMetrics {
     pub oversized: Counter,
     /// In-flight gauge.
     pub in_flight: Gauge,
-    /// `/stats` summary of the model (chat and completions only).
-    pub stats: Option<Arc<ModelStats>>,
+    /// `/stats` summaries of the model and tenant (chat and completions only).
+    pub stats: Option<RouteStats>,
     requests: Mutex<Vec<(Outcome, u16, Counter)>>,
 }
 
@@ -303,8 +311,8 @@ pub struct Finished<'a> {
     pub trace: Option<TraceIds>,
 }
 
-/// (model label, endpoint): what a set of route metrics is resolved for.
-type RouteKey = (Arc<str>, Endpoint);
+/// (model label, endpoint, tenant label): what a set of route metrics is resolved for.
+type RouteKey = (Arc<str>, Endpoint, Option<Arc<str>>);
 
 /// The proxy's metrics registry and its shared state.
 pub struct Telemetry {
@@ -315,6 +323,8 @@ pub struct Telemetry {
     routes: Mutex<HashMap<RouteKey, Arc<RouteMetrics>>>,
     /// Allowed model label values.
     pub models: ModelLabels,
+    /// Allowed tenant label values (`None`: `telemetry.tenant_header` is unset).
+    pub tenants: Option<TenantLabels>,
     /// Upstream readiness.
     pub upstream: UpstreamHealth,
     /// The `/stats` summaries.
@@ -378,6 +388,18 @@ impl Telemetry {
             histograms,
             routes: Mutex::new(HashMap::new()),
             models: ModelLabels::new(&config.telemetry.models, config.telemetry.max_models),
+            tenants: config
+                .telemetry
+                .tenant_header
+                .as_deref()
+                .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+                .map(|header| {
+                    TenantLabels::new(
+                        header,
+                        &config.telemetry.tenants,
+                        config.telemetry.max_tenants,
+                    )
+                }),
             upstream: UpstreamHealth::new(crate::config::secs(config.telemetry.ready_window_secs)),
             stats: Stats::new(crate::config::secs(config.telemetry.stats_window_secs)),
             ready_gauge,
@@ -392,12 +414,20 @@ impl Telemetry {
         }
     }
 
-    /// The metric handles for a (model, endpoint) pair; resolved on first use, then shared.
-    pub fn route(&self, model: Arc<str>, endpoint: Endpoint) -> Arc<RouteMetrics> {
+    /// The metric handles for a (model, endpoint) pair, of `tenant` when tenants are on
+    /// (`tenant` is `None` exactly when they are off); resolved on first use, then shared.
+    pub fn route(
+        &self,
+        model: Arc<str>,
+        endpoint: Endpoint,
+        tenant: Option<Arc<str>>,
+    ) -> Arc<RouteMetrics> {
         let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(route) = routes.get(&(model.clone(), endpoint)) {
+        let key = (model, endpoint, tenant);
+        if let Some(route) = routes.get(&key) {
             return route.clone();
         }
+        let (model, _, tenant) = &key;
         let labels = || {
             vec![
                 Label::new("model", SharedString::from(model.clone())),
@@ -407,10 +437,29 @@ impl Telemetry {
         let r = &self.recorder;
         let h = |name: &'static str| {
             self.histograms
-                .register(name, &[("model", &model), ("endpoint", endpoint.as_str())])
+                .register(name, &[("model", model), ("endpoint", endpoint.as_str())])
+        };
+        // The families that carry `tenant` (docs/METRICS.md §7).
+        let ht = |name: &'static str| match tenant {
+            Some(tenant) => self.histograms.register(
+                name,
+                &[
+                    ("model", model),
+                    ("endpoint", endpoint.as_str()),
+                    ("tenant", tenant),
+                ],
+            ),
+            None => h(name),
         };
         let c =
             |name: &'static str| r.register_counter(&Key::from_parts(name, labels()), &METADATA);
+        let ct = |name: &'static str| {
+            let mut labels = labels();
+            if let Some(tenant) = tenant {
+                labels.push(Label::new("tenant", SharedString::from(tenant.clone())));
+            }
+            r.register_counter(&Key::from_parts(name, labels), &METADATA)
+        };
         // Token figures exist only for chat and completions; other endpoints get no such series.
         let generation = endpoint.is_generation();
         let g = |name: &'static str| {
@@ -420,13 +469,39 @@ impl Telemetry {
                 Histogram::noop()
             }
         };
+        let gt = |name: &'static str| {
+            if generation {
+                ht(name)
+            } else {
+                Histogram::noop()
+            }
+        };
         let series = |name: &'static str| {
             self.histograms
-                .series(name, &[("model", &model), ("endpoint", endpoint.as_str())])
+                .series(name, &[("model", model), ("endpoint", endpoint.as_str())])
+        };
+        // TTFT and E2EL carry `tenant` too (docs/METRICS.md §7), with their exemplars.
+        let series_t = |name: &'static str| match tenant {
+            Some(tenant) => self.histograms.series(
+                name,
+                &[
+                    ("model", model),
+                    ("endpoint", endpoint.as_str()),
+                    ("tenant", tenant),
+                ],
+            ),
+            None => series(name),
         };
         let gs = |name: &'static str| {
             if generation {
                 series(name)
+            } else {
+                Series::noop()
+            }
+        };
+        let gst = |name: &'static str| {
+            if generation {
+                series_t(name)
             } else {
                 Series::noop()
             }
@@ -437,7 +512,8 @@ impl Telemetry {
         let route = Arc::new(RouteMetrics {
             model: model.clone(),
             endpoint,
-            ttft: gs(names::TTFT),
+            tenant: tenant.clone(),
+            ttft: gst(names::TTFT),
             ttfa: g(names::TTFA),
             reasoning: g(names::REASONING),
             max_itl: g(names::MAX_ITL),
@@ -449,19 +525,23 @@ impl Telemetry {
             cached_prompt_tokens: g(names::CACHED_PROMPT_TOKENS),
             reasoning_tokens: g(names::REASONING_TOKENS),
             itl: gs(names::ITL),
-            tpot: g(names::TPOT),
-            e2el: series(names::E2EL),
+            tpot: gt(names::TPOT),
+            e2el: series_t(names::E2EL),
             prompt_tokens: g(names::PROMPT_TOKENS),
             generation_tokens: g(names::GENERATION_TOKENS),
             tokens_per_chunk: g(names::TOKENS_PER_CHUNK),
             header_time: h(names::HEADER_TIME),
-            goodput: gc(names::GOODPUT),
+            goodput: if generation {
+                ct(names::GOODPUT)
+            } else {
+                Counter::noop()
+            },
             prompt_tokens_total: gc(names::PROMPT_TOKENS_TOTAL),
             generation_tokens_total: gc(names::GENERATION_TOKENS_TOTAL),
             unrecognized: c(names::UNRECOGNIZED),
             oversized: c(names::OVERSIZED),
             in_flight: r.register_gauge(&Key::from_parts(names::IN_FLIGHT, labels()), &METADATA),
-            stats: endpoint.is_generation().then(|| self.stats.model(&model)),
+            stats: generation.then(|| self.stats.route(model, tenant.as_ref())),
             requests: Mutex::new(Vec::new()),
         });
         // Common outcomes exist at 0 from the start, so that rate() sees their first increase.
@@ -482,7 +562,7 @@ impl Telemetry {
                 let _ = self.requests_counter(&route, outcome, status);
             }
         }
-        routes.insert((model, endpoint), route.clone());
+        routes.insert(key, route.clone());
         route
     }
 
@@ -494,12 +574,15 @@ impl Telemetry {
         if let Some((_, _, c)) = cache.iter().find(|(o, s, _)| *o == outcome && *s == status) {
             return c.clone();
         }
-        let labels = vec![
+        let mut labels = vec![
             Label::new("model", SharedString::from(route.model.clone())),
             Label::new("endpoint", route.endpoint.as_str()),
             Label::new("outcome", outcome.as_str()),
             Label::new("status", status.to_string()),
         ];
+        if let Some(tenant) = &route.tenant {
+            labels.push(Label::new("tenant", SharedString::from(tenant.clone())));
+        }
         let counter = self
             .recorder
             .register_counter(&Key::from_parts(names::REQUESTS, labels), &METADATA);
@@ -648,6 +731,46 @@ mod tests {
         assert_eq!(&*labels.label(Some("b")), "b");
         assert_eq!(&*labels.label(Some("c")), MODEL_OTHER);
         assert_eq!(&*labels.label(None), MODEL_NONE);
+    }
+
+    fn with_tenant(value: &[u8]) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-tenant", http::HeaderValue::from_bytes(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn tenant_labels_keep_the_allow_list_and_are_bounded() {
+        let labels = TenantLabels::new(
+            http::HeaderName::from_static("x-tenant"),
+            &["vip".to_owned()],
+            3,
+        );
+        let label = |v: &[u8]| labels.label(&with_tenant(v)).to_string();
+        assert_eq!(labels.label(&http::HeaderMap::new()).as_ref(), TENANT_NONE);
+        assert_eq!(label(b""), TENANT_NONE);
+        assert_eq!(label(b"  "), TENANT_NONE);
+        assert_eq!(label(b"a"), "a");
+        assert_eq!(label(b" b "), "b");
+        // Both first-come slots are taken: later names are other, the allow-list keeps its own.
+        assert_eq!(label(b"c"), TENANT_OTHER);
+        assert_eq!(label(b"vip"), "vip");
+        assert_eq!(label(b"a"), "a");
+        assert_eq!(labels.len(), 3);
+        // Values that cannot be labels, whatever room is left, and the reserved names.
+        let fresh = TenantLabels::new(http::HeaderName::from_static("x-tenant"), &[], 10);
+        let fresh_label = |v: &[u8]| fresh.label(&with_tenant(v)).to_string();
+        assert_eq!(fresh_label(&[b'x'; MAX_TENANT_LEN + 1]), TENANT_OTHER);
+        assert_eq!(fresh_label(&[b'x'; MAX_TENANT_LEN]).len(), MAX_TENANT_LEN);
+        assert_eq!(fresh_label("caf\u{e9}".as_bytes()), TENANT_OTHER);
+        assert_eq!(fresh_label(b"a\tb"), TENANT_OTHER);
+        assert_eq!(fresh_label(b"none"), TENANT_OTHER);
+        assert_eq!(fresh_label(b"other"), TENANT_OTHER);
+        assert_eq!(fresh.len(), 1);
+        // Looking a name up never takes a slot.
+        assert_eq!(fresh.lookup("zzz").as_ref(), TENANT_OTHER);
+        assert_eq!(fresh.lookup("none").as_ref(), TENANT_NONE);
+        assert_eq!(fresh.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

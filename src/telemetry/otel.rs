@@ -87,6 +87,9 @@ pub struct RequestStart<'a> {
     pub endpoint: Endpoint,
     /// What the body said.
     pub info: &'a RequestInfo,
+    /// The request's `tenant` label value, when tenants are on (never the raw header value
+    /// unless it became the label).
+    pub tenant: Option<&'a str>,
     /// When the request head arrived (`t0`): the span starts there.
     pub arrived: Instant,
 }
@@ -261,6 +264,9 @@ impl Tracer {
             req.method.as_str().to_owned(),
         ));
         attributes.push(KeyValue::new("url.path", req.path.to_owned()));
+        if let Some(tenant) = req.tenant {
+            attributes.push(KeyValue::new("tokentap.tenant", tenant.to_owned()));
+        }
         let builder = self
             .tracer
             .span_builder(name)

@@ -136,12 +136,16 @@ impl ModelStats {
         if batch.len == 0 {
             return;
         }
+        self.record_itl_samples(&batch.us[..batch.len], now);
+        batch.len = 0;
+    }
+
+    fn record_itl_samples(&self, us: &[u32], now: Instant) {
         self.with_slice(now, |s| {
-            for &us in &batch.us[..batch.len] {
+            for &us in us {
                 record_us(s.hist(Figure::Itl), u64::from(us));
             }
         });
-        batch.len = 0;
     }
 
     /// Records a request that ended ok at `now`, with its figures.
@@ -279,6 +283,55 @@ fn distribution_of(h: &Histogram<u32>, percentiles: &[f64]) -> Distribution {
     }
 }
 
+/// Where a request's figures go in `/stats`: its model's window, and its tenant's when tenants
+/// are on. One request feeds both, so the ITL batch is recorded into each when it is flushed.
+#[derive(Debug)]
+pub struct RouteStats {
+    model: Arc<ModelStats>,
+    tenant: Option<Arc<ModelStats>>,
+}
+
+impl RouteStats {
+    /// Adds one ITL sample to a stream's `batch`; records the batch when it is full.
+    pub fn record_itl(&self, batch: &mut ItlBatch, itl: Duration, now: Instant) {
+        batch.us[batch.len] = micros(itl) as u32;
+        batch.len += 1;
+        if batch.len == ITL_BATCH {
+            self.flush_itl(batch, now);
+        }
+    }
+
+    /// Records the samples waiting in `batch` into every window of the request.
+    pub fn flush_itl(&self, batch: &mut ItlBatch, now: Instant) {
+        if batch.len == 0 {
+            return;
+        }
+        let samples = &batch.us[..batch.len];
+        self.model.record_itl_samples(samples, now);
+        if let Some(tenant) = &self.tenant {
+            tenant.record_itl_samples(samples, now);
+        }
+        batch.len = 0;
+    }
+
+    /// Records a request that ended ok at `now` into every window of the request.
+    pub fn record_request(&self, f: &Figures, t0: Instant, now: Instant) {
+        self.model.record_request(f, t0, now);
+        if let Some(tenant) = &self.tenant {
+            tenant.record_request(f, t0, now);
+        }
+    }
+}
+
+/// One summary per tenant across models, as `/stats?tenant=` serves them.
+#[derive(Clone, Debug, Serialize)]
+pub struct TenantReport {
+    /// Length of the sliding window, seconds.
+    pub window_s: f64,
+    /// Per tenant label.
+    pub tenants: std::collections::BTreeMap<String, ModelSummary>,
+}
+
 /// All models' summaries, as `/stats` serves them.
 #[derive(Clone, Debug, Serialize)]
 pub struct StatsReport {
@@ -294,6 +347,8 @@ pub struct Stats {
     base: Instant,
     window: Duration,
     models: Mutex<HashMap<Arc<str>, Arc<ModelStats>>>,
+    /// Per tenant label (bounded as the labels are: `telemetry.max_tenants` + 2 at most).
+    tenants: Mutex<HashMap<Arc<str>, Arc<ModelStats>>>,
 }
 
 impl Stats {
@@ -303,6 +358,7 @@ impl Stats {
             base: Instant::now(),
             window,
             models: Mutex::new(HashMap::new()),
+            tenants: Mutex::new(HashMap::new()),
         }
     }
 
@@ -313,6 +369,46 @@ impl Stats {
             .entry(model.clone())
             .or_insert_with(|| Arc::new(ModelStats::new(self.base, self.window)))
             .clone()
+    }
+
+    /// The windows a request of `model` (and `tenant`, when tenants are on) is summarized in.
+    pub fn route(&self, model: &Arc<str>, tenant: Option<&Arc<str>>) -> RouteStats {
+        RouteStats {
+            model: self.model(model),
+            tenant: tenant.map(|tenant| {
+                let mut tenants = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
+                tenants
+                    .entry(tenant.clone())
+                    .or_insert_with(|| Arc::new(ModelStats::new(self.base, self.window)))
+                    .clone()
+            }),
+        }
+    }
+
+    /// How many tenant windows exist (each costs up to a few hundred KiB).
+    pub fn tenant_windows(&self) -> usize {
+        self.tenants
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// The summary of each tenant across its models at `now` (only `only`'s, when given).
+    pub fn tenant_report(
+        &self,
+        now: Instant,
+        percentiles: &[f64],
+        only: Option<&str>,
+    ) -> TenantReport {
+        let tenants = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
+        TenantReport {
+            window_s: self.window.as_secs_f64(),
+            tenants: tenants
+                .iter()
+                .filter(|(name, _)| only.is_none_or(|only| only == &***name))
+                .filter_map(|(name, s)| Some((name.to_string(), s.summary(now, percentiles)?)))
+                .collect(),
+        }
     }
 
     /// The report at `now`, with the given percentiles.
@@ -382,6 +478,40 @@ mod tests {
         assert!(table.contains("P99 ITL (ms):"));
         advance(Duration::from_secs(101)).await;
         assert!(stats.report(Instant::now(), &[50.0]).models.is_empty());
+    }
+
+    /// A request counts in its model's window and in its tenant's, ITL batches included; the
+    /// tenant's summary spans its models.
+    #[tokio::test(start_paused = true)]
+    async fn tenant_windows_span_models() {
+        let stats = Stats::new(Duration::from_secs(100));
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let t: Arc<str> = Arc::from("t");
+        let t0 = Instant::now();
+        for model in [&a, &b] {
+            let route = stats.route(model, Some(&t));
+            let mut batch = ItlBatch::default();
+            for _ in 0..3 {
+                route.record_itl(&mut batch, Duration::from_millis(20), Instant::now());
+            }
+            route.flush_itl(&mut batch, Instant::now());
+            route.record_request(&figures(10, 110, 11), t0, Instant::now());
+        }
+        stats
+            .route(&a, None)
+            .record_request(&figures(10, 110, 11), t0, Instant::now());
+        assert_eq!(stats.tenant_windows(), 1);
+        let r = stats.report(Instant::now(), &[50.0]);
+        assert_eq!(r.models["a"].completed, 2);
+        assert_eq!(r.models["b"].completed, 1);
+        assert_eq!(r.models["a"].itl_ms.count, 3);
+        let r = stats.tenant_report(Instant::now(), &[50.0], None);
+        assert_eq!(r.tenants.len(), 1);
+        assert_eq!(r.tenants["t"].completed, 2);
+        assert_eq!(r.tenants["t"].itl_ms.count, 6);
+        assert_eq!(r.tenants["t"].total_output_tokens, 22);
+        let r = stats.tenant_report(Instant::now(), &[50.0], Some("u"));
+        assert!(r.tenants.is_empty());
     }
 
     /// Time to first answer, reasoning time, max ITL and where TTFT went are shown beside TTFT
