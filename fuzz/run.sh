@@ -7,11 +7,11 @@
 #   fuzz/run.sh build                                 build every target, run none
 # New inputs go to fuzz/corpus-run/TARGET (not checked in), read together with the seeds in
 # fuzz/corpus/TARGET; a failing input is written to fuzz/artifacts/TARGET/. See docs/fuzzing.md.
-# FUZZ_CODEGEN_UNITS (default 1, as cargo-fuzz: faster targets) may be raised for a quicker
-# build when the run is short, as in CI.
+# FUZZ_CODEGEN_UNITS (default 1, as cargo-fuzz: faster targets) may be raised, and FUZZ_OPT_LEVEL
+# (default 3) lowered, for a quicker build when the run is short, as in CI.
 set -euo pipefail
 cd "$(dirname "$0")"
-targets=(request chunked response_head sse json_scan usage_cut responses messages)
+targets=(request chunked response_head sse json_scan usage_cut responses messages accept)
 what=${1:?usage: fuzz/run.sh TARGET|all SECONDS [libFuzzer flags...] | fuzz/run.sh build}
 triple=$(rustc -vV | sed -n 's/^host: //p')
 flags=(
@@ -29,7 +29,8 @@ flags=(
 # No sanitizer: the crate forbids `unsafe`, and without ASan a target runs several times faster.
 # `--target` keeps the flags off build scripts.
 RUSTC_BOOTSTRAP=1 RUSTFLAGS="${flags[*]}" cargo build --quiet --release --target "$triple" \
-    --config 'profile.release.debug="line-tables-only"' --bins
+    --config 'profile.release.debug="line-tables-only"' \
+    --config "profile.release.opt-level=${FUZZ_OPT_LEVEL:-3}" --bins
 [ "$what" = build ] && exit 0
 seconds=${2:?usage: fuzz/run.sh TARGET|all SECONDS [libFuzzer flags...]}
 shift 2

@@ -64,3 +64,8 @@ fn responses() {
 fn messages() {
     replay("messages", checks::messages);
 }
+
+#[test]
+fn accept() {
+    replay("accept", checks::accept);
+}

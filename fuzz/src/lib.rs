@@ -1081,3 +1081,17 @@ fn finish_of(table: &[(&'static str, FinishReason)], native: &str) -> Finish {
         .unwrap_or(("other", FinishReason::Other));
     Finish { reason, native }
 }
+
+/// `accept`: reading a scraper's `Accept` header (which format `/metrics` answers in) never
+/// panics, and picks OpenMetrics only for a UTF-8 header that names it.
+pub fn accept(data: &[u8]) {
+    if tokentap::telemetry::openmetrics::wanted(Some(data)) {
+        let text =
+            std::str::from_utf8(data).expect("OpenMetrics picked for a header that is not UTF-8");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("application/openmetrics-text"),
+            "OpenMetrics picked for {text:?}"
+        );
+    }
+}
