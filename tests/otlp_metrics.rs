@@ -638,3 +638,227 @@ fn find_metrics(json: &serde_json::Value, seen: &mut BTreeMap<String, serde_json
         _ => {}
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The standard environment variables, with the same precedence as `[tracing]`. Environment
+// variables are process-wide, so each case runs this test binary again as a child process with
+// its own environment (`child_sends_one_request`).
+
+const CHILD: &str = "TOKENTAP_OTLP_METRICS_CHILD";
+
+/// One case: the child's environment, whether its `[otlp_metrics]` names the collector as
+/// `endpoint`, and what the collector must get: `None` (nothing), or the temporality.
+struct Case {
+    env: Vec<(&'static str, &'static str)>,
+    config_endpoint: bool,
+    /// An interval from the environment alone: the export must arrive while the child still
+    /// runs (before its shutdown flush).
+    interval_from_env: bool,
+    /// The child's start must fail with this text.
+    refused: Option<&'static str>,
+    temporality: Option<i32>,
+}
+
+// Two workers: the collector answers while this thread waits for a child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_configures_and_config_file_wins() {
+    let dead = format!(
+        "http://{}",
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    );
+    let case = |env, config_endpoint, temporality| Case {
+        env,
+        config_endpoint,
+        interval_from_env: false,
+        refused: None,
+        temporality,
+    };
+    let cases = [
+        // Endpoint and protocol from the environment alone.
+        case(
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "{collector}"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ],
+            false,
+            Some(2),
+        ),
+        // The signal-specific variable wins over the general one.
+        case(
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "{dead}"),
+                ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "{collector}"),
+            ],
+            false,
+            Some(2),
+        ),
+        // The file's endpoint and protocol win over the environment's.
+        case(
+            vec![
+                ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "{dead}"),
+                ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
+            ],
+            true,
+            Some(2),
+        ),
+        // The temporality preference, case-insensitive as the specification allows.
+        case(
+            vec![("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "Delta")],
+            true,
+            Some(1),
+        ),
+        case(
+            vec![(
+                "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+                "lowmemory",
+            )],
+            true,
+            Some(1),
+        ),
+        // OTEL_SDK_DISABLED turns the metrics off.
+        case(vec![("OTEL_SDK_DISABLED", "true")], true, None),
+        // The export interval from OTEL_METRIC_EXPORT_INTERVAL (milliseconds).
+        Case {
+            interval_from_env: true,
+            ..case(vec![("OTEL_METRIC_EXPORT_INTERVAL", "100")], true, Some(2))
+        },
+        // A preference that is none of the three is refused, naming the variable.
+        Case {
+            refused: Some("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"),
+            ..case(
+                vec![("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "often")],
+                true,
+                None,
+            )
+        },
+    ];
+    for (n, case) in cases.iter().enumerate() {
+        let mut collector = FakeCollectorServer::start().await.unwrap();
+        let endpoint = collector.endpoint();
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "child_sends_one_request",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .env(
+            "CHILD_ENDPOINT",
+            if case.config_endpoint { &endpoint } else { "" },
+        )
+        .env(
+            "CHILD_INTERVAL",
+            if case.interval_from_env { "" } else { "0.1" },
+        )
+        .env(
+            "CHILD_LINGER_MS",
+            if case.interval_from_env { "4000" } else { "0" },
+        )
+        .env("CHILD_REFUSED", case.refused.unwrap_or(""))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        for key in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+            "OTEL_METRIC_EXPORT_INTERVAL",
+            "OTEL_SDK_DISABLED",
+        ] {
+            cmd.env_remove(key);
+        }
+        for (k, v) in &case.env {
+            cmd.env(
+                k,
+                v.replace("{collector}", &endpoint).replace("{dead}", &dead),
+            );
+        }
+        let child = cmd.spawn().expect("the test binary runs");
+        // With the interval from the environment, the export comes while the child lingers.
+        let within = if case.interval_from_env {
+            Duration::from_millis(3000)
+        } else if case.temporality.is_some() {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_millis(500)
+        };
+        let got = collect(&mut collector, within, |got| {
+            got.iter().any(|p| p.name == names::REQUEST_DURATION)
+        })
+        .await;
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "case {n} child failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The child flushed on shutdown: whatever it exported is in by now.
+        let mut got = got;
+        got.extend(collect(&mut collector, Duration::from_millis(200), |_| false).await);
+        let durations: Vec<&Point> = got
+            .iter()
+            .filter(|p| p.name == names::REQUEST_DURATION)
+            .collect();
+        match case.temporality {
+            None => assert!(durations.is_empty(), "case {n}: {durations:#?}"),
+            Some(t) => {
+                assert!(!durations.is_empty(), "case {n}: nothing exported");
+                assert!(durations.iter().all(|p| p.temporality == t), "case {n}");
+                assert_eq!(durations[0].attrs["gen_ai.operation.name"], "chat");
+            }
+        }
+        collector.abort();
+    }
+}
+
+/// Not a test of its own: the child process of `environment_configures_and_config_file_wins`.
+#[tokio::test]
+#[ignore = "run as a child process by environment_configures_and_config_file_wins"]
+async fn child_sends_one_request() {
+    if std::env::var(CHILD).as_deref() != Ok("1") {
+        return;
+    }
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let sim = sim(exact_sim(5.0, 5.0)).await;
+    let mut config = proxy_config(&sim.base_url());
+    config.telemetry.discover_models = false;
+    config.otlp_metrics = OtlpMetricsConfig {
+        enabled: true,
+        endpoint: var("CHILD_ENDPOINT"),
+        protocol: var("CHILD_ENDPOINT").map(|_| Protocol::Grpc),
+        interval_secs: var("CHILD_INTERVAL").map(|s| s.parse().unwrap()),
+        timeout_secs: Some(3.0),
+        ..OtlpMetricsConfig::default()
+    };
+    if let Some(refused) = var("CHILD_REFUSED") {
+        let error = tokentap::start(config)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(error.contains(&refused), "{error}");
+        sim.shutdown().await;
+        return;
+    }
+    let proxy = tokentap::start(config).await.unwrap();
+    let r = post(
+        &client(),
+        &format!("http://{}/v1/chat/completions", proxy.addr()),
+        &chat_body(3, true, ""),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let linger: u64 = var("CHILD_LINGER_MS").map_or(0, |s| s.parse().unwrap());
+    tokio::time::sleep(Duration::from_millis(linger)).await;
+    proxy.shutdown().await;
+    sim.shutdown().await;
+}
