@@ -479,6 +479,31 @@ async fn off_builds_nothing_and_bad_settings_are_refused() {
             "{error}"
         );
     }
+    let parsed: Config = toml::from_str(
+        r#"
+        [otlp_metrics]
+        enabled = true
+        protocol = "http/protobuf"
+        endpoint = "https://otel.example:4318"
+        headers = { "x-api-key" = "k" }
+        interval_secs = 15
+        timeout_secs = 2.5
+        temporality = "lowmemory"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        parsed.otlp_metrics,
+        OtlpMetricsConfig {
+            enabled: true,
+            protocol: Some(Protocol::HttpProtobuf),
+            endpoint: Some("https://otel.example:4318".to_owned()),
+            headers: [("x-api-key".to_owned(), "k".to_owned())].into(),
+            interval_secs: Some(15.0),
+            timeout_secs: Some(2.5),
+            temporality: Some(Temporality::LowMemory),
+        }
+    );
     let toml = "[otlp_metrics]\nenabled = true\ntemporality = \"sometimes\"\n";
     let error = toml::from_str::<Config>(toml)
         .expect_err("refused")
