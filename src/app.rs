@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{self, Config, secs};
 use crate::proxy::Proxy;
-use crate::telemetry::{ConnMetrics, Telemetry, otel};
+use crate::telemetry::{ConnMetrics, Telemetry, otel, otlp_metrics};
 use crate::{admin, proxy, server};
 
 /// Why the proxy could not start.
@@ -29,6 +29,9 @@ pub enum StartError {
     /// The span exporter could not be set up.
     #[error(transparent)]
     Tracing(#[from] otel::TracingError),
+    /// The OTLP metric exporter could not be set up.
+    #[error(transparent)]
+    OtlpMetrics(#[from] otlp_metrics::OtlpMetricsError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -62,6 +65,9 @@ fn build_tracer(
     let upstream: http::Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| proxy::BuildError::Url(e.to_string()))?;
+    if let Some(otlp) = otlp_metrics::OtlpMetrics::new(config, telemetry, &upstream)? {
+        telemetry.set_otlp_metrics(otlp);
+    }
     Ok(otel::Tracer::new(&config.tracing, telemetry, &upstream)?.map(Arc::new))
 }
 
@@ -306,6 +312,9 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
     upkeep.abort();
     if let Some(tracer) = tracer {
         tracer.shutdown().await;
+    }
+    if let Some(otlp) = telemetry.otlp_metrics() {
+        otlp.shutdown().await;
     }
     let _ = admin_stop.send(());
     if let Some(task) = admin_task {

@@ -32,6 +32,8 @@ pub struct Config {
     pub slo: SloConfig,
     /// OpenTelemetry tracing (off unless enabled).
     pub tracing: TracingConfig,
+    /// OpenTelemetry metrics pushed over OTLP (off unless enabled).
+    pub otlp_metrics: OtlpMetricsConfig,
     /// Worker threads, fixed at start-up; `None`: one per CPU the process may run on (see
     /// [`crate::runtime`]).
     pub workers: Option<usize>,
@@ -48,6 +50,7 @@ impl Default for Config {
             telemetry: TelemetryConfig::default(),
             slo: SloConfig::default(),
             tracing: TracingConfig::default(),
+            otlp_metrics: OtlpMetricsConfig::default(),
             workers: None,
         }
     }
@@ -411,6 +414,56 @@ impl Default for TracingConfig {
             shutdown_timeout_secs: None,
         }
     }
+}
+
+/// How cumulative or delta the exported metrics are, as
+/// `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE` names them.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Temporality {
+    /// Every point covers the time since the process started (what Prometheus-style backends
+    /// expect).
+    Cumulative,
+    /// Every point covers one export interval (what Datadog and similar backends expect).
+    Delta,
+    /// Delta for counters and histograms, cumulative for up-down counters and gauges (the
+    /// specification's `lowmemory`): tokentap's OTLP metrics are all histograms, so delta.
+    LowMemory,
+}
+
+/// The `[otlp_metrics]` section: the GenAI semantic-convention metrics pushed over OTLP.
+///
+/// Every optional field falls back to the standard OpenTelemetry environment variable named in
+/// its description, then to the default given there, with the same precedence as `[tracing]`:
+/// a value written in the file wins over the environment. The resource (`service.name` and
+/// attributes) and `gen_ai.provider.name` are those of `[tracing]`, so spans and metrics name
+/// the same service.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtlpMetricsConfig {
+    /// Push metrics over OTLP. Default `false`. `OTEL_SDK_DISABLED=true` turns them off even
+    /// when this is on.
+    pub enabled: bool,
+    /// `"grpc"` or `"http/protobuf"`. Default: `OTEL_EXPORTER_OTLP_METRICS_PROTOCOL`, then
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`, then `"grpc"`.
+    pub protocol: Option<Protocol>,
+    /// The collector's base URL: for `http/protobuf`, `/v1/metrics` is appended unless the URL
+    /// already ends with it. Default: `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` (used as is), then
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, then `http://localhost:4317` (gRPC) or
+    /// `http://localhost:4318/v1/metrics` (HTTP).
+    pub endpoint: Option<String>,
+    /// Headers (gRPC metadata) sent with every export. Default: none, plus those of
+    /// `OTEL_EXPORTER_OTLP_METRICS_HEADERS` / `OTEL_EXPORTER_OTLP_HEADERS`.
+    pub headers: BTreeMap<String, String>,
+    /// Time between two exports, seconds. Default: `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds),
+    /// then 60.
+    pub interval_secs: Option<f64>,
+    /// Limit on one export, seconds; an export that takes longer is abandoned and counted as
+    /// failed. Default: `OTEL_EXPORTER_OTLP_METRICS_TIMEOUT`, then `OTEL_EXPORTER_OTLP_TIMEOUT`
+    /// (both milliseconds), then 10.
+    pub timeout_secs: Option<f64>,
+    /// Default: `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`, then `cumulative`.
+    pub temporality: Option<Temporality>,
 }
 
 /// A configuration that cannot be used; the message names the field.

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Recorder, SharedString};
@@ -25,6 +25,7 @@ pub mod histogram;
 mod labels;
 pub mod openmetrics;
 pub mod otel;
+pub mod otlp_metrics;
 mod prometheus;
 pub mod stats;
 mod upstreams;
@@ -334,6 +335,8 @@ pub struct Telemetry {
     access_log: bool,
     /// What counts as an output event (`telemetry.definitions`).
     pub definitions: crate::latency::Definitions,
+    /// The OTLP metrics, once built inside the runtime (`[otlp_metrics]`).
+    otlp: OnceLock<otlp_metrics::OtlpMetrics>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -411,6 +414,7 @@ impl Telemetry {
                     crate::latency::Definitions::VllmBench010
                 }
             },
+            otlp: OnceLock::new(),
         }
     }
 
@@ -652,9 +656,23 @@ impl Telemetry {
         if f.other_events > 0 {
             route.unrecognized.increment(f.other_events);
         }
+        if let Some(otlp) = self.otlp.get() {
+            otlp.record(done);
+        }
         if self.access_log {
             access_log(done);
         }
+    }
+
+    /// Sends every later request's figures to OTLP too; called once at startup. A second call
+    /// is ignored.
+    pub fn set_otlp_metrics(&self, otlp: otlp_metrics::OtlpMetrics) {
+        let _ = self.otlp.set(otlp);
+    }
+
+    /// The OTLP metrics, when `[otlp_metrics]` is on (for the shutdown flush).
+    pub fn otlp_metrics(&self) -> Option<&otlp_metrics::OtlpMetrics> {
+        self.otlp.get()
     }
 
     /// Registers an unlabelled counter with its HELP text (for parts such as the span exporter

@@ -124,9 +124,7 @@ impl Tracer {
         telemetry: &Telemetry,
         upstream: &http::Uri,
     ) -> Result<Option<Tracer>, TracingError> {
-        if !config.enabled
-            || env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
-        {
+        if !config.enabled || sdk_disabled() {
             return Ok(None);
         }
         let settings = Settings::resolve(config)?;
@@ -169,17 +167,7 @@ impl Tracer {
         let provider = builder.build();
         let tracer = provider.tracer("tokentap");
 
-        let server_address = upstream
-            .host()
-            .map(|h| StringValue::from(h.trim_start_matches('[').trim_end_matches(']').to_owned()));
-        let server_port = upstream
-            .port_u16()
-            .or_else(|| match upstream.scheme_str() {
-                Some("https") => Some(443),
-                Some("http") => Some(80),
-                _ => None,
-            })
-            .map(i64::from);
+        let (server_address, server_port) = server(upstream);
         tracing::info!(
             protocol = settings.protocol.as_str(),
             endpoint = settings.endpoint_for_log.as_deref().unwrap_or("(from env or default)"),
@@ -216,14 +204,7 @@ impl Tracer {
         } else {
             Context::new()
         };
-        let operation = match req.endpoint {
-            Endpoint::Chat => Some("chat"),
-            Endpoint::Completions => Some("text_completion"),
-            Endpoint::Embeddings => Some("embeddings"),
-            // Both are conversations with a model: GenAI's `chat`, as their own SDKs' spans say.
-            Endpoint::Responses | Endpoint::Messages => Some("chat"),
-            Endpoint::Models | Endpoint::Other => None,
-        };
+        let operation = operation(req.endpoint);
         let model = req.info.model.as_deref();
         let name = match (operation, model) {
             (Some(op), Some(model)) => format!("{op} {model}"),
@@ -492,12 +473,46 @@ fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-fn env(name: &str) -> Option<String> {
+/// The upstream's `server.address` and `server.port` attributes (the port from the scheme
+/// when the URL names none).
+pub(super) fn server(upstream: &http::Uri) -> (Option<StringValue>, Option<i64>) {
+    let address = upstream
+        .host()
+        .map(|h| StringValue::from(h.trim_start_matches('[').trim_end_matches(']').to_owned()));
+    let port = upstream
+        .port_u16()
+        .or_else(|| match upstream.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        })
+        .map(i64::from);
+    (address, port)
+}
+
+/// The `gen_ai.operation.name` of an endpoint; `None` for those that are no GenAI operation.
+pub(super) fn operation(endpoint: Endpoint) -> Option<&'static str> {
+    match endpoint {
+        Endpoint::Chat => Some("chat"),
+        Endpoint::Completions => Some("text_completion"),
+        Endpoint::Embeddings => Some("embeddings"),
+        // Both are conversations with a model: GenAI's `chat`, as their own SDKs' spans say.
+        Endpoint::Responses | Endpoint::Messages => Some("chat"),
+        Endpoint::Models | Endpoint::Other => None,
+    }
+}
+
+/// `OTEL_SDK_DISABLED=true`: every OpenTelemetry signal is off, whatever the configuration.
+pub(super) fn sdk_disabled() -> bool {
+    env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+pub(super) fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 /// The first of these environment variables that is set and parses.
-fn env_parse<T: std::str::FromStr>(names: &[&str]) -> Option<T> {
+pub(super) fn env_parse<T: std::str::FromStr>(names: &[&str]) -> Option<T> {
     names
         .iter()
         .find_map(|name| env(name).and_then(|v| v.trim().parse().ok()))
@@ -519,32 +534,8 @@ struct Settings {
 impl Settings {
     fn resolve(config: &TracingConfig) -> Result<Settings, TracingError> {
         let err = |m: String| Err(TracingError(m));
-        let protocol = match config.protocol {
-            Some(p) => p,
-            None => match env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
-                .as_deref()
-                .map(str::trim)
-            {
-                None | Some("grpc") => Protocol::Grpc,
-                Some("http/protobuf") => Protocol::HttpProtobuf,
-                Some(other) => {
-                    return err(format!(
-                        "OTLP protocol {other:?} is not supported (use \"grpc\" or \"http/protobuf\")"
-                    ));
-                }
-            },
-        };
-        let timeout = match config.timeout_secs {
-            Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
-            Some(s) => return err(format!("timeout_secs must be > 0, got {s}")),
-            None => env_parse::<u64>(&[
-                "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
-                "OTEL_EXPORTER_OTLP_TIMEOUT",
-            ])
-            .filter(|ms| *ms > 0)
-            .map_or(Duration::from_secs(10), Duration::from_millis),
-        };
+        let protocol = protocol(config.protocol, "TRACES").map_err(TracingError)?;
+        let timeout = timeout(config.timeout_secs, "TRACES").map_err(TracingError)?;
         let sample_ratio = match config.sample_ratio {
             Some(r) if (0.0..=1.0).contains(&r) => Some(r),
             Some(r) => return err(format!("sample_ratio must be within 0..=1, got {r}")),
@@ -575,7 +566,10 @@ impl Settings {
             Some(s) => return err(format!("shutdown_timeout_secs must be >= 0, got {s}")),
             None => Duration::from_secs(5),
         };
-        let endpoint_for_log = config.endpoint.as_ref().map(|e| http_endpoint(e, protocol));
+        let endpoint_for_log = config
+            .endpoint
+            .as_ref()
+            .map(|e| http_endpoint(e, protocol, "/v1/traces"));
         Ok(Settings {
             protocol,
             endpoint_for_log,
@@ -589,14 +583,48 @@ impl Settings {
     }
 }
 
-/// The URL spans are sent to, from the configured base URL.
-fn http_endpoint(base: &str, protocol: Protocol) -> String {
+/// The export protocol: the configured one, else `OTEL_EXPORTER_OTLP_{signal}_PROTOCOL`, else
+/// `OTEL_EXPORTER_OTLP_PROTOCOL`, else gRPC. An unknown name is refused.
+pub(super) fn protocol(configured: Option<Protocol>, signal: &str) -> Result<Protocol, String> {
+    if let Some(p) = configured {
+        return Ok(p);
+    }
+    match env(&format!("OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("grpc") => Ok(Protocol::Grpc),
+        Some("http/protobuf") => Ok(Protocol::HttpProtobuf),
+        Some(other) => Err(format!(
+            "OTLP protocol {other:?} is not supported (use \"grpc\" or \"http/protobuf\")"
+        )),
+    }
+}
+
+/// The limit on one export: the configured seconds, else
+/// `OTEL_EXPORTER_OTLP_{signal}_TIMEOUT`, else `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds), else
+/// 10 s.
+pub(super) fn timeout(configured: Option<f64>, signal: &str) -> Result<Duration, String> {
+    match configured {
+        Some(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err(format!("timeout_secs must be > 0, got {s}")),
+        None => Ok(env_parse::<u64>(&[
+            &format!("OTEL_EXPORTER_OTLP_{signal}_TIMEOUT"),
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ])
+        .filter(|ms| *ms > 0)
+        .map_or(Duration::from_secs(10), Duration::from_millis)),
+    }
+}
+
+/// The URL a signal is sent to, from the configured base URL: for HTTP, the signal's `path`
+/// (`/v1/traces`, `/v1/metrics`) is appended unless the URL already ends with it.
+pub(super) fn http_endpoint(base: &str, protocol: Protocol, path: &str) -> String {
     match protocol {
         Protocol::Grpc => base.to_owned(),
-        Protocol::HttpProtobuf if base.trim_end_matches('/').ends_with("/v1/traces") => {
-            base.to_owned()
-        }
-        Protocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
+        Protocol::HttpProtobuf if base.trim_end_matches('/').ends_with(path) => base.to_owned(),
+        Protocol::HttpProtobuf => format!("{}{path}", base.trim_end_matches('/')),
     }
 }
 
@@ -608,7 +636,7 @@ fn build_exporter(
         Protocol::Grpc => {
             use opentelemetry_otlp::WithTonicConfig as _;
             let metadata = opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(
-                header_map(&config.headers)?,
+                header_map(&config.headers).map_err(TracingError)?,
             );
             let mut builder = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
@@ -621,7 +649,7 @@ fn build_exporter(
             builder.build()
         }
         Protocol::HttpProtobuf => {
-            header_map(&config.headers)?;
+            header_map(&config.headers).map_err(TracingError)?;
             let headers = config
                 .headers
                 .iter()
@@ -632,9 +660,13 @@ fn build_exporter(
                 .with_protocol(OtlpProtocol::HttpBinary)
                 .with_timeout(settings.timeout)
                 .with_headers(headers)
-                .with_http_client(ExportClient::new(settings.timeout)?);
+                .with_http_client(ExportClient::new(settings.timeout).map_err(TracingError)?);
             if let Some(endpoint) = &config.endpoint {
-                builder = builder.with_endpoint(http_endpoint(endpoint, Protocol::HttpProtobuf));
+                builder = builder.with_endpoint(http_endpoint(
+                    endpoint,
+                    Protocol::HttpProtobuf,
+                    "/v1/traces",
+                ));
             }
             builder.build()
         }
@@ -643,19 +675,21 @@ fn build_exporter(
 }
 
 /// The configured export headers, checked.
-fn header_map(headers: &BTreeMap<String, String>) -> Result<HeaderMap, TracingError> {
+pub(super) fn header_map(headers: &BTreeMap<String, String>) -> Result<HeaderMap, String> {
     let mut map = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let name = http::HeaderName::try_from(name.as_str())
-            .map_err(|e| TracingError(format!("header name {name:?}: {e}")))?;
+            .map_err(|e| format!("header name {name:?}: {e}"))?;
         let value = http::HeaderValue::try_from(value.as_str())
-            .map_err(|e| TracingError(format!("header {name} value: {e}")))?;
+            .map_err(|e| format!("header {name} value: {e}"))?;
         map.insert(name, value);
     }
     Ok(map)
 }
 
-fn build_resource(config: &TracingConfig) -> Resource {
+/// The resource of every signal: `[tracing]`'s service name and attributes over the
+/// environment's.
+pub(super) fn build_resource(config: &TracingConfig) -> Resource {
     // `Resource::builder()` reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
     let mut builder = Resource::builder();
     let env_names_service = env("OTEL_SERVICE_NAME").is_some()
@@ -685,20 +719,20 @@ fn build_resource(config: &TracingConfig) -> Resource {
 /// The HTTP client of the OTLP/HTTP exporter: hyper with rustls (system roots), so both
 /// `http://` and `https://` collectors work without another TLS stack.
 #[derive(Debug)]
-struct ExportClient {
+pub(super) struct ExportClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
 }
 
 impl ExportClient {
-    fn new(timeout: Duration) -> Result<ExportClient, TracingError> {
+    pub(super) fn new(timeout: Duration) -> Result<ExportClient, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .map_err(|e| TracingError(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
