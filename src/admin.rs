@@ -104,30 +104,7 @@ fn stats(telemetry: &Telemetry, query: &str) -> Response<Full<Bytes>> {
     let report = telemetry
         .stats
         .report(tokio::time::Instant::now(), &percentiles);
-    let (content_type, body) = if text {
-        let mut out = String::new();
-        if report.models.is_empty() {
-            out.push_str("no requests in the window yet\n");
-        }
-        for (model, summary) in &report.models {
-            out.push_str(&crate::report::render_table(
-                &format!("tokentap: {model}, last {:.0}s", report.window_s),
-                summary,
-                &[],
-                crate::report::ALL_METRICS,
-            ));
-        }
-        ("text/plain; charset=utf-8", out)
-    } else {
-        (
-            "application/json",
-            serde_json::to_string_pretty(&report).unwrap_or_default(),
-        )
-    };
-    Response::builder()
-        .header(header::CONTENT_TYPE, content_type)
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response parts are valid")
+    summaries(&report, "", report.window_s, &report.models, text)
 }
 
 /// `/stats?tenant=`: one summary per tenant across models.
@@ -146,14 +123,26 @@ fn tenant_stats(
         telemetry
             .stats
             .tenant_report(tokio::time::Instant::now(), percentiles, label.as_deref());
+    summaries(&report, "tenant ", report.window_s, &report.tenants, text)
+}
+
+/// A `/stats` answer: `report` as JSON, or with `?format=text` one table per summary, each
+/// titled `tokentap: {kind}{name}`.
+fn summaries(
+    report: &impl serde::Serialize,
+    kind: &str,
+    window_s: f64,
+    by_name: &std::collections::BTreeMap<String, crate::report::ModelSummary>,
+    text: bool,
+) -> Response<Full<Bytes>> {
     let (content_type, body) = if text {
         let mut out = String::new();
-        if report.tenants.is_empty() {
+        if by_name.is_empty() {
             out.push_str("no requests in the window yet\n");
         }
-        for (tenant, summary) in &report.tenants {
+        for (name, summary) in by_name {
             out.push_str(&crate::report::render_table(
-                &format!("tokentap: tenant {tenant}, last {:.0}s", report.window_s),
+                &format!("tokentap: {kind}{name}, last {window_s:.0}s"),
                 summary,
                 &[],
                 crate::report::ALL_METRICS,
@@ -163,7 +152,7 @@ fn tenant_stats(
     } else {
         (
             "application/json",
-            serde_json::to_string_pretty(&report).unwrap_or_default(),
+            serde_json::to_string_pretty(report).unwrap_or_default(),
         )
     };
     Response::builder()
