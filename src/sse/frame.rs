@@ -237,12 +237,11 @@ impl SseParser {
         else {
             return false;
         };
-        let Some((top, choices)) = scan::templated(payload, &self.prefix) else {
-            return false;
-        };
-        let c = classified(&top, !choices.is_empty());
-        on_event(&Event::of(c, choices, frame.len(), payload));
-        true
+        scan::templated(payload, &self.prefix, |top, choices| {
+            let c = classified(top, !choices.is_empty());
+            on_event(&Event::of(c, choices, frame.len(), payload));
+        })
+        .is_some()
     }
 
     /// Bytes the parser holds between frames (allocated, not only used): an incomplete line,

@@ -65,9 +65,9 @@ impl Scanner {
     /// The answer the parser's one-event fast path gives for `json` from the template of the
     /// payload read last; `None` when `json` does not fit it.
     pub fn templated<'a>(&'a self, json: &'a [u8]) -> Option<Answer<'a>> {
-        let (top, choices) = scan::templated(json, &self.prefix)?;
-        let c = classified(&top, !choices.is_empty());
-        Some(answer(c, choices.to_vec()))
+        scan::templated(json, &self.prefix, |top, choices| {
+            answer(classified(top, !choices.is_empty()), choices.to_vec())
+        })
     }
 }
 

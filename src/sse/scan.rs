@@ -245,15 +245,21 @@ pub(super) fn top<'a>(
     }
 }
 
-/// What `json` carried, and its token choices, when it fits the template of the payload
-/// `p` remembers and that payload had no line break: then `json` has none either. `None`
-/// for any other payload.
-pub(super) fn templated<'a>(json: &'a [u8], p: &'a Prefix) -> Option<(Top<'a>, &'a [ChoiceInfo])> {
+/// Hands `then` what `json` carried, and its token choices, when it fits the template of the
+/// payload `p` remembers and that payload had no line break: then `json` has none either.
+/// `None` for any other payload. What was read is lent rather than returned: returned, it is
+/// copied on its way out on every templated chunk.
+pub(super) fn templated<'a, R>(
+    json: &'a [u8],
+    p: &'a Prefix,
+    then: impl FnOnce(&Top<'a>, &'a [ChoiceInfo]) -> R,
+) -> Option<R> {
     let t = p.template.as_ref()?;
     if !p.single_line || !p.fits(json, t) {
         return None;
     }
-    Some((top_of(json, &p.text[..t.open], &t.fields)?, &t.choices))
+    let top = top_of(json, &p.text[..t.open], &t.fields)?;
+    Some(then(&top, &t.choices))
 }
 
 /// What the top level of `json` carried, from the fields read; `known` is a start of `json`

@@ -300,7 +300,7 @@ fn one_event_frames_read_as_the_whole_stream() {
             let fits = f
                 .strip_prefix(b"data: ")
                 .and_then(|r| r.strip_suffix(b"\n\n"))
-                .is_some_and(|d| scan::templated(d, &p.prefix).is_some());
+                .is_some_and(|d| scan::templated(d, &p.prefix, |_, _| ()).is_some());
             templated += usize::from(fits);
             p.feed(f, |e| {
                 seen.push((
