@@ -54,6 +54,10 @@ pub enum Observation {
     Itl(Duration),
     /// Completion tokens a token event carried, known from cumulative usage.
     TokensPerChunk(u64),
+    /// The mean ITL of the request so far, given at its 4th, 16th, 64th… ITL sample (powers
+    /// of four), so that a balancer learns how fast an endpoint decodes while its first
+    /// requests still stream, not only when they end.
+    ItlSoFar(Duration),
 }
 
 /// Where the output token count came from.
@@ -299,6 +303,10 @@ impl Latency {
                 self.itl_sum += gap;
                 self.itl_max = self.itl_max.max(gap);
                 observe(Observation::Itl(gap));
+                let n = self.itl_count;
+                if n >= 4 && n.is_power_of_two() && n.trailing_zeros() % 2 == 0 {
+                    observe(Observation::ItlSoFar(self.itl_sum / n as u32));
+                }
             }
         }
         if let Some(cumulative) = event.usage.and_then(|u| u.completion_tokens) {
@@ -512,6 +520,7 @@ mod tests {
                 Observation::Itl(20 * MS),
                 Observation::Itl(20 * MS),
                 Observation::Itl(25 * MS),
+                Observation::ItlSoFar(85 * MS / 4),
             ]
         );
         let f = lat.figures(Instant::now());
@@ -532,6 +541,34 @@ mod tests {
         assert!(f.done);
         assert!(!f.inband_error);
         assert_eq!(f.finish_reason, Some(FinishReason::Stop));
+    }
+
+    /// The running mean ITL comes at the 4th and 16th samples only, and is exact.
+    #[tokio::test(start_paused = true)]
+    async fn itl_so_far_at_powers_of_four() {
+        let mut p = SseParser::new();
+        let mut lat = Latency::new(Instant::now());
+        let mut seen = Vec::new();
+        feed(&mut p, &mut lat, &chat("a"), &mut seen);
+        // Gaps of 1, 2, …, 20 ms.
+        for gap in 1..=20 {
+            advance(gap * MS).await;
+            feed(&mut p, &mut lat, &chat("b"), &mut seen);
+        }
+        let so_far: Vec<_> = seen
+            .iter()
+            .filter_map(|o| match o {
+                Observation::ItlSoFar(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(so_far, vec![10 * MS / 4, 136 * MS / 16]);
+        // Each comes right after the sample that completes its count.
+        let at = seen
+            .iter()
+            .position(|o| matches!(o, Observation::ItlSoFar(_)))
+            .unwrap();
+        assert_eq!(seen[at - 1], Observation::Itl(4 * MS));
     }
 
     /// llama.cpp's shape: a role chunk with `content: null` well before the first token, and a

@@ -47,6 +47,9 @@ pub enum Ending {
 pub trait Feedback: Send + Sync + std::fmt::Debug {
     /// The first token reached the client `ttft` after the request arrived.
     fn first_token(&self, ttft: Duration, now: Instant);
+    /// The request has streamed with mean ITL `itl_mean` so far (see
+    /// [`Observation::ItlSoFar`]).
+    fn decoding(&self, itl_mean: Duration, now: Instant);
     /// The request ended well (outcome `ok`) after `e2el`: `itl_mean` is its mean ITL when it
     /// streamed tokens, and `ttft` its TTFT when one was timed (a non-streaming answer has
     /// none: its whole latency stands in for it).
@@ -313,6 +316,11 @@ fn observe(
             }
         }
         Observation::TokensPerChunk(n) => route.tokens_per_chunk.record(n as f64),
+        Observation::ItlSoFar(mean) => {
+            if let Some(feedback) = feedback {
+                feedback.decoding(mean, now);
+            }
+        }
     }
 }
 

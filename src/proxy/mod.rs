@@ -363,6 +363,10 @@ impl Feedback for upstream::Endpoint {
         self.load().on_ttft(ttft, now);
     }
 
+    fn decoding(&self, itl_mean: Duration, now: Instant) {
+        self.load().on_itl(itl_mean, now);
+    }
+
     fn finished(
         &self,
         ttft: Option<Duration>,
