@@ -16,6 +16,7 @@ spec, for promtool), and checks:
   admin_listen of the tokentap.toml it mounts (whole directory, no subPath), it runs as
   non-root with a read-only root filesystem and no capabilities, and its pod's
   terminationGracePeriodSeconds covers the preStop pause plus proxy.shutdown_grace_secs;
+- every object fits the 256 KiB annotation that client-side `kubectl apply` keeps;
 - the config-reload container posts to the admin port of the tokentap beside it;
 - a sidecar tokentap's upstream is vLLM's port on loopback in its own pod; a gateway's route
   upstreams are headless Services of the same namespace, on a port they serve.
@@ -228,6 +229,11 @@ def check_rendered(path, outdir, schema):
             core.append(d)
         else:
             problem(f"{where}: {d.get('apiVersion')} {d['kind']}: no schema to check it against")
+    for d in docs:
+        # `kubectl apply` (client-side) stores the whole object in an annotation, which may not
+        # exceed 256 KiB: a larger dashboard would need --server-side.
+        if len(json.dumps(d, separators=(",", ":"))) >= 262144:
+            problem(f"{where}: {d['kind']} {d['metadata']['name']} is too large for `kubectl apply`")
     (outdir / f"{path.stem}-core.yaml").write_text(yaml.safe_dump_all(core, sort_keys=False))
     check_workloads(docs, where)
     check_monitoring(docs, where)
