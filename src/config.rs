@@ -737,6 +737,60 @@ impl Config {
     }
 }
 
+/// Settings given on the command line (`tokentap serve --listen ...`), which take precedence over
+/// the file's; kept so that a reload applies them again over the re-read file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--upstream`: `upstream.url`, refused beside `[[routes]]`.
+    pub upstream: Option<String>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// Where `tokentap serve` got its configuration: the file it reads at start and again at each
+/// reload (`None`: the defaults), and the command-line settings applied over it.
+#[derive(Clone, Debug, Default)]
+pub struct Source {
+    /// The TOML file (`--config`).
+    pub path: Option<PathBuf>,
+    /// The command-line settings.
+    pub overrides: Overrides,
+}
+
+impl Source {
+    /// Reads and parses the file, applies the command-line settings and validates the result;
+    /// the error names the field.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.path {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        let o = &self.overrides;
+        if let Some(listen) = o.listen {
+            config.listen = listen;
+        }
+        if let Some(upstream) = &o.upstream {
+            // Even when it names the default URL, which validation cannot tell from unset.
+            if !config.routes.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "upstream.url".into(),
+                    reason: "--upstream set together with [[routes]]: give the upstreams in \
+                             the routes, or use --upstream alone for one upstream"
+                        .to_owned(),
+                });
+            }
+            config.upstream.url = upstream.clone();
+        }
+        if let Some(admin) = o.admin_listen {
+            config.admin_listen = Some(admin);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
 /// `upstream.url` and `[[routes]]` together.
 fn url_with_routes() -> ConfigError {
     ConfigError::Invalid {

@@ -23,6 +23,12 @@ pub mod upstream_names {
     pub const EJECTED: &str = "tokentap_upstream_ejected";
     /// Gauge: endpoints of a route that are not ejected.
     pub const ROUTE_LIVE: &str = "tokentap_route_live_upstreams";
+    /// Counter: configuration reloads, by `result` (`ok`, `error`).
+    pub const RELOADS: &str = "tokentap_config_reloads_total";
+    /// Gauge: 1 when the last reload succeeded (or none was tried), 0 after a refused one.
+    pub const LAST_RELOAD_OK: &str = "tokentap_config_last_reload_successful";
+    /// Gauge: Unix time of the last successful reload (or of the start).
+    pub const LAST_RELOAD_TIME: &str = "tokentap_config_last_reload_success_timestamp_seconds";
 }
 
 use upstream_names as n;
@@ -42,6 +48,19 @@ pub struct EndpointMetrics {
     pub ejections: Counter,
     /// 1 while ejected.
     pub ejected: Gauge,
+}
+
+/// The handles of the reload metrics.
+#[derive(Clone, Debug)]
+pub struct ReloadMetrics {
+    /// Reloads put in force.
+    pub ok: Counter,
+    /// Reloads refused (the running configuration stayed).
+    pub error: Counter,
+    /// 1 after a successful reload (and at start), 0 after a refused one.
+    pub last_ok: Gauge,
+    /// Unix time, seconds, of the last successful reload (or the start).
+    pub last_time: Gauge,
 }
 
 impl Telemetry {
@@ -96,6 +115,42 @@ impl Telemetry {
             retries: r.register_counter(&key(n::RETRIES), &METADATA),
             ejections: r.register_counter(&key(n::EJECTIONS), &METADATA),
             ejected: r.register_gauge(&key(n::EJECTED), &METADATA),
+        }
+    }
+
+    /// The reload metrics: the counter of each result, the last result and its time.
+    pub fn config_reloads(&self) -> ReloadMetrics {
+        let r = &self.recorder;
+        r.describe_counter(
+            KeyName::from_const_str(n::RELOADS),
+            Some(Unit::Count),
+            SharedString::const_str("Configuration reloads (SIGHUP, POST /-/reload), by result."),
+        );
+        r.describe_gauge(
+            KeyName::from_const_str(n::LAST_RELOAD_OK),
+            None,
+            SharedString::const_str(
+                "1 when the last configuration reload succeeded (or none was tried), else 0.",
+            ),
+        );
+        r.describe_gauge(
+            KeyName::from_const_str(n::LAST_RELOAD_TIME),
+            Some(Unit::Seconds),
+            SharedString::const_str(
+                "Unix time of the last successful configuration reload, or of the start.",
+            ),
+        );
+        let counter = |result: &'static str| {
+            r.register_counter(
+                &Key::from_parts(n::RELOADS, vec![Label::new("result", result)]),
+                &METADATA,
+            )
+        };
+        ReloadMetrics {
+            ok: counter("ok"),
+            error: counter("error"),
+            last_ok: r.register_gauge(&Key::from_name(n::LAST_RELOAD_OK), &METADATA),
+            last_time: r.register_gauge(&Key::from_name(n::LAST_RELOAD_TIME), &METADATA),
         }
     }
 

@@ -20,6 +20,20 @@ use crate::http1::client::{RequestBody, SendError, UpstreamResponse as Wire};
 use crate::net::{BoxError, Connector};
 use crate::telemetry::EndpointMetrics;
 
+/// How an endpoint connects and keeps idle connections. A reload keeps an endpoint (its pool,
+/// load, latency estimate and health) when its address and these are unchanged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// Limit on opening a connection (the connector's).
+    pub connect_timeout: std::time::Duration,
+    /// Extra CA certificates (the connector's).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Idle connections kept.
+    pub max_idle: usize,
+    /// Idle connections are closed after this long.
+    pub idle_timeout: std::time::Duration,
+}
+
 /// One upstream endpoint, shared by every route that lists it.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -31,15 +45,16 @@ pub struct Endpoint {
     load: Load,
     health: Health,
     metrics: EndpointMetrics,
+    settings: Settings,
 }
 
 impl Endpoint {
-    /// An endpoint at `uri` (scheme and authority), with its own pool.
+    /// An endpoint at `uri` (scheme and authority), with its own pool; `connector` is built
+    /// with `settings`' connect timeout and CA file.
     pub fn new(
         uri: &Uri,
         connector: Connector,
-        max_idle: usize,
-        idle_timeout: std::time::Duration,
+        settings: Settings,
         metrics: EndpointMetrics,
     ) -> Result<Endpoint, String> {
         let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
@@ -56,17 +71,23 @@ impl Endpoint {
             .map_err(|e| format!("{uri}: {e}"))?;
         Ok(Endpoint {
             address: base.to_string().trim_end_matches('/').into(),
-            pool: Pool::new(connector, base, max_idle, idle_timeout),
+            pool: Pool::new(connector, base, settings.max_idle, settings.idle_timeout),
             host,
             load: Load::new(),
             health: Health::new(),
             metrics,
+            settings,
         })
     }
 
     /// `scheme://authority`.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// How it connects and pools.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Its connection pool.
@@ -130,6 +151,12 @@ impl Endpoint {
     /// A request was sent elsewhere after this endpoint refused its connection.
     pub(super) fn retried_elsewhere(&self) {
         self.metrics.retries.increment(1);
+    }
+
+    /// Clears the ejection gauge of an endpoint a reload took out of the configuration (its
+    /// streams still in flight finish and are counted as usual).
+    pub(super) fn retire(&self) {
+        self.metrics.ejected.set(0.0);
     }
 
     /// Updates the ejection gauge to the endpoint's health at `now` (periodically, since an

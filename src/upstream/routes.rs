@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response, Uri};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::balance::{Policy, Rng};
-use super::endpoint::{Endpoint, UpstreamResponse};
+use super::endpoint::{Endpoint, Settings, UpstreamResponse};
 use crate::config::{ANY_MODEL, Config, RouteConfig, secs};
 use crate::http1::client::{RequestBody, SendError};
 use crate::net::Connector;
@@ -24,6 +25,8 @@ pub struct Route {
     policy: Policy,
     rng: Rng,
     live: metrics::Gauge,
+    header_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 /// A request that no endpoint answered.
@@ -44,6 +47,16 @@ impl Route {
     /// Its endpoints.
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints
+    }
+
+    /// Limit on waiting for an endpoint's response head.
+    pub fn header_timeout(&self) -> Duration {
+        self.header_timeout
+    }
+
+    /// Limit on the silence between two body frames of a response.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 
     /// Picks an endpoint at `now` other than `except`: by the route's policy among the live
@@ -159,11 +172,14 @@ pub struct Routes {
 
 impl Routes {
     /// The routes of a validated configuration: its `[[routes]]`, or one catch-all route to
-    /// `upstream.url`. An upstream named in several routes is one endpoint.
+    /// `upstream.url`. An upstream named in several routes is one endpoint. With `previous`
+    /// (a reload), an endpoint whose address and settings are unchanged is the previous one,
+    /// with its pool, load, latency estimate and health; the rest are new.
     pub fn new(
         config: &Config,
         connector: &Connector,
         telemetry: &Telemetry,
+        previous: Option<&Routes>,
     ) -> Result<Routes, String> {
         let short = [RouteConfig {
             models: vec![ANY_MODEL.to_owned()],
@@ -175,6 +191,13 @@ impl Routes {
         } else {
             &config.routes
         };
+        let up = &config.upstream;
+        let settings = Settings {
+            connect_timeout: secs(up.connect_timeout_secs),
+            ca_file: up.ca_file.clone(),
+            max_idle: up.pool_max_idle,
+            idle_timeout: secs(up.pool_idle_timeout_secs),
+        };
         let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
         let mut routes = Vec::with_capacity(configured.len());
         let mut by_model = HashMap::new();
@@ -183,17 +206,21 @@ impl Routes {
             let mut mine = Vec::with_capacity(rc.upstreams.len());
             for url in &rc.upstreams {
                 let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-                let endpoint = Endpoint::new(
-                    &uri,
-                    connector.clone(),
-                    config.upstream.pool_max_idle,
-                    secs(config.upstream.pool_idle_timeout_secs),
-                    telemetry.upstream_endpoint(&base(&uri)),
-                )?;
-                let endpoint = match endpoints.iter().find(|e| e.address() == endpoint.address()) {
+                let address = base(&uri);
+                let same = |e: &&Arc<Endpoint>| e.address() == address && *e.settings() == settings;
+                let endpoint = match endpoints.iter().find(same) {
                     Some(known) => known.clone(),
                     None => {
-                        let endpoint = Arc::new(endpoint);
+                        let kept = previous.and_then(|p| p.endpoints.iter().find(same));
+                        let endpoint = match kept {
+                            Some(kept) => kept.clone(),
+                            None => Arc::new(Endpoint::new(
+                                &uri,
+                                connector.clone(),
+                                settings.clone(),
+                                telemetry.upstream_endpoint(&address),
+                            )?),
+                        };
                         endpoints.push(endpoint.clone());
                         endpoint
                     }
@@ -209,13 +236,16 @@ impl Routes {
             }
             let name: Box<str> = rc.models[0].as_str().into();
             let live = telemetry.route_live(&name);
-            live.set(mine.len() as f64);
+            let now = Instant::now();
+            live.set(mine.iter().filter(|e| e.health().is_live(now)).count() as f64);
             routes.push(Route {
                 name,
                 endpoints: mine,
                 policy: Policy::new(rc.balance),
                 rng: Rng::new(rand::random::<u64>() ^ i as u64),
                 live,
+                header_timeout: secs(up.response_header_timeout_secs),
+                idle_timeout: secs(up.idle_timeout_secs),
             });
         }
         Ok(Routes {
@@ -225,6 +255,30 @@ impl Routes {
             catch_all,
             endpoints,
         })
+    }
+
+    /// After `self` replaced `previous`: zeroes the gauges of the routes and endpoints that are
+    /// gone, so a scrape does not show them live or ejected (their label values stay exported,
+    /// bounded by the configurations loaded since start).
+    pub fn retire(&self, previous: &Routes) {
+        for old in &previous.routes {
+            if !self.routes.iter().any(|r| r.name == old.name) {
+                old.live.set(0.0);
+            }
+        }
+        for old in &previous.endpoints {
+            if !self.endpoints.iter().any(|e| Arc::ptr_eq(e, old)) {
+                old.retire();
+            }
+        }
+    }
+
+    /// How many of the endpoints are `previous`'s (kept across a reload with their state).
+    pub fn kept_from(&self, previous: &Routes) -> usize {
+        self.endpoints
+            .iter()
+            .filter(|e| previous.endpoints.iter().any(|p| Arc::ptr_eq(e, p)))
+            .count()
     }
 
     /// Whether requests are routed by model at all (some route names a model): only then need
@@ -285,5 +339,67 @@ fn base(uri: &Uri) -> String {
     match (uri.scheme(), uri.authority()) {
         (Some(s), Some(a)) => format!("{s}://{a}"),
         _ => uri.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::Routes;
+    use crate::config::Config;
+    use crate::telemetry::Telemetry;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text).unwrap()
+    }
+
+    fn find(routes: &Routes, address: &str) -> Arc<super::Endpoint> {
+        routes
+            .endpoints()
+            .iter()
+            .find(|e| e.address() == address)
+            .unwrap()
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_endpoints_whose_address_and_settings_are_unchanged() {
+        let first = config(
+            "[[routes]]\nmodels = [\"a\"]\nupstreams = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\n\
+             [[routes]]\nmodels = [\"*\"]\nupstreams = [\"http://127.0.0.1:2\"]\n",
+        );
+        let telemetry = Telemetry::new(&first);
+        let connector = crate::net::connector(std::time::Duration::from_secs(1), None).unwrap();
+        let old = Routes::new(&first, &connector, &telemetry, None).unwrap();
+        // The state a reload must not lose: an outstanding request, an ejection.
+        let one = find(&old, "http://127.0.0.1:1");
+        one.load().start();
+        let now = tokio::time::Instant::now();
+        for _ in 0..10 {
+            one.health().on_connect_error(now);
+        }
+        assert!(!one.health().is_live(now));
+
+        let second = config(
+            "[[routes]]\nmodels = [\"*\"]\nupstreams = [\"http://127.0.0.1:3\", \"http://127.0.0.1:1\"]\n",
+        );
+        let new = Routes::new(&second, &connector, &telemetry, Some(&old)).unwrap();
+        assert!(Arc::ptr_eq(&find(&new, "http://127.0.0.1:1"), &one));
+        assert!(!find(&new, "http://127.0.0.1:1").health().is_live(now));
+        assert_eq!(new.kept_from(&old), 1);
+        assert_eq!(new.endpoints().len(), 2);
+        assert_eq!(new.routes().len(), 1);
+
+        // Other pool settings: a new endpoint at the same address, with a fresh state.
+        let third = config(
+            "[upstream]\npool_max_idle = 3\n[[routes]]\nmodels = [\"*\"]\nupstreams = [\"http://127.0.0.1:1\"]\n",
+        );
+        let newer = Routes::new(&third, &connector, &telemetry, Some(&new)).unwrap();
+        let fresh = find(&newer, "http://127.0.0.1:1");
+        assert!(!Arc::ptr_eq(&fresh, &one));
+        assert!(fresh.health().is_live(now));
+        assert_eq!(newer.kept_from(&new), 0);
+        one.load().end();
     }
 }
