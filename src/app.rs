@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::config::{self, Config, secs};
 use crate::proxy::Proxy;
 use crate::telemetry::{ConnMetrics, ReloadMetrics, Telemetry, otel, otlp_metrics};
+use crate::upstream::dns::{self, Resolve, Resolved, SystemResolver};
 use crate::{admin, proxy, server};
 
 /// Why the proxy could not start.
@@ -105,13 +106,22 @@ impl Running {
 /// Binds the listeners of a validated configuration and serves in the background. Without a
 /// file to re-read, a reload (`POST /-/reload`) is refused.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    start_ready(Ready::prepare(config).await?)
+    start_ready(Ready::prepare(config, Arc::new(SystemResolver)).await?)
 }
 
 /// Loads the configuration of `source`, binds its listeners and serves in the background;
 /// `POST /-/reload` on the admin listener re-reads `source`.
 pub async fn start_from(source: config::Source) -> Result<Running, StartError> {
-    let mut ready = Ready::prepare(source.load()?).await?;
+    start_with(source, Arc::new(SystemResolver)).await
+}
+
+/// [`start_from`], with upstream DNS names resolved by `resolver` (tests hand out address
+/// sets of their own).
+pub async fn start_with(
+    source: config::Source,
+    resolver: Arc<dyn Resolve>,
+) -> Result<Running, StartError> {
+    let mut ready = Ready::prepare(source.load()?, resolver).await?;
     ready.source = Some(source);
     start_ready(ready)
 }
@@ -137,7 +147,11 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    run_ready(Ready::prepare(config).await?, shutdown).await
+    run_ready(
+        Ready::prepare(config, Arc::new(SystemResolver)).await?,
+        shutdown,
+    )
+    .await
 }
 
 /// Runs `tokentap serve` on `config`, loaded from `source`, until `shutdown` resolves, then
@@ -148,7 +162,7 @@ pub async fn run_from(
     source: config::Source,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let mut ready = Ready::prepare(config).await?;
+    let mut ready = Ready::prepare(config, Arc::new(SystemResolver)).await?;
     ready.source = Some(source);
     #[cfg(unix)]
     {
@@ -224,6 +238,8 @@ struct Ready {
     limits: server::Limits,
     /// The file a reload re-reads, with the command-line settings over it.
     source: Option<config::Source>,
+    /// Resolves the upstreams' DNS names.
+    resolver: Arc<dyn Resolve>,
     /// SIGHUP, when `run_from` installed its handler.
     #[cfg(unix)]
     hangup: Option<tokio::signal::unix::Signal>,
@@ -231,7 +247,7 @@ struct Ready {
 
 impl Ready {
     /// Validates the configuration, binds both listeners and builds the proxy.
-    async fn prepare(config: Config) -> Result<Ready, StartError> {
+    async fn prepare(config: Config, resolver: Arc<dyn Resolve>) -> Result<Ready, StartError> {
         config.validate()?;
         let listener = bind(config.listen).await?;
         let admin = match config.admin_listen {
@@ -245,7 +261,13 @@ impl Ready {
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
         let telemetry = Arc::new(Telemetry::new(&config));
         let tracer = build_tracer(&config, &telemetry)?;
-        let proxy = Arc::new(Proxy::new(&config, telemetry.clone(), tracer.clone())?);
+        let resolved = resolve(&config, &*resolver, &Resolved::default(), &telemetry).await;
+        let proxy = Arc::new(Proxy::new(
+            &config,
+            telemetry.clone(),
+            tracer.clone(),
+            resolved,
+        )?);
         // The models routes name are `model` label values from the start.
         telemetry.models.extend(proxy.routes().models());
         let limits = server::Limits::of(&config, raise_fd_limit());
@@ -260,6 +282,7 @@ impl Ready {
             proxy,
             limits,
             source: None,
+            resolver,
             #[cfg(unix)]
             hangup: None,
         })
@@ -302,6 +325,7 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
         admin,
         limits,
         source,
+        resolver,
         #[cfg(unix)]
         hangup,
         ..
@@ -312,15 +336,24 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
         config.clone(),
         proxy.clone(),
         telemetry.clone(),
+        resolver,
     ));
+    let dns_refresh = tokio::spawn({
+        let reloader = reloader.clone();
+        let mut every = secs(config.upstream.dns_refresh_secs);
+        async move {
+            loop {
+                tokio::time::sleep(every).await;
+                every = reloader.refresh_dns().await;
+            }
+        }
+    });
     #[cfg(unix)]
     let hangup_task = hangup.map(|mut hangup| {
         let reloader = reloader.clone();
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
-                let reloader = reloader.clone();
-                // Reading the file and the CA certificates blocks.
-                let _ = tokio::task::spawn_blocking(move || reloader.reload("SIGHUP")).await;
+                let _ = reloader.reload("SIGHUP").await;
             }
         })
     });
@@ -388,6 +421,7 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
     .await;
     poller.abort();
     upkeep.abort();
+    dns_refresh.abort();
     #[cfg(unix)]
     if let Some(task) = hangup_task {
         task.abort();
@@ -421,28 +455,25 @@ async fn reload_answer(reloader: Arc<Reloader>, method: Option<Method>) -> Respo
     if method != Some(Method::POST) {
         return text(StatusCode::METHOD_NOT_ALLOWED, "POST only".to_owned());
     }
-    // Reading the file and the CA certificates blocks.
-    match tokio::task::spawn_blocking(move || reloader.reload("admin")).await {
-        Ok(Ok(summary)) => text(StatusCode::OK, summary),
-        Ok(Err(reason)) => text(StatusCode::INTERNAL_SERVER_ERROR, reason),
-        Err(_) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the reload did not finish".to_owned(),
-        ),
+    match reloader.reload("admin").await {
+        Ok(summary) => text(StatusCode::OK, summary),
+        Err(reason) => text(StatusCode::INTERNAL_SERVER_ERROR, reason),
     }
 }
 
 /// Re-reads the configuration file and puts its `[upstream]` and `[[routes]]` in force for new
-/// requests (SIGHUP, `POST /-/reload`); counts and logs each try.
+/// requests (SIGHUP, `POST /-/reload`), and resolves the upstreams' DNS names again
+/// (`upstream.dns_refresh_secs`); counts and logs each try.
 struct Reloader {
     source: Option<config::Source>,
     /// The configuration in force: the one started with, with the `[upstream]` and
-    /// `[[routes]]` of the last successful reload. Held for the whole of a reload, so reloads
-    /// run one at a time.
-    current: std::sync::Mutex<Config>,
+    /// `[[routes]]` of the last successful reload. Held for the whole of a reload or a DNS
+    /// refresh, so they run one at a time.
+    current: tokio::sync::Mutex<Config>,
     proxy: Arc<Proxy>,
     telemetry: Arc<Telemetry>,
     metrics: ReloadMetrics,
+    resolver: Arc<dyn Resolve>,
 }
 
 impl Reloader {
@@ -451,23 +482,25 @@ impl Reloader {
         config: Config,
         proxy: Arc<Proxy>,
         telemetry: Arc<Telemetry>,
+        resolver: Arc<dyn Resolve>,
     ) -> Reloader {
         let metrics = telemetry.config_reloads();
         metrics.last_ok.set(1.0);
         metrics.last_time.set(unix_now());
         Reloader {
             source,
-            current: std::sync::Mutex::new(config),
+            current: tokio::sync::Mutex::new(config),
             proxy,
             telemetry,
             metrics,
+            resolver,
         }
     }
 
     /// One reload, asked for by `trigger`: the summary of the table now in force, or why the
-    /// file was refused (the running configuration stays). Blocks on file reads.
-    fn reload(&self, trigger: &'static str) -> Result<String, String> {
-        let result = self.try_reload();
+    /// file was refused (the running configuration stays).
+    async fn reload(&self, trigger: &'static str) -> Result<String, String> {
+        let result = self.try_reload().await;
         match &result {
             Ok(summary) => {
                 self.metrics.ok.increment(1);
@@ -488,15 +521,19 @@ impl Reloader {
         result
     }
 
-    fn try_reload(&self) -> Result<String, String> {
-        let Some(source) = self.source.as_ref().filter(|s| s.path.is_some()) else {
+    async fn try_reload(&self) -> Result<String, String> {
+        let Some(source) = self.source.clone().filter(|s| s.path.is_some()) else {
             return Err("no configuration file to re-read: started without --config".to_owned());
         };
-        let new = source.load().map_err(|e| e.to_string())?;
-        let mut current = self
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut current = self.current.lock().await;
+        // Reading the file and the CA certificates blocks.
+        let (new, connectors) = tokio::task::spawn_blocking(move || {
+            let new = source.load().map_err(|e| e.to_string())?;
+            let connectors = proxy::connectors(&new).map_err(|e| e.to_string())?;
+            Ok::<_, String>((new, connectors))
+        })
+        .await
+        .map_err(|_| "the configuration file could not be read".to_owned())??;
         for section in restart_only(&current, &new) {
             tracing::warn!(
                 section,
@@ -507,7 +544,12 @@ impl Reloader {
         let mut next = current.clone();
         next.upstream = new.upstream;
         next.routes = new.routes;
-        let (previous, routes) = self.proxy.reload(&next).map_err(|e| e.to_string())?;
+        let last = self.proxy.routes().resolved().clone();
+        let resolved = resolve(&next, &*self.resolver, &last, &self.telemetry).await;
+        let (previous, routes) = self
+            .proxy
+            .rebuild(&next, Some(connectors), resolved)
+            .map_err(|e| e.to_string())?;
         self.telemetry.models.extend(routes.models());
         *current = next;
         Ok(format!(
@@ -518,6 +560,70 @@ impl Reloader {
             routes.kept_from(&previous),
         ))
     }
+
+    /// Resolves the upstreams' DNS names again; a changed address set puts a new table in
+    /// force, as a reload does, with the configuration in force. Returns when to refresh next.
+    async fn refresh_dns(&self) -> Duration {
+        let current = self.current.lock().await;
+        let every = secs(current.upstream.dns_refresh_secs);
+        if dns::names(&current).is_empty() {
+            return every;
+        }
+        let last = self.proxy.routes().resolved().clone();
+        let resolved = resolve(&current, &*self.resolver, &last, &self.telemetry).await;
+        if resolved == last {
+            return every;
+        }
+        match self.proxy.rebuild(&current, None, resolved) {
+            Ok((previous, routes)) => tracing::info!(
+                upstreams = routes.endpoints().len(),
+                kept = routes.kept_from(&previous),
+                "upstream DNS names resolved to other addresses; new requests use them"
+            ),
+            Err(error) => tracing::warn!(%error, "upstream addresses changed but were not used"),
+        }
+        every
+    }
+}
+
+/// Longest wait for one DNS name's addresses.
+const DNS_LIMIT: Duration = Duration::from_secs(5);
+
+/// Resolves the upstream DNS names of `config` (see [`dns::resolve_all`]), counting and
+/// logging the names that did not resolve or had more addresses than the cap.
+async fn resolve(
+    config: &Config,
+    resolver: &dyn Resolve,
+    last: &Resolved,
+    telemetry: &Telemetry,
+) -> Resolved {
+    let outcome = dns::resolve_all(config, resolver, last, DNS_LIMIT).await;
+    for (name, error) in &outcome.failed {
+        telemetry.dns_name(name).failures.increment(1);
+        let kept = outcome.resolved.get(name).map_or(0, <[_]>::len);
+        tracing::warn!(
+            name,
+            %error,
+            kept,
+            "upstream DNS name gave no address; its last addresses stay in use (none: it is \
+             resolved at each connection)"
+        );
+    }
+    for (name, found) in &outcome.truncated {
+        telemetry.dns_name(name).truncated.increment(1);
+        tracing::warn!(
+            name,
+            found,
+            max = config.upstream.dns_max_addresses,
+            "upstream DNS name has more addresses than upstream.dns_max_addresses; the rest are \
+             left out"
+        );
+    }
+    for name in dns::names(config) {
+        let n = outcome.resolved.get(&name).map_or(0, <[_]>::len);
+        telemetry.dns_name(&name).addresses.set(n as f64);
+    }
+    outcome.resolved
 }
 
 /// The top-level sections of the configuration that a reload cannot change (listeners,

@@ -77,6 +77,11 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout_secs: f64,
     /// Idle connections kept per upstream.
     pub pool_max_idle: usize,
+    /// An upstream given by a DNS name is one endpoint per address the name resolves to,
+    /// resolved again this often, seconds.
+    pub dns_refresh_secs: f64,
+    /// At most this many endpoints per DNS name; addresses past it are left out (counted).
+    pub dns_max_addresses: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -89,6 +94,8 @@ impl Default for UpstreamConfig {
             idle_timeout_secs: 300.0,
             pool_idle_timeout_secs: 90.0,
             pool_max_idle: 1024,
+            dns_refresh_secs: 30.0,
+            dns_max_addresses: 16,
         }
     }
 }
@@ -619,6 +626,7 @@ impl Config {
                 "upstream.pool_idle_timeout_secs",
                 self.upstream.pool_idle_timeout_secs,
             ),
+            ("upstream.dns_refresh_secs", self.upstream.dns_refresh_secs),
             ("proxy.shutdown_grace_secs", self.proxy.shutdown_grace_secs),
             ("proxy.header_timeout_secs", self.proxy.header_timeout_secs),
             ("proxy.keepalive_idle_secs", self.proxy.keepalive_idle_secs),
@@ -689,6 +697,12 @@ impl Config {
                     reason: "must be at least 1".to_owned(),
                 });
             }
+        }
+        if !(1..=256).contains(&self.upstream.dns_max_addresses) {
+            return Err(ConfigError::Invalid {
+                field: "upstream.dns_max_addresses".into(),
+                reason: "must be from 1 to 256".to_owned(),
+            });
         }
         if self.proxy.max_sse_event_bytes < 1024 {
             return Err(ConfigError::Invalid {

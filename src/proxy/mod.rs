@@ -35,11 +35,12 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::config::{Config, secs};
-use crate::net::{self, BoxError, Connector, TlsError};
+use crate::net::{self, BoxError, Connectors, TlsError};
 use crate::observe::{Feedback, Observer, Recorder, TimedBody};
 use crate::route::{Endpoint, RequestInfo};
 use crate::telemetry::otel::Tracer;
 use crate::telemetry::{Outcome, Telemetry};
+use crate::upstream::dns::Resolved;
 use crate::upstream::{self, Failed, RequestBody, Routes, SendError, UpstreamResponse};
 
 pin_project! {
@@ -133,10 +134,10 @@ pub struct Proxy {
     next_id: AtomicU64,
 }
 
-/// The upstream connector of a configuration (`upstream.connect_timeout_secs`,
-/// `upstream.ca_file`).
-pub fn connector(config: &Config) -> Result<Connector, BuildError> {
-    net::connector(
+/// The upstream connectors of a configuration (`upstream.connect_timeout_secs`,
+/// `upstream.ca_file`). Reads the system's and the configured CA certificates: blocks.
+pub fn connectors(config: &Config) -> Result<Connectors, BuildError> {
+    Connectors::new(
         secs(config.upstream.connect_timeout_secs),
         config.upstream.ca_file.as_deref(),
     )
@@ -147,15 +148,17 @@ pub fn connector(config: &Config) -> Result<Connector, BuildError> {
 }
 
 impl Proxy {
-    /// Builds the proxy for a validated configuration.
+    /// Builds the proxy for a validated configuration, whose upstream names resolved to
+    /// `resolved`.
     pub fn new(
         config: &Config,
         telemetry: Arc<Telemetry>,
         tracer: Option<Arc<Tracer>>,
+        resolved: Resolved,
     ) -> Result<Proxy, BuildError> {
         let body_bytes_held = telemetry.body_bytes_held();
-        let routes =
-            Routes::new(config, &connector(config)?, &telemetry, None).map_err(BuildError::Url)?;
+        let routes = Routes::new(config, &connectors(config)?, &telemetry, None, resolved)
+            .map_err(BuildError::Url)?;
         Ok(Proxy {
             routes: RwLock::new(Arc::new(routes)),
             telemetry: telemetry.clone(),
@@ -182,19 +185,31 @@ impl Proxy {
     }
 
     /// Builds the route table of `config` (its `[upstream]` and `[[routes]]`; the rest of the
-    /// proxy is fixed at start) and puts it in force for requests that start from now on;
+    /// proxy is fixed at start) with `connectors` (`None`: the table's in force) and the DNS
+    /// names' addresses `resolved`, and puts it in force for requests that start from now on;
     /// requests in flight finish on the table they started with. Endpoints whose address and
     /// settings are unchanged are kept with their pool, load and health. Returns the previous
     /// table and the new one; on error the table in force stays.
-    pub fn reload(&self, config: &Config) -> Result<(Arc<Routes>, Arc<Routes>), BuildError> {
+    pub fn rebuild(
+        &self,
+        config: &Config,
+        connectors: Option<Connectors>,
+        resolved: Resolved,
+    ) -> Result<(Arc<Routes>, Arc<Routes>), BuildError> {
         let _one_at_a_time = self
             .reloading
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let connector = connector(config)?;
         let previous = self.routes();
-        let routes = Routes::new(config, &connector, &self.telemetry, Some(&previous))
-            .map_err(BuildError::Url)?;
+        let connectors = connectors.unwrap_or_else(|| previous.connectors().clone());
+        let routes = Routes::new(
+            config,
+            &connectors,
+            &self.telemetry,
+            Some(&previous),
+            resolved,
+        )
+        .map_err(BuildError::Url)?;
         let routes = Arc::new(routes);
         *self.routes.write().unwrap_or_else(PoisonError::into_inner) = routes.clone();
         routes.retire(&previous);

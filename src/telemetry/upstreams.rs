@@ -23,6 +23,13 @@ pub mod upstream_names {
     pub const EJECTED: &str = "tokentap_upstream_ejected";
     /// Gauge: endpoints of a route that are not ejected.
     pub const ROUTE_LIVE: &str = "tokentap_route_live_upstreams";
+    /// Counter: resolutions of an upstream DNS name that gave no address (the last good set
+    /// stays), by `name`.
+    pub const DNS_FAILURES: &str = "tokentap_upstream_dns_failures_total";
+    /// Counter: resolutions of a name with more addresses than `upstream.dns_max_addresses`.
+    pub const DNS_TRUNCATED: &str = "tokentap_upstream_dns_truncated_total";
+    /// Gauge: the addresses of a name in use as endpoints.
+    pub const DNS_ADDRESSES: &str = "tokentap_upstream_dns_addresses";
     /// Counter: configuration reloads, by `result` (`ok`, `error`).
     pub const RELOADS: &str = "tokentap_config_reloads_total";
     /// Gauge: 1 when the last reload succeeded (or none was tried), 0 after a refused one.
@@ -48,6 +55,17 @@ pub struct EndpointMetrics {
     pub ejections: Counter,
     /// 1 while ejected.
     pub ejected: Gauge,
+}
+
+/// The handles of one upstream DNS name's metrics.
+#[derive(Clone, Debug)]
+pub struct DnsMetrics {
+    /// Resolutions that gave no address.
+    pub failures: Counter,
+    /// Resolutions past the cap.
+    pub truncated: Counter,
+    /// Addresses in use.
+    pub addresses: Gauge,
 }
 
 /// The handles of the reload metrics.
@@ -115,6 +133,37 @@ impl Telemetry {
             retries: r.register_counter(&key(n::RETRIES), &METADATA),
             ejections: r.register_counter(&key(n::EJECTIONS), &METADATA),
             ejected: r.register_gauge(&key(n::EJECTED), &METADATA),
+        }
+    }
+
+    /// The metrics of the upstream DNS name `name` (a host from the configuration).
+    pub fn dns_name(&self, name: &str) -> DnsMetrics {
+        let r = &self.recorder;
+        let describe = |key: &'static str, help: &'static str| {
+            (KeyName::from_const_str(key), SharedString::const_str(help))
+        };
+        let (k, h) = describe(
+            n::DNS_FAILURES,
+            "Resolutions of an upstream DNS name that gave no address; the last good set stays.",
+        );
+        r.describe_counter(k, Some(Unit::Count), h);
+        let (k, h) = describe(
+            n::DNS_TRUNCATED,
+            "Resolutions of an upstream DNS name with more addresses than upstream.dns_max_addresses.",
+        );
+        r.describe_counter(k, Some(Unit::Count), h);
+        let (k, h) = describe(
+            n::DNS_ADDRESSES,
+            "Addresses of an upstream DNS name in use as endpoints.",
+        );
+        r.describe_gauge(k, Some(Unit::Count), h);
+        let key = |metric: &'static str| {
+            Key::from_parts(metric, vec![Label::new("name", name.to_owned())])
+        };
+        DnsMetrics {
+            failures: r.register_counter(&key(n::DNS_FAILURES), &METADATA),
+            truncated: r.register_counter(&key(n::DNS_TRUNCATED), &METADATA),
+            addresses: r.register_gauge(&key(n::DNS_ADDRESSES), &METADATA),
         }
     }
 

@@ -10,10 +10,11 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::balance::{Policy, Rng};
-use super::endpoint::{Endpoint, Settings, UpstreamResponse};
+use super::dns::{self, Resolved};
+use super::endpoint::{self, Endpoint, Pinned, Settings, UpstreamResponse};
 use crate::config::{ANY_MODEL, Config, RouteConfig, secs};
 use crate::http1::client::{RequestBody, SendError};
-use crate::net::Connector;
+use crate::net::Connectors;
 use crate::telemetry::Telemetry;
 
 /// One route: its endpoints and how it balances over them.
@@ -168,18 +169,25 @@ pub struct Routes {
     catch_all: bool,
     /// Every endpoint once, in the order the configuration first names them.
     endpoints: Vec<Arc<Endpoint>>,
+    /// The addresses of the DNS names the endpoints stand for.
+    resolved: Resolved,
+    /// What the endpoints' connectors were made with (a DNS change builds new endpoints
+    /// with them).
+    connectors: Connectors,
 }
 
 impl Routes {
     /// The routes of a validated configuration: its `[[routes]]`, or one catch-all route to
-    /// `upstream.url`. An upstream named in several routes is one endpoint. With `previous`
-    /// (a reload), an endpoint whose address and settings are unchanged is the previous one,
-    /// with its pool, load, latency estimate and health; the rest are new.
+    /// `upstream.url`. An upstream named in several routes is one endpoint; one whose host is a
+    /// name in `resolved` is one endpoint per address. With `previous` (a reload, or new DNS
+    /// answers), an endpoint whose address and settings are unchanged is the previous one, with
+    /// its pool, load, latency estimate and health; the rest are new.
     pub fn new(
         config: &Config,
-        connector: &Connector,
+        connectors: &Connectors,
         telemetry: &Telemetry,
         previous: Option<&Routes>,
+        resolved: Resolved,
     ) -> Result<Routes, String> {
         let short = [RouteConfig {
             models: vec![ANY_MODEL.to_owned()],
@@ -193,11 +201,12 @@ impl Routes {
         };
         let up = &config.upstream;
         let settings = Settings {
-            connect_timeout: secs(up.connect_timeout_secs),
+            connect_timeout: connectors.connect_timeout(),
             ca_file: up.ca_file.clone(),
             max_idle: up.pool_max_idle,
             idle_timeout: secs(up.pool_idle_timeout_secs),
         };
+        let old: &[Arc<Endpoint>] = previous.map_or(&[], |p| &p.endpoints);
         let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
         let mut routes = Vec::with_capacity(configured.len());
         let mut by_model = HashMap::new();
@@ -206,26 +215,60 @@ impl Routes {
             let mut mine = Vec::with_capacity(rc.upstreams.len());
             for url in &rc.upstreams {
                 let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-                let address = base(&uri);
-                let same = |e: &&Arc<Endpoint>| e.address() == address && *e.settings() == settings;
-                let endpoint = match endpoints.iter().find(same) {
-                    Some(known) => known.clone(),
-                    None => {
-                        let kept = previous.and_then(|p| p.endpoints.iter().find(same));
-                        let endpoint = match kept {
-                            Some(kept) => kept.clone(),
-                            None => Arc::new(Endpoint::new(
-                                &uri,
-                                connector.clone(),
-                                settings.clone(),
-                                telemetry.upstream_endpoint(&address),
-                            )?),
-                        };
-                        endpoints.push(endpoint.clone());
-                        endpoint
+                let base = base(&uri);
+                let host = uri.host().unwrap_or_default();
+                let ips: Vec<Option<std::net::IpAddr>> = match resolved.get(host) {
+                    Some(ips) if dns::is_name(host) && !ips.is_empty() => {
+                        ips.iter().copied().map(Some).collect()
                     }
+                    _ => vec![None],
                 };
-                mine.push(endpoint);
+                // Slots of this name's endpoints that stay (kept, or built for another
+                // route already): a new address takes the lowest free one.
+                let mut taken: Vec<usize> = endpoints
+                    .iter()
+                    .chain(old.iter().filter(|e| *e.settings() == settings))
+                    .filter(|e| e.base() == base)
+                    .filter_map(|e| e.pinned())
+                    .filter(|p| ips.contains(&Some(p.ip)))
+                    .map(|p| p.slot)
+                    .collect();
+                for ip in ips {
+                    let same = |e: &&Arc<Endpoint>| {
+                        e.base() == base
+                            && *e.settings() == settings
+                            && e.pinned().map(|p| p.ip) == ip
+                    };
+                    if let Some(known) = endpoints.iter().find(same) {
+                        mine.push(known.clone());
+                        continue;
+                    }
+                    let endpoint = match old.iter().find(same) {
+                        Some(kept) => kept.clone(),
+                        None => {
+                            let pinned = ip.map(|ip| {
+                                let slot = (0..).find(|s| !taken.contains(s)).unwrap_or(0);
+                                taken.push(slot);
+                                Pinned { ip, slot }
+                            });
+                            let connector = match pinned {
+                                Some(p) => connectors.pinned(p.ip),
+                                None => connectors.system(),
+                            };
+                            let metrics =
+                                telemetry.upstream_endpoint(&endpoint::label(&base, pinned));
+                            Arc::new(Endpoint::new(
+                                &uri,
+                                pinned,
+                                connector,
+                                settings.clone(),
+                                metrics,
+                            )?)
+                        }
+                    };
+                    endpoints.push(endpoint.clone());
+                    mine.push(endpoint);
+                }
             }
             for model in &rc.models {
                 if model == ANY_MODEL {
@@ -254,7 +297,19 @@ impl Routes {
             fallback,
             catch_all,
             endpoints,
+            resolved,
+            connectors: connectors.clone(),
         })
+    }
+
+    /// The addresses of the DNS names the endpoints stand for.
+    pub fn resolved(&self) -> &Resolved {
+        &self.resolved
+    }
+
+    /// What the endpoints' connectors were made with.
+    pub fn connectors(&self) -> &Connectors {
+        &self.connectors
     }
 
     /// After `self` replaced `previous`: zeroes the gauges of the routes and endpoints that are
@@ -370,8 +425,10 @@ mod tests {
              [[routes]]\nmodels = [\"*\"]\nupstreams = [\"http://127.0.0.1:2\"]\n",
         );
         let telemetry = Telemetry::new(&first);
-        let connector = crate::net::connector(std::time::Duration::from_secs(1), None).unwrap();
-        let old = Routes::new(&first, &connector, &telemetry, None).unwrap();
+        let connector =
+            crate::net::Connectors::new(std::time::Duration::from_secs(1), None).unwrap();
+        let none = super::Resolved::default;
+        let old = Routes::new(&first, &connector, &telemetry, None, none()).unwrap();
         // The state a reload must not lose: an outstanding request, an ejection.
         let one = find(&old, "http://127.0.0.1:1");
         one.load().start();
@@ -384,7 +441,7 @@ mod tests {
         let second = config(
             "[[routes]]\nmodels = [\"*\"]\nupstreams = [\"http://127.0.0.1:3\", \"http://127.0.0.1:1\"]\n",
         );
-        let new = Routes::new(&second, &connector, &telemetry, Some(&old)).unwrap();
+        let new = Routes::new(&second, &connector, &telemetry, Some(&old), none()).unwrap();
         assert!(Arc::ptr_eq(&find(&new, "http://127.0.0.1:1"), &one));
         assert!(!find(&new, "http://127.0.0.1:1").health().is_live(now));
         assert_eq!(new.kept_from(&old), 1);
@@ -395,7 +452,7 @@ mod tests {
         let third = config(
             "[upstream]\npool_max_idle = 3\n[[routes]]\nmodels = [\"*\"]\nupstreams = [\"http://127.0.0.1:1\"]\n",
         );
-        let newer = Routes::new(&third, &connector, &telemetry, Some(&new)).unwrap();
+        let newer = Routes::new(&third, &connector, &telemetry, Some(&new), none()).unwrap();
         let fresh = find(&newer, "http://127.0.0.1:1");
         assert!(!Arc::ptr_eq(&fresh, &one));
         assert!(fresh.health().is_live(now));
