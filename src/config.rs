@@ -101,7 +101,7 @@ impl Default for UpstreamConfig {
 }
 
 /// One `[[routes]]` entry: the models it serves and the upstreams that serve them.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Exact model names (the request body's `model`); `"*"`: any model no other route names,
@@ -113,6 +113,40 @@ pub struct RouteConfig {
     /// How a request picks one of `upstreams`. Default `"least_request"`.
     #[serde(default)]
     pub balance: Balance,
+    /// `upstream.connect_timeout_secs` for this route's upstreams; unset: `[upstream]`'s.
+    pub connect_timeout_secs: Option<f64>,
+    /// `upstream.response_header_timeout_secs` for this route's requests.
+    pub response_header_timeout_secs: Option<f64>,
+    /// `upstream.idle_timeout_secs` for this route's responses.
+    pub idle_timeout_secs: Option<f64>,
+    /// `upstream.pool_idle_timeout_secs` for this route's upstreams.
+    pub pool_idle_timeout_secs: Option<f64>,
+    /// `upstream.pool_max_idle` for this route's upstreams.
+    pub pool_max_idle: Option<usize>,
+}
+
+impl RouteConfig {
+    /// The timeouts and pool settings of this route: its own where it sets them, else
+    /// `upstream`'s.
+    pub fn effective(&self, upstream: &UpstreamConfig) -> UpstreamConfig {
+        let mut c = upstream.clone();
+        let set = |mine: Option<f64>, theirs: &mut f64| {
+            if let Some(v) = mine {
+                *theirs = v;
+            }
+        };
+        set(self.connect_timeout_secs, &mut c.connect_timeout_secs);
+        set(
+            self.response_header_timeout_secs,
+            &mut c.response_header_timeout_secs,
+        );
+        set(self.idle_timeout_secs, &mut c.idle_timeout_secs);
+        set(self.pool_idle_timeout_secs, &mut c.pool_idle_timeout_secs);
+        if let Some(v) = self.pool_max_idle {
+            c.pool_max_idle = v;
+        }
+        c
+    }
 }
 
 /// How a route picks an upstream for a request (`routes.balance`).
@@ -585,6 +619,25 @@ impl Config {
                     field: field("upstreams"),
                     reason: "must list at least one upstream URL".to_owned(),
                 });
+            }
+            let overrides = [
+                ("connect_timeout_secs", route.connect_timeout_secs),
+                (
+                    "response_header_timeout_secs",
+                    route.response_header_timeout_secs,
+                ),
+                ("idle_timeout_secs", route.idle_timeout_secs),
+                ("pool_idle_timeout_secs", route.pool_idle_timeout_secs),
+            ];
+            for (name, value) in overrides {
+                if let Some(value) = value
+                    && !(value.is_finite() && value > 0.0 && value < 1e9)
+                {
+                    return Err(ConfigError::Invalid {
+                        field: field(name),
+                        reason: format!("must be a positive number of seconds, got {value}"),
+                    });
+                }
             }
             for (j, url) in route.upstreams.iter().enumerate() {
                 check_url(&format!("routes[{i}].upstreams"), url)?;

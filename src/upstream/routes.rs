@@ -193,25 +193,33 @@ impl Routes {
             models: vec![ANY_MODEL.to_owned()],
             upstreams: vec![config.upstream.url.clone()],
             balance: crate::config::Balance::RoundRobin,
+            ..RouteConfig::default()
         }];
         let configured: &[RouteConfig] = if config.routes.is_empty() {
             &short
         } else {
             &config.routes
         };
-        let up = &config.upstream;
-        let settings = Settings {
-            connect_timeout: connectors.connect_timeout(),
-            ca_file: up.ca_file.clone(),
-            max_idle: up.pool_max_idle,
-            idle_timeout: secs(up.pool_idle_timeout_secs),
-        };
         let old: &[Arc<Endpoint>] = previous.map_or(&[], |p| &p.endpoints);
+        let base_connectors = connectors.clone();
         let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
         let mut routes = Vec::with_capacity(configured.len());
         let mut by_model = HashMap::new();
         let (mut fallback, mut catch_all) = (0, false);
         for (i, rc) in configured.iter().enumerate() {
+            // `[upstream]`'s settings, with the route's own where it sets them: a route with
+            // other connection settings has endpoints of its own.
+            let up = rc.effective(&config.upstream);
+            let connectors = match rc.connect_timeout_secs.map(secs) {
+                Some(t) if t != connectors.connect_timeout() => &connectors.with_timeout(t),
+                _ => connectors,
+            };
+            let settings = Settings {
+                connect_timeout: connectors.connect_timeout(),
+                ca_file: up.ca_file.clone(),
+                max_idle: up.pool_max_idle,
+                idle_timeout: secs(up.pool_idle_timeout_secs),
+            };
             let mut mine = Vec::with_capacity(rc.upstreams.len());
             for url in &rc.upstreams {
                 let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
@@ -298,7 +306,7 @@ impl Routes {
             catch_all,
             endpoints,
             resolved,
-            connectors: connectors.clone(),
+            connectors: base_connectors,
         })
     }
 
@@ -458,5 +466,40 @@ mod tests {
         assert!(fresh.health().is_live(now));
         assert_eq!(newer.kept_from(&new), 0);
         one.load().end();
+    }
+
+    #[tokio::test]
+    async fn a_route_overrides_the_upstream_settings_for_itself_only() {
+        let c = config(
+            "[upstream]
+idle_timeout_secs = 50
+             [[routes]]
+models = [\"a\"]
+upstreams = [\"http://127.0.0.1:1\"]
+             response_header_timeout_secs = 2
+idle_timeout_secs = 3
+pool_max_idle = 0
+             [[routes]]
+models = [\"*\"]
+upstreams = [\"http://127.0.0.1:1\"]
+",
+        );
+        let telemetry = Telemetry::new(&c);
+        let connector =
+            crate::net::Connectors::new(std::time::Duration::from_secs(1), None).unwrap();
+        let routes =
+            Routes::new(&c, &connector, &telemetry, None, super::Resolved::default()).unwrap();
+        let (a, any) = (
+            routes.route(Some("a")).unwrap(),
+            routes.route(None).unwrap(),
+        );
+        assert_eq!(a.header_timeout(), std::time::Duration::from_secs(2));
+        assert_eq!(a.idle_timeout(), std::time::Duration::from_secs(3));
+        assert_eq!(any.header_timeout(), std::time::Duration::from_secs(600));
+        assert_eq!(any.idle_timeout(), std::time::Duration::from_secs(50));
+        // Other pool settings: the same address is an endpoint of each route's own.
+        assert_eq!(routes.endpoints().len(), 2);
+        assert_eq!(a.endpoints()[0].settings().max_idle, 0);
+        assert_eq!(any.endpoints()[0].settings().max_idle, 1024);
     }
 }
