@@ -551,6 +551,10 @@ impl Reloader {
             .rebuild(&next, Some(connectors), resolved)
             .map_err(|e| e.to_string())?;
         self.telemetry.models.extend(routes.models());
+        let names = dns::names(&next);
+        for gone in dns::names(&current).iter().filter(|n| !names.contains(n)) {
+            self.telemetry.dns_name(gone).addresses.set(0.0);
+        }
         *current = next;
         Ok(format!(
             "configuration reloaded: {} routes, {} upstreams ({} kept with their connections \

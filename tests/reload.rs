@@ -377,7 +377,11 @@ async fn sighup_rereads_the_file_the_binary_started_with() {
     );
     assert_eq!((requests(&a), requests(&b)), (1, 0));
 
-    file.write(&routes(&["*"], &[&b], "round_robin"));
+    // New routes, and a limit that only a restart changes.
+    file.write(
+        &routes(&["*"], &[&b], "round_robin")
+            .replace("[proxy]\n", "[proxy]\nmax_request_body_bytes = 2048\n"),
+    );
     let kill = |signal: &str| {
         let status = std::process::Command::new("kill")
             .args([signal, &child.id().to_string()])
@@ -386,15 +390,18 @@ async fn sighup_rereads_the_file_the_binary_started_with() {
         assert!(status.success());
     };
     kill("-HUP");
-    // The reload's log line says it is in force.
+    // The reload's log says what needs a restart, and that the new routes are in force.
+    let mut warned = false;
     for _ in 0..100 {
         line.clear();
         stderr.read_line(&mut line).unwrap();
+        warned |= line.contains("WARN") && line.contains("proxy") && line.contains("restart");
         if line.contains("configuration reload") || line.is_empty() {
             break;
         }
     }
     assert!(line.contains("configuration reloaded"), "{line}");
+    assert!(warned, "no warning that [proxy] needs a restart");
     assert!(line.contains("SIGHUP"), "{line}");
     let text = scrape(admin.parse().unwrap()).await;
     assert_eq!(reloads(&text, "ok"), 1.0);
