@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/stats`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/stats` (`POST /-/reload` is answered
+//! by the wiring in `app`, which owns the configuration file).
 
 use std::sync::Arc;
 

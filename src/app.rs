@@ -6,15 +6,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
-use http_body_util::BodyExt;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::config::{self, Config, secs};
 use crate::proxy::Proxy;
-use crate::telemetry::{ConnMetrics, Telemetry, otel, otlp_metrics};
+use crate::telemetry::{ConnMetrics, ReloadMetrics, Telemetry, otel, otlp_metrics};
+use crate::upstream::dns::{self, Resolve, Resolved, SystemResolver};
 use crate::{admin, proxy, server};
 
 /// Why the proxy could not start.
@@ -101,9 +103,30 @@ impl Running {
     }
 }
 
-/// Binds the listeners of a validated configuration and serves in the background.
+/// Binds the listeners of a validated configuration and serves in the background. Without a
+/// file to re-read, a reload (`POST /-/reload`) is refused.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let ready = Ready::prepare(config).await?;
+    start_ready(Ready::prepare(config, Arc::new(SystemResolver)).await?)
+}
+
+/// Loads the configuration of `source`, binds its listeners and serves in the background;
+/// `POST /-/reload` on the admin listener re-reads `source`.
+pub async fn start_from(source: config::Source) -> Result<Running, StartError> {
+    start_with(source, Arc::new(SystemResolver)).await
+}
+
+/// [`start_from`], with upstream DNS names resolved by `resolver` (tests hand out address
+/// sets of their own).
+pub async fn start_with(
+    source: config::Source,
+    resolver: Arc<dyn Resolve>,
+) -> Result<Running, StartError> {
+    let mut ready = Ready::prepare(source.load()?, resolver).await?;
+    ready.source = Some(source);
+    start_ready(ready)
+}
+
+fn start_ready(ready: Ready) -> Result<Running, StartError> {
     let (addr, admin_addr, telemetry) = (ready.addr, ready.admin_addr, ready.telemetry.clone());
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(ready, async {
@@ -118,27 +141,57 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })
 }
 
-/// Runs `tokentap serve` until `shutdown` resolves, then drains and returns.
+/// Runs `tokentap serve` until `shutdown` resolves, then drains and returns. Without a file to
+/// re-read, a reload is refused.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let ready = Ready::prepare(config).await?;
-    let upstreams: Vec<&str> = ready
-        .proxy
-        .routes()
-        .endpoints()
-        .iter()
-        .map(|e| e.address())
-        .collect();
+    run_ready(
+        Ready::prepare(config, Arc::new(SystemResolver)).await?,
+        shutdown,
+    )
+    .await
+}
+
+/// Runs `tokentap serve` on `config`, loaded from `source`, until `shutdown` resolves, then
+/// drains and returns. SIGHUP and `POST /-/reload` re-read `source`; the SIGHUP handler is in
+/// place before the "tokentap serving" line is logged.
+pub async fn run_from(
+    config: Config,
+    source: config::Source,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let mut ready = Ready::prepare(config, Arc::new(SystemResolver)).await?;
+    ready.source = Some(source);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        ready.hangup = signal(SignalKind::hangup())
+            .inspect_err(
+                |error| tracing::warn!(%error, "no SIGHUP handler: reload with POST /-/reload"),
+            )
+            .ok();
+    }
+    run_ready(ready, shutdown).await
+}
+
+async fn run_ready(
+    ready: Ready,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let routes = ready.proxy.routes();
+    let upstreams: Vec<&str> = routes.endpoints().iter().map(|e| e.address()).collect();
     tracing::info!(
         listen = %ready.addr,
         admin = ?ready.admin_addr,
         upstreams = ?upstreams,
-        routes = ready.proxy.routes().routes().len(),
+        routes = routes.routes().len(),
         workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "tokentap serving"
     );
+    drop(upstreams);
+    drop(routes);
     serve(ready, shutdown).await;
     Ok(())
 }
@@ -183,11 +236,18 @@ struct Ready {
     tracer: Option<Arc<otel::Tracer>>,
     proxy: Arc<Proxy>,
     limits: server::Limits,
+    /// The file a reload re-reads, with the command-line settings over it.
+    source: Option<config::Source>,
+    /// Resolves the upstreams' DNS names.
+    resolver: Arc<dyn Resolve>,
+    /// SIGHUP, when `run_from` installed its handler.
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Ready {
     /// Validates the configuration, binds both listeners and builds the proxy.
-    async fn prepare(config: Config) -> Result<Ready, StartError> {
+    async fn prepare(config: Config, resolver: Arc<dyn Resolve>) -> Result<Ready, StartError> {
         config.validate()?;
         let listener = bind(config.listen).await?;
         let admin = match config.admin_listen {
@@ -201,7 +261,13 @@ impl Ready {
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
         let telemetry = Arc::new(Telemetry::new(&config));
         let tracer = build_tracer(&config, &telemetry)?;
-        let proxy = Arc::new(Proxy::new(&config, telemetry.clone(), tracer.clone())?);
+        let resolved = resolve(&config, &*resolver, &Resolved::default(), &telemetry).await;
+        let proxy = Arc::new(Proxy::new(
+            &config,
+            telemetry.clone(),
+            tracer.clone(),
+            resolved,
+        )?);
         // The models routes name are `model` label values from the start.
         telemetry.models.extend(proxy.routes().models());
         let limits = server::Limits::of(&config, raise_fd_limit());
@@ -215,6 +281,10 @@ impl Ready {
             tracer,
             proxy,
             limits,
+            source: None,
+            resolver,
+            #[cfg(unix)]
+            hangup: None,
         })
     }
 }
@@ -254,17 +324,58 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
         listener,
         admin,
         limits,
+        source,
+        resolver,
+        #[cfg(unix)]
+        hangup,
         ..
     } = ready;
     let grace = secs(config.proxy.shutdown_grace_secs);
+    let reloader = Arc::new(Reloader::new(
+        source,
+        config.clone(),
+        proxy.clone(),
+        telemetry.clone(),
+        resolver,
+    ));
+    let dns_refresh = tokio::spawn({
+        let reloader = reloader.clone();
+        let mut every = secs(config.upstream.dns_refresh_secs);
+        async move {
+            loop {
+                tokio::time::sleep(every).await;
+                every = reloader.refresh_dns().await;
+            }
+        }
+    });
+    #[cfg(unix)]
+    let hangup_task = hangup.map(|mut hangup| {
+        let reloader = reloader.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let _ = reloader.reload("SIGHUP").await;
+            }
+        })
+    });
     let (admin_stop, admin_stopped) = oneshot::channel::<()>();
     let admin_task = admin.map(|listener| {
         let telemetry = telemetry.clone();
         let proxy = proxy.clone();
+        let reloader = reloader.clone();
         let handler = move |req: Request<server::ClientBody>, _remote| {
-            let live = || proxy.routes().any_live(tokio::time::Instant::now());
-            let response = admin::handle(&telemetry, &req, live);
-            async move { response.map(|b| b.map_err(|never| match never {}).boxed()) }
+            let reload = (req.uri().path() == RELOAD_PATH).then(|| req.method().clone());
+            let response = reload.is_none().then(|| {
+                let live = || proxy.routes().any_live(tokio::time::Instant::now());
+                admin::handle(&telemetry, &req, live)
+            });
+            let reloader = reloader.clone();
+            async move {
+                let response = match (response, reload) {
+                    (Some(response), _) => response,
+                    (None, method) => reload_answer(reloader, method).await,
+                };
+                response.map(|b| b.map_err(|never| match never {}).boxed())
+            }
         };
         tokio::spawn(server::serve(
             listener,
@@ -310,6 +421,11 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
     .await;
     poller.abort();
     upkeep.abort();
+    dns_refresh.abort();
+    #[cfg(unix)]
+    if let Some(task) = hangup_task {
+        task.abort();
+    }
     if let Some(tracer) = tracer {
         tracer.shutdown().await;
     }
@@ -320,6 +436,223 @@ async fn serve(ready: Ready, shutdown: impl Future<Output = ()> + Send + 'static
     if let Some(task) = admin_task {
         let _ = task.await;
     }
+}
+
+/// The admin path that reloads the configuration (`POST`), as Prometheus's `/-/reload`.
+pub const RELOAD_PATH: &str = "/-/reload";
+
+/// `POST /-/reload`: 200 with a summary when the re-read configuration is in force, 500 with
+/// the reason (naming the field) when it was refused and the running one stays.
+async fn reload_answer(reloader: Arc<Reloader>, method: Option<Method>) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .header(header::ALLOW, "POST")
+            .body(Full::new(Bytes::from(body + "\n")))
+            .expect("static response parts are valid")
+    };
+    if method != Some(Method::POST) {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "POST only".to_owned());
+    }
+    match reloader.reload("admin").await {
+        Ok(summary) => text(StatusCode::OK, summary),
+        Err(reason) => text(StatusCode::INTERNAL_SERVER_ERROR, reason),
+    }
+}
+
+/// Re-reads the configuration file and puts its `[upstream]` and `[[routes]]` in force for new
+/// requests (SIGHUP, `POST /-/reload`), and resolves the upstreams' DNS names again
+/// (`upstream.dns_refresh_secs`); counts and logs each try.
+struct Reloader {
+    source: Option<config::Source>,
+    /// The configuration in force: the one started with, with the `[upstream]` and
+    /// `[[routes]]` of the last successful reload. Held for the whole of a reload or a DNS
+    /// refresh, so they run one at a time.
+    current: tokio::sync::Mutex<Config>,
+    proxy: Arc<Proxy>,
+    telemetry: Arc<Telemetry>,
+    metrics: ReloadMetrics,
+    resolver: Arc<dyn Resolve>,
+}
+
+impl Reloader {
+    fn new(
+        source: Option<config::Source>,
+        config: Config,
+        proxy: Arc<Proxy>,
+        telemetry: Arc<Telemetry>,
+        resolver: Arc<dyn Resolve>,
+    ) -> Reloader {
+        let metrics = telemetry.config_reloads();
+        metrics.last_ok.set(1.0);
+        metrics.last_time.set(unix_now());
+        Reloader {
+            source,
+            current: tokio::sync::Mutex::new(config),
+            proxy,
+            telemetry,
+            metrics,
+            resolver,
+        }
+    }
+
+    /// One reload, asked for by `trigger`: the summary of the table now in force, or why the
+    /// file was refused (the running configuration stays).
+    async fn reload(&self, trigger: &'static str) -> Result<String, String> {
+        let result = self.try_reload().await;
+        match &result {
+            Ok(summary) => {
+                self.metrics.ok.increment(1);
+                self.metrics.last_ok.set(1.0);
+                self.metrics.last_time.set(unix_now());
+                tracing::info!(trigger, "{summary}");
+            }
+            Err(reason) => {
+                self.metrics.error.increment(1);
+                self.metrics.last_ok.set(0.0);
+                tracing::error!(
+                    trigger,
+                    error = %reason,
+                    "configuration reload refused; the running configuration stays"
+                );
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<String, String> {
+        let Some(source) = self.source.clone().filter(|s| s.path.is_some()) else {
+            return Err("no configuration file to re-read: started without --config".to_owned());
+        };
+        let mut current = self.current.lock().await;
+        // Reading the file and the CA certificates blocks.
+        let (new, connectors) = tokio::task::spawn_blocking(move || {
+            let new = source.load().map_err(|e| e.to_string())?;
+            let connectors = proxy::connectors(&new).map_err(|e| e.to_string())?;
+            Ok::<_, String>((new, connectors))
+        })
+        .await
+        .map_err(|_| "the configuration file could not be read".to_owned())??;
+        for section in restart_only(&current, &new) {
+            tracing::warn!(
+                section,
+                "changed in the configuration file, but takes effect only at a restart; the \
+                 running value is kept"
+            );
+        }
+        let mut next = current.clone();
+        next.upstream = new.upstream;
+        next.routes = new.routes;
+        let last = self.proxy.routes().resolved().clone();
+        let resolved = resolve(&next, &*self.resolver, &last, &self.telemetry).await;
+        let (previous, routes) = self
+            .proxy
+            .rebuild(&next, Some(connectors), resolved)
+            .map_err(|e| e.to_string())?;
+        self.telemetry.models.extend(routes.models());
+        let names = dns::names(&next);
+        for gone in dns::names(&current).iter().filter(|n| !names.contains(n)) {
+            self.telemetry.dns_name(gone).addresses.set(0.0);
+        }
+        *current = next;
+        Ok(format!(
+            "configuration reloaded: {} routes, {} upstreams ({} kept with their connections \
+             and health)",
+            routes.routes().len(),
+            routes.endpoints().len(),
+            routes.kept_from(&previous),
+        ))
+    }
+
+    /// Resolves the upstreams' DNS names again; a changed address set puts a new table in
+    /// force, as a reload does, with the configuration in force. Returns when to refresh next.
+    async fn refresh_dns(&self) -> Duration {
+        let current = self.current.lock().await;
+        let every = secs(current.upstream.dns_refresh_secs);
+        if dns::names(&current).is_empty() {
+            return every;
+        }
+        let last = self.proxy.routes().resolved().clone();
+        let resolved = resolve(&current, &*self.resolver, &last, &self.telemetry).await;
+        if resolved == last {
+            return every;
+        }
+        match self.proxy.rebuild(&current, None, resolved) {
+            Ok((previous, routes)) => tracing::info!(
+                upstreams = routes.endpoints().len(),
+                kept = routes.kept_from(&previous),
+                "upstream DNS names resolved to other addresses; new requests use them"
+            ),
+            Err(error) => tracing::warn!(%error, "upstream addresses changed but were not used"),
+        }
+        every
+    }
+}
+
+/// Longest wait for one DNS name's addresses.
+const DNS_LIMIT: Duration = Duration::from_secs(5);
+
+/// Resolves the upstream DNS names of `config` (see [`dns::resolve_all`]), counting and
+/// logging the names that did not resolve or had more addresses than the cap.
+async fn resolve(
+    config: &Config,
+    resolver: &dyn Resolve,
+    last: &Resolved,
+    telemetry: &Telemetry,
+) -> Resolved {
+    let outcome = dns::resolve_all(config, resolver, last, DNS_LIMIT).await;
+    for (name, error) in &outcome.failed {
+        telemetry.dns_name(name).failures.increment(1);
+        let kept = outcome.resolved.get(name).map_or(0, <[_]>::len);
+        tracing::warn!(
+            name,
+            %error,
+            kept,
+            "upstream DNS name gave no address; its last addresses stay in use (none: it is \
+             resolved at each connection)"
+        );
+    }
+    for (name, found) in &outcome.truncated {
+        telemetry.dns_name(name).truncated.increment(1);
+        tracing::warn!(
+            name,
+            found,
+            max = config.upstream.dns_max_addresses,
+            "upstream DNS name has more addresses than upstream.dns_max_addresses; the rest are \
+             left out"
+        );
+    }
+    for name in dns::names(config) {
+        let n = outcome.resolved.get(&name).map_or(0, <[_]>::len);
+        telemetry.dns_name(&name).addresses.set(n as f64);
+    }
+    outcome.resolved
+}
+
+/// The top-level sections of the configuration that a reload cannot change (listeners,
+/// limits and telemetry are set up once at start) and that differ between `old` and `new`.
+fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+    let changed = [
+        ("listen", old.listen != new.listen),
+        ("admin_listen", old.admin_listen != new.admin_listen),
+        ("workers", old.workers != new.workers),
+        ("proxy", old.proxy != new.proxy),
+        ("telemetry", old.telemetry != new.telemetry),
+        ("slo", old.slo != new.slo),
+        ("tracing", old.tracing != new.tracing),
+        ("otlp_metrics", old.otlp_metrics != new.otlp_metrics),
+    ];
+    changed
+        .into_iter()
+        .filter_map(|(section, changed)| changed.then_some(section))
+        .collect()
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Polls every upstream endpoint's `GET /v1/models`: an answer keeps `/readyz` current and

@@ -77,6 +77,11 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout_secs: f64,
     /// Idle connections kept per upstream.
     pub pool_max_idle: usize,
+    /// An upstream given by a DNS name is one endpoint per address the name resolves to,
+    /// resolved again this often, seconds.
+    pub dns_refresh_secs: f64,
+    /// At most this many endpoints per DNS name; addresses past it are left out (counted).
+    pub dns_max_addresses: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -89,12 +94,14 @@ impl Default for UpstreamConfig {
             idle_timeout_secs: 300.0,
             pool_idle_timeout_secs: 90.0,
             pool_max_idle: 1024,
+            dns_refresh_secs: 30.0,
+            dns_max_addresses: 16,
         }
     }
 }
 
 /// One `[[routes]]` entry: the models it serves and the upstreams that serve them.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Exact model names (the request body's `model`); `"*"`: any model no other route names,
@@ -106,6 +113,40 @@ pub struct RouteConfig {
     /// How a request picks one of `upstreams`. Default `"least_request"`.
     #[serde(default)]
     pub balance: Balance,
+    /// `upstream.connect_timeout_secs` for this route's upstreams; unset: `[upstream]`'s.
+    pub connect_timeout_secs: Option<f64>,
+    /// `upstream.response_header_timeout_secs` for this route's requests.
+    pub response_header_timeout_secs: Option<f64>,
+    /// `upstream.idle_timeout_secs` for this route's responses.
+    pub idle_timeout_secs: Option<f64>,
+    /// `upstream.pool_idle_timeout_secs` for this route's upstreams.
+    pub pool_idle_timeout_secs: Option<f64>,
+    /// `upstream.pool_max_idle` for this route's upstreams.
+    pub pool_max_idle: Option<usize>,
+}
+
+impl RouteConfig {
+    /// The timeouts and pool settings of this route: its own where it sets them, else
+    /// `upstream`'s.
+    pub fn effective(&self, upstream: &UpstreamConfig) -> UpstreamConfig {
+        let mut c = upstream.clone();
+        let set = |mine: Option<f64>, theirs: &mut f64| {
+            if let Some(v) = mine {
+                *theirs = v;
+            }
+        };
+        set(self.connect_timeout_secs, &mut c.connect_timeout_secs);
+        set(
+            self.response_header_timeout_secs,
+            &mut c.response_header_timeout_secs,
+        );
+        set(self.idle_timeout_secs, &mut c.idle_timeout_secs);
+        set(self.pool_idle_timeout_secs, &mut c.pool_idle_timeout_secs);
+        if let Some(v) = self.pool_max_idle {
+            c.pool_max_idle = v;
+        }
+        c
+    }
 }
 
 /// How a route picks an upstream for a request (`routes.balance`).
@@ -579,6 +620,25 @@ impl Config {
                     reason: "must list at least one upstream URL".to_owned(),
                 });
             }
+            let overrides = [
+                ("connect_timeout_secs", route.connect_timeout_secs),
+                (
+                    "response_header_timeout_secs",
+                    route.response_header_timeout_secs,
+                ),
+                ("idle_timeout_secs", route.idle_timeout_secs),
+                ("pool_idle_timeout_secs", route.pool_idle_timeout_secs),
+            ];
+            for (name, value) in overrides {
+                if let Some(value) = value
+                    && !(value.is_finite() && value > 0.0 && value < 1e9)
+                {
+                    return Err(ConfigError::Invalid {
+                        field: field(name),
+                        reason: format!("must be a positive number of seconds, got {value}"),
+                    });
+                }
+            }
             for (j, url) in route.upstreams.iter().enumerate() {
                 check_url(&format!("routes[{i}].upstreams"), url)?;
                 if route.upstreams[..j].contains(url) {
@@ -619,6 +679,7 @@ impl Config {
                 "upstream.pool_idle_timeout_secs",
                 self.upstream.pool_idle_timeout_secs,
             ),
+            ("upstream.dns_refresh_secs", self.upstream.dns_refresh_secs),
             ("proxy.shutdown_grace_secs", self.proxy.shutdown_grace_secs),
             ("proxy.header_timeout_secs", self.proxy.header_timeout_secs),
             ("proxy.keepalive_idle_secs", self.proxy.keepalive_idle_secs),
@@ -690,6 +751,12 @@ impl Config {
                 });
             }
         }
+        if !(1..=256).contains(&self.upstream.dns_max_addresses) {
+            return Err(ConfigError::Invalid {
+                field: "upstream.dns_max_addresses".into(),
+                reason: "must be from 1 to 256".to_owned(),
+            });
+        }
         if self.proxy.max_sse_event_bytes < 1024 {
             return Err(ConfigError::Invalid {
                 field: "proxy.max_sse_event_bytes".into(),
@@ -734,6 +801,60 @@ impl Config {
             });
         }
         Ok(())
+    }
+}
+
+/// Settings given on the command line (`tokentap serve --listen ...`), which take precedence over
+/// the file's; kept so that a reload applies them again over the re-read file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--upstream`: `upstream.url`, refused beside `[[routes]]`.
+    pub upstream: Option<String>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// Where `tokentap serve` got its configuration: the file it reads at start and again at each
+/// reload (`None`: the defaults), and the command-line settings applied over it.
+#[derive(Clone, Debug, Default)]
+pub struct Source {
+    /// The TOML file (`--config`).
+    pub path: Option<PathBuf>,
+    /// The command-line settings.
+    pub overrides: Overrides,
+}
+
+impl Source {
+    /// Reads and parses the file, applies the command-line settings and validates the result;
+    /// the error names the field.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.path {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        let o = &self.overrides;
+        if let Some(listen) = o.listen {
+            config.listen = listen;
+        }
+        if let Some(upstream) = &o.upstream {
+            // Even when it names the default URL, which validation cannot tell from unset.
+            if !config.routes.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "upstream.url".into(),
+                    reason: "--upstream set together with [[routes]]: give the upstreams in \
+                             the routes, or use --upstream alone for one upstream"
+                        .to_owned(),
+                });
+            }
+            config.upstream.url = upstream.clone();
+        }
+        if let Some(admin) = o.admin_listen {
+            config.admin_listen = Some(admin);
+        }
+        config.validate()?;
+        Ok(config)
     }
 }
 

@@ -22,4 +22,6 @@ pub mod sse;
 pub mod telemetry;
 pub mod upstream;
 
-pub use app::{Running, StartError, run, runtime, shutdown_signal, start};
+pub use app::{
+    Running, StartError, run, run_from, runtime, shutdown_signal, start, start_from, start_with,
+};

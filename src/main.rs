@@ -96,44 +96,28 @@ fn main() -> ExitCode {
             upstream,
             admin_listen,
         } => {
-            let mut c = match config {
-                Some(path) => match Config::load(path) {
-                    Ok(c) => c,
-                    Err(error) => {
-                        eprintln!("tokentap: {error}");
-                        return ExitCode::from(2);
-                    }
+            let source = tokentap::config::Source {
+                path: config.clone(),
+                overrides: tokentap::config::Overrides {
+                    listen: *listen,
+                    upstream: upstream.clone(),
+                    admin_listen: *admin_listen,
                 },
-                None => Config::default(),
             };
-            if let Some(listen) = listen {
-                c.listen = *listen;
-            }
-            if let Some(upstream) = upstream {
-                // Even when it names the default URL, which validation cannot tell from unset.
-                if !c.routes.is_empty() {
-                    eprintln!(
-                        "tokentap: upstream.url: --upstream set together with [[routes]]: give \
-                         the upstreams in the routes, or use --upstream alone for one upstream"
-                    );
+            let c = match source.load() {
+                Ok(c) => c,
+                Err(error) => {
+                    eprintln!("tokentap: {error}");
                     return ExitCode::from(2);
                 }
-                c.upstream.url = upstream.clone();
-            }
-            if let Some(admin) = admin_listen {
-                c.admin_listen = Some(*admin);
-            }
-            if let Err(error) = c.validate() {
-                eprintln!("tokentap: {error}");
-                return ExitCode::from(2);
-            }
+            };
             log_format = c.telemetry.log_format;
-            Some(c)
+            Some((c, source))
         }
         _ => None,
     };
     init_logging(log_format);
-    let workers = serve_config.as_ref().and_then(|c| c.workers);
+    let workers = serve_config.as_ref().and_then(|(c, _)| c.workers);
     let runtime = match tokentap::runtime(workers) {
         Ok(rt) => rt,
         Err(error) => {
@@ -144,8 +128,8 @@ fn main() -> ExitCode {
     let result: Result<(), Box<dyn std::error::Error>> = runtime.block_on(async move {
         match cli.command {
             Command::Serve { .. } => {
-                let config = serve_config.expect("serve config was loaded above");
-                tokentap::run(config, tokentap::shutdown_signal()).await?;
+                let (config, source) = serve_config.expect("serve config was loaded above");
+                tokentap::run_from(config, source, tokentap::shutdown_signal()).await?;
                 Ok(())
             }
             Command::CheckConfig { .. } => Ok(()),

@@ -511,6 +511,11 @@ fn bad_routes_are_refused_at_load_with_the_field_named() {
             "[upstream]\nurl = \"http://h:2\"\n".to_owned() + &ok,
             "upstream.url",
         ),
+        (
+            ok.clone() + "idle_timeout_secs = 0\n",
+            "routes[0].idle_timeout_secs",
+        ),
+        (ok.clone() + "pool_max_idle = -1\n", "pool_max_idle"),
     ];
     for (config, field) in cases {
         let (code, stderr) = tokentap(&["check-config"], &config);
@@ -524,4 +529,30 @@ fn bad_routes_are_refused_at_load_with_the_field_named() {
         assert_eq!(code, 2, "{url}");
         assert!(stderr.contains("upstream.url"), "{url}: {stderr}");
     }
+}
+
+#[tokio::test]
+async fn a_routes_own_timeout_applies_to_its_requests_only() {
+    // Non-streaming answers come whole after 6 tokens × 100 ms.
+    let a = replica(&["model-a", "model-b"], 100.0, 256, 6).await;
+    let proxy = routed(
+        &(route(&["model-a"], &[a.base_url()], "round_robin")
+            + "response_header_timeout_secs = 0.2\n"
+            + &route(&["*"], &[a.base_url()], "round_robin")),
+    )
+    .await;
+    let url = format!("http://{}/v1/chat/completions", proxy.addr());
+    let client = client();
+    let r = post(&client, &url, &chat("model-a", false)).await;
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("response_header_timeout_secs"),
+        "{:?}",
+        r.body
+    );
+    let r = post(&client, &url, &chat("model-b", false)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let text = metrics(&proxy).await;
+    assert_eq!(requests_total(&text, "upstream_timeout", "504"), 1.0);
+    proxy.shutdown().await;
 }

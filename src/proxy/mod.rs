@@ -18,8 +18,8 @@ use strip::StripUsage;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,11 +35,12 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::config::{Config, secs};
-use crate::net::{self, BoxError, Connector, TlsError};
+use crate::net::{self, BoxError, Connectors, TlsError};
 use crate::observe::{Feedback, Observer, Recorder, TimedBody};
 use crate::route::{Endpoint, RequestInfo};
 use crate::telemetry::otel::Tracer;
 use crate::telemetry::{Outcome, Telemetry};
+use crate::upstream::dns::Resolved;
 use crate::upstream::{self, Failed, RequestBody, Routes, SendError, UpstreamResponse};
 
 pin_project! {
@@ -113,7 +114,14 @@ pub enum BuildError {
 /// The forwarding half of `tokentap serve`, shared by all connections.
 #[derive(Debug)]
 pub struct Proxy {
-    routes: Routes,
+    /// The route table, replaced whole by a reload. Each request reads it once, at its start,
+    /// and keeps that table (and the endpoint it picked) to its end.
+    routes: RwLock<Arc<Routes>>,
+    /// The telemetry that a reload's new endpoints register their metrics with.
+    telemetry: Arc<Telemetry>,
+    /// Held while a reload builds and swaps a table, so that two reloads do not both build on
+    /// the same previous table.
+    reloading: std::sync::Mutex<()>,
     observer: Observer,
     max_body: usize,
     /// Request bodies held in memory, all requests together.
@@ -123,15 +131,13 @@ pub struct Proxy {
     inject_usage: bool,
     x_forwarded: bool,
     telemetry_enabled: bool,
-    header_timeout: Duration,
-    idle_timeout: Duration,
     next_id: AtomicU64,
 }
 
-/// The upstream connector of a configuration (`upstream.connect_timeout_secs`,
-/// `upstream.ca_file`).
-pub fn connector(config: &Config) -> Result<Connector, BuildError> {
-    net::connector(
+/// The upstream connectors of a configuration (`upstream.connect_timeout_secs`,
+/// `upstream.ca_file`). Reads the system's and the configured CA certificates: blocks.
+pub fn connectors(config: &Config) -> Result<Connectors, BuildError> {
+    Connectors::new(
         secs(config.upstream.connect_timeout_secs),
         config.upstream.ca_file.as_deref(),
     )
@@ -142,17 +148,21 @@ pub fn connector(config: &Config) -> Result<Connector, BuildError> {
 }
 
 impl Proxy {
-    /// Builds the proxy for a validated configuration.
+    /// Builds the proxy for a validated configuration, whose upstream names resolved to
+    /// `resolved`.
     pub fn new(
         config: &Config,
         telemetry: Arc<Telemetry>,
         tracer: Option<Arc<Tracer>>,
+        resolved: Resolved,
     ) -> Result<Proxy, BuildError> {
         let body_bytes_held = telemetry.body_bytes_held();
-        let routes =
-            Routes::new(config, &connector(config)?, &telemetry).map_err(BuildError::Url)?;
+        let routes = Routes::new(config, &connectors(config)?, &telemetry, None, resolved)
+            .map_err(BuildError::Url)?;
         Ok(Proxy {
-            routes,
+            routes: RwLock::new(Arc::new(routes)),
+            telemetry: telemetry.clone(),
+            reloading: std::sync::Mutex::new(()),
             observer: Observer::new(telemetry, tracer),
             max_body: config.proxy.max_request_body_bytes,
             budget: Budget::new(config.proxy.body_budget_bytes, body_bytes_held),
@@ -161,15 +171,49 @@ impl Proxy {
             inject_usage: config.proxy.inject_usage,
             x_forwarded: config.proxy.x_forwarded,
             telemetry_enabled: config.proxy.telemetry_enabled,
-            header_timeout: secs(config.upstream.response_header_timeout_secs),
-            idle_timeout: secs(config.upstream.idle_timeout_secs),
             next_id: AtomicU64::new(1),
         })
     }
 
-    /// The routes and their endpoints (kept up by the upkeep task, polled by the model poller).
-    pub fn routes(&self) -> &Routes {
-        &self.routes
+    /// The route table in force: the one a request that starts now gets (kept up by the
+    /// upkeep task, polled by the model poller).
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Builds the route table of `config` (its `[upstream]` and `[[routes]]`; the rest of the
+    /// proxy is fixed at start) with `connectors` (`None`: the table's in force) and the DNS
+    /// names' addresses `resolved`, and puts it in force for requests that start from now on;
+    /// requests in flight finish on the table they started with. Endpoints whose address and
+    /// settings are unchanged are kept with their pool, load and health. Returns the previous
+    /// table and the new one; on error the table in force stays.
+    pub fn rebuild(
+        &self,
+        config: &Config,
+        connectors: Option<Connectors>,
+        resolved: Resolved,
+    ) -> Result<(Arc<Routes>, Arc<Routes>), BuildError> {
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let previous = self.routes();
+        let connectors = connectors.unwrap_or_else(|| previous.connectors().clone());
+        let routes = Routes::new(
+            config,
+            &connectors,
+            &self.telemetry,
+            Some(&previous),
+            resolved,
+        )
+        .map_err(BuildError::Url)?;
+        let routes = Arc::new(routes);
+        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = routes.clone();
+        routes.retire(&previous);
+        Ok((previous, routes))
     }
 
     /// Proxies one request from the client at `remote`. Takes the proxy by `Arc` so that the
@@ -180,6 +224,8 @@ impl Proxy {
         remote: SocketAddr,
     ) -> Response<ProxyBody> {
         let t0 = Instant::now();
+        // Once per request: the whole request, its retry and its stream use this table.
+        let routes = self.routes();
         let (mut parts, body) = req.into_parts();
         let body = ReadTimeout::new(body, self.body_read_timeout);
         let endpoint = Endpoint::from_path(parts.uri.path());
@@ -212,12 +258,15 @@ impl Proxy {
         };
         if parts.method == Method::GET
             && endpoint == Endpoint::Models
-            && (self.routes.by_model() || self.routes.endpoints().len() > 1)
+            && (routes.by_model() || routes.endpoints().len() > 1)
         {
             // Several replicas: the proxy's own list, the union of theirs.
             let recorder = observe(&info, &parts, request_id);
-            let limit = self.header_timeout.min(Duration::from_secs(10));
-            let (response, ok) = models::union(&self.routes, limit).await;
+            let limit = routes
+                .route(None)
+                .map_or(Duration::from_secs(10), |r| r.header_timeout())
+                .min(Duration::from_secs(10));
+            let (response, ok) = models::union(&routes, limit).await;
             if let Some(recorder) = recorder {
                 let outcome = if ok {
                     Outcome::Ok
@@ -239,7 +288,7 @@ impl Proxy {
         let telemetry_reads = self.telemetry_enabled && endpoint.inspects_body(&parts.method);
         // With routes by model, every body that carries `model` is read for it (the one parse
         // that telemetry's labels use too).
-        let routing_reads = self.routes.by_model()
+        let routing_reads = routes.by_model()
             && parts.method == Method::POST
             && (endpoint.is_generation() || endpoint == Endpoint::Embeddings);
         let body = if telemetry_reads || routing_reads {
@@ -270,7 +319,7 @@ impl Proxy {
         };
 
         let recorder = observe(&info, &parts, request_id);
-        let Some(route) = self.routes.route(info.model.as_deref()) else {
+        let Some(route) = routes.route(info.model.as_deref()) else {
             let model = info.model.as_deref().unwrap_or_default();
             return refuse(recorder, Refusal::model_not_found(model));
         };
@@ -298,7 +347,8 @@ impl Proxy {
         // Boxed: connecting and sending are large futures that end at the response head; inline
         // they would stay in every connection's memory for the whole stream.
         let sending = Box::pin(route.send(upstream_req, retry));
-        let sent = tokio::time::timeout(self.header_timeout, sending).await;
+        let header_timeout = route.header_timeout();
+        let sent = tokio::time::timeout(header_timeout, sending).await;
         let (response, upstream) = match sent {
             Ok(Ok(sent)) => sent,
             Ok(Err(Failed { error, endpoint })) => {
@@ -318,7 +368,7 @@ impl Proxy {
                 };
                 return refuse(recorder, refusal);
             }
-            Err(_elapsed) => return refuse(recorder, Refusal::head_timeout(self.header_timeout)),
+            Err(_elapsed) => return refuse(recorder, Refusal::head_timeout(header_timeout)),
         };
         let now = Instant::now();
         drop(_held);
@@ -343,7 +393,7 @@ impl Proxy {
         if route.estimates_latency() {
             recorder.set_feedback(upstream);
         }
-        let body = TimedBody::new(body, recorder, self.idle_timeout, now, strip);
+        let body = TimedBody::new(body, recorder, route.idle_timeout(), now, strip);
         let body = if strip {
             ProxyBody::Stripped {
                 body: StripUsage::new(body, self.max_sse_event),

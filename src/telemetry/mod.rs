@@ -39,7 +39,7 @@ pub use labels::{
 pub use prometheus::{E2EL_BUCKETS, ITL_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS, names};
 use prometheus::{METADATA, describe};
 use stats::{RouteStats, Stats};
-pub use upstreams::{EndpointMetrics, upstream_names};
+pub use upstreams::{DnsMetrics, EndpointMetrics, ReloadMetrics, upstream_names};
 
 /// How a request ended (`docs/METRICS.md` §3), the `outcome` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

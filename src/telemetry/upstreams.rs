@@ -23,6 +23,19 @@ pub mod upstream_names {
     pub const EJECTED: &str = "tokentap_upstream_ejected";
     /// Gauge: endpoints of a route that are not ejected.
     pub const ROUTE_LIVE: &str = "tokentap_route_live_upstreams";
+    /// Counter: resolutions of an upstream DNS name that gave no address (the last good set
+    /// stays), by `name`.
+    pub const DNS_FAILURES: &str = "tokentap_upstream_dns_failures_total";
+    /// Counter: resolutions of a name with more addresses than `upstream.dns_max_addresses`.
+    pub const DNS_TRUNCATED: &str = "tokentap_upstream_dns_truncated_total";
+    /// Gauge: the addresses of a name in use as endpoints.
+    pub const DNS_ADDRESSES: &str = "tokentap_upstream_dns_addresses";
+    /// Counter: configuration reloads, by `result` (`ok`, `error`).
+    pub const RELOADS: &str = "tokentap_config_reloads_total";
+    /// Gauge: 1 when the last reload succeeded (or none was tried), 0 after a refused one.
+    pub const LAST_RELOAD_OK: &str = "tokentap_config_last_reload_successful";
+    /// Gauge: Unix time of the last successful reload (or of the start).
+    pub const LAST_RELOAD_TIME: &str = "tokentap_config_last_reload_success_timestamp_seconds";
 }
 
 use upstream_names as n;
@@ -42,6 +55,30 @@ pub struct EndpointMetrics {
     pub ejections: Counter,
     /// 1 while ejected.
     pub ejected: Gauge,
+}
+
+/// The handles of one upstream DNS name's metrics.
+#[derive(Clone, Debug)]
+pub struct DnsMetrics {
+    /// Resolutions that gave no address.
+    pub failures: Counter,
+    /// Resolutions past the cap.
+    pub truncated: Counter,
+    /// Addresses in use.
+    pub addresses: Gauge,
+}
+
+/// The handles of the reload metrics.
+#[derive(Clone, Debug)]
+pub struct ReloadMetrics {
+    /// Reloads put in force.
+    pub ok: Counter,
+    /// Reloads refused (the running configuration stayed).
+    pub error: Counter,
+    /// 1 after a successful reload (and at start), 0 after a refused one.
+    pub last_ok: Gauge,
+    /// Unix time, seconds, of the last successful reload (or the start).
+    pub last_time: Gauge,
 }
 
 impl Telemetry {
@@ -96,6 +133,73 @@ impl Telemetry {
             retries: r.register_counter(&key(n::RETRIES), &METADATA),
             ejections: r.register_counter(&key(n::EJECTIONS), &METADATA),
             ejected: r.register_gauge(&key(n::EJECTED), &METADATA),
+        }
+    }
+
+    /// The metrics of the upstream DNS name `name` (a host from the configuration).
+    pub fn dns_name(&self, name: &str) -> DnsMetrics {
+        let r = &self.recorder;
+        let describe = |key: &'static str, help: &'static str| {
+            (KeyName::from_const_str(key), SharedString::const_str(help))
+        };
+        let (k, h) = describe(
+            n::DNS_FAILURES,
+            "Resolutions of an upstream DNS name that gave no address; the last good set stays.",
+        );
+        r.describe_counter(k, Some(Unit::Count), h);
+        let (k, h) = describe(
+            n::DNS_TRUNCATED,
+            "Resolutions of an upstream DNS name with more addresses than upstream.dns_max_addresses.",
+        );
+        r.describe_counter(k, Some(Unit::Count), h);
+        let (k, h) = describe(
+            n::DNS_ADDRESSES,
+            "Addresses of an upstream DNS name in use as endpoints.",
+        );
+        r.describe_gauge(k, Some(Unit::Count), h);
+        let key = |metric: &'static str| {
+            Key::from_parts(metric, vec![Label::new("name", name.to_owned())])
+        };
+        DnsMetrics {
+            failures: r.register_counter(&key(n::DNS_FAILURES), &METADATA),
+            truncated: r.register_counter(&key(n::DNS_TRUNCATED), &METADATA),
+            addresses: r.register_gauge(&key(n::DNS_ADDRESSES), &METADATA),
+        }
+    }
+
+    /// The reload metrics: the counter of each result, the last result and its time.
+    pub fn config_reloads(&self) -> ReloadMetrics {
+        let r = &self.recorder;
+        r.describe_counter(
+            KeyName::from_const_str(n::RELOADS),
+            Some(Unit::Count),
+            SharedString::const_str("Configuration reloads (SIGHUP, POST /-/reload), by result."),
+        );
+        r.describe_gauge(
+            KeyName::from_const_str(n::LAST_RELOAD_OK),
+            None,
+            SharedString::const_str(
+                "1 when the last configuration reload succeeded (or none was tried), else 0.",
+            ),
+        );
+        r.describe_gauge(
+            KeyName::from_const_str(n::LAST_RELOAD_TIME),
+            Some(Unit::Seconds),
+            SharedString::const_str(
+                "Unix time of the last successful configuration reload, or of the start.",
+            ),
+        );
+        let counter = |result: &'static str| {
+            r.register_counter(
+                &Key::from_parts(n::RELOADS, vec![Label::new("result", result)]),
+                &METADATA,
+            )
+        };
+        ReloadMetrics {
+            ok: counter("ok"),
+            error: counter("error"),
+            last_ok: r.register_gauge(&Key::from_name(n::LAST_RELOAD_OK), &METADATA),
+            last_time: r.register_gauge(&Key::from_name(n::LAST_RELOAD_TIME), &METADATA),
         }
     }
 

@@ -20,26 +20,60 @@ use crate::http1::client::{RequestBody, SendError, UpstreamResponse as Wire};
 use crate::net::{BoxError, Connector};
 use crate::telemetry::EndpointMetrics;
 
+/// How an endpoint connects and keeps idle connections. A reload keeps an endpoint (its pool,
+/// load, latency estimate and health) when its address and these are unchanged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// Limit on opening a connection (the connector's).
+    pub connect_timeout: std::time::Duration,
+    /// Extra CA certificates (the connector's).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Idle connections kept.
+    pub max_idle: usize,
+    /// Idle connections are closed after this long.
+    pub idle_timeout: std::time::Duration,
+}
+
+/// One of the addresses a DNS name resolved to, and the endpoint's slot among the name's
+/// endpoints: the slot, not the address, is in the `upstream` label, so the label's values stay
+/// bounded by `upstream.dns_max_addresses` however often the addresses change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pinned {
+    /// The address connected to.
+    pub ip: std::net::IpAddr,
+    /// The slot, from 0.
+    pub slot: usize,
+}
+
 /// One upstream endpoint, shared by every route that lists it.
 #[derive(Debug)]
 pub struct Endpoint {
-    /// `scheme://authority`, as the configuration gives it: logs and the `upstream` label.
+    /// `scheme://authority` as the configuration gives it, with `#slot` for one of the
+    /// addresses of a DNS name: logs and the `upstream` label.
     address: Arc<str>,
+    /// `scheme://authority` as the configuration gives it.
+    base: Arc<str>,
+    /// The address of a DNS name this endpoint is (`None`: the host is resolved at each
+    /// connection).
+    pinned: Option<Pinned>,
     pool: Arc<Pool>,
     /// The `Host` header sent to it: the authority without a default port.
     host: HeaderValue,
     load: Load,
     health: Health,
     metrics: EndpointMetrics,
+    settings: Settings,
 }
 
 impl Endpoint {
-    /// An endpoint at `uri` (scheme and authority), with its own pool.
+    /// An endpoint at `uri` (scheme and authority), or at one address of its host name, with
+    /// its own pool; `connector` is built with `settings`' connect timeout and CA file (and
+    /// pinned to the address). `metrics` are those of [`label`]`(uri, pinned)`.
     pub fn new(
         uri: &Uri,
+        pinned: Option<Pinned>,
         connector: Connector,
-        max_idle: usize,
-        idle_timeout: std::time::Duration,
+        settings: Settings,
         metrics: EndpointMetrics,
     ) -> Result<Endpoint, String> {
         let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
@@ -54,19 +88,38 @@ impl Endpoint {
         let base: Uri = format!("{scheme}://{authority}")
             .parse()
             .map_err(|e| format!("{uri}: {e}"))?;
+        let plain: Arc<str> = base.to_string().trim_end_matches('/').into();
         Ok(Endpoint {
-            address: base.to_string().trim_end_matches('/').into(),
-            pool: Pool::new(connector, base, max_idle, idle_timeout),
+            address: label(&plain, pinned).into(),
+            base: plain,
+            pinned,
+            pool: Pool::new(connector, base, settings.max_idle, settings.idle_timeout),
             host,
             load: Load::new(),
             health: Health::new(),
             metrics,
+            settings,
         })
     }
 
     /// `scheme://authority`.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// `scheme://authority` as configured (without the slot).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The address of a DNS name it is pinned to.
+    pub fn pinned(&self) -> Option<Pinned> {
+        self.pinned
+    }
+
+    /// How it connects and pools.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Its connection pool.
@@ -132,6 +185,12 @@ impl Endpoint {
         self.metrics.retries.increment(1);
     }
 
+    /// Clears the ejection gauge of an endpoint a reload took out of the configuration (its
+    /// streams still in flight finish and are counted as usual).
+    pub(super) fn retire(&self) {
+        self.metrics.ejected.set(0.0);
+    }
+
     /// Updates the ejection gauge to the endpoint's health at `now` (periodically, since an
     /// ejection ends by itself).
     pub(super) fn refresh(&self, now: Instant) {
@@ -147,6 +206,7 @@ impl Endpoint {
                 self.metrics.ejected.set(1.0);
                 tracing::warn!(
                     upstream = %self.address,
+                    ip = ?self.pinned.map(|p| p.ip),
                     backoff_secs = backoff.as_secs_f64(),
                     "upstream ejected from balancing"
                 );
@@ -156,6 +216,15 @@ impl Endpoint {
                 tracing::info!(upstream = %self.address, "upstream healthy again");
             }
         }
+    }
+}
+
+/// The `upstream` label (and log name) of the endpoint at `base`: `base` itself, or
+/// `base#slot` for one of the addresses of its DNS name.
+pub fn label(base: &str, pinned: Option<Pinned>) -> String {
+    match pinned {
+        Some(p) => format!("{base}#{}", p.slot),
+        None => base.to_owned(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! (balance, health), and on which connection.
 
 pub mod balance;
+pub mod dns;
 pub mod endpoint;
 pub mod health;
 pub mod pool;

@@ -3,16 +3,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response, Uri};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::balance::{Policy, Rng};
-use super::endpoint::{Endpoint, UpstreamResponse};
+use super::dns::{self, Resolved};
+use super::endpoint::{self, Endpoint, Pinned, Settings, UpstreamResponse};
 use crate::config::{ANY_MODEL, Config, RouteConfig, secs};
 use crate::http1::client::{RequestBody, SendError};
-use crate::net::Connector;
+use crate::net::Connectors;
 use crate::telemetry::Telemetry;
 
 /// One route: its endpoints and how it balances over them.
@@ -24,6 +26,8 @@ pub struct Route {
     policy: Policy,
     rng: Rng,
     live: metrics::Gauge,
+    header_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 /// A request that no endpoint answered.
@@ -44,6 +48,16 @@ impl Route {
     /// Its endpoints.
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints
+    }
+
+    /// Limit on waiting for an endpoint's response head.
+    pub fn header_timeout(&self) -> Duration {
+        self.header_timeout
+    }
+
+    /// Limit on the silence between two body frames of a response.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 
     /// Picks an endpoint at `now` other than `except`: by the route's policy among the live
@@ -155,50 +169,114 @@ pub struct Routes {
     catch_all: bool,
     /// Every endpoint once, in the order the configuration first names them.
     endpoints: Vec<Arc<Endpoint>>,
+    /// The addresses of the DNS names the endpoints stand for.
+    resolved: Resolved,
+    /// What the endpoints' connectors were made with (a DNS change builds new endpoints
+    /// with them).
+    connectors: Connectors,
 }
 
 impl Routes {
     /// The routes of a validated configuration: its `[[routes]]`, or one catch-all route to
-    /// `upstream.url`. An upstream named in several routes is one endpoint.
+    /// `upstream.url`. An upstream named in several routes is one endpoint; one whose host is a
+    /// name in `resolved` is one endpoint per address. With `previous` (a reload, or new DNS
+    /// answers), an endpoint whose address and settings are unchanged is the previous one, with
+    /// its pool, load, latency estimate and health; the rest are new.
     pub fn new(
         config: &Config,
-        connector: &Connector,
+        connectors: &Connectors,
         telemetry: &Telemetry,
+        previous: Option<&Routes>,
+        resolved: Resolved,
     ) -> Result<Routes, String> {
         let short = [RouteConfig {
             models: vec![ANY_MODEL.to_owned()],
             upstreams: vec![config.upstream.url.clone()],
             balance: crate::config::Balance::RoundRobin,
+            ..RouteConfig::default()
         }];
         let configured: &[RouteConfig] = if config.routes.is_empty() {
             &short
         } else {
             &config.routes
         };
+        let old: &[Arc<Endpoint>] = previous.map_or(&[], |p| &p.endpoints);
+        let base_connectors = connectors.clone();
         let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
         let mut routes = Vec::with_capacity(configured.len());
         let mut by_model = HashMap::new();
         let (mut fallback, mut catch_all) = (0, false);
         for (i, rc) in configured.iter().enumerate() {
+            // `[upstream]`'s settings, with the route's own where it sets them: a route with
+            // other connection settings has endpoints of its own.
+            let up = rc.effective(&config.upstream);
+            let connectors = match rc.connect_timeout_secs.map(secs) {
+                Some(t) if t != connectors.connect_timeout() => &connectors.with_timeout(t),
+                _ => connectors,
+            };
+            let settings = Settings {
+                connect_timeout: connectors.connect_timeout(),
+                ca_file: up.ca_file.clone(),
+                max_idle: up.pool_max_idle,
+                idle_timeout: secs(up.pool_idle_timeout_secs),
+            };
             let mut mine = Vec::with_capacity(rc.upstreams.len());
             for url in &rc.upstreams {
                 let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-                let endpoint = Endpoint::new(
-                    &uri,
-                    connector.clone(),
-                    config.upstream.pool_max_idle,
-                    secs(config.upstream.pool_idle_timeout_secs),
-                    telemetry.upstream_endpoint(&base(&uri)),
-                )?;
-                let endpoint = match endpoints.iter().find(|e| e.address() == endpoint.address()) {
-                    Some(known) => known.clone(),
-                    None => {
-                        let endpoint = Arc::new(endpoint);
-                        endpoints.push(endpoint.clone());
-                        endpoint
+                let base = base(&uri);
+                let host = uri.host().unwrap_or_default();
+                let ips: Vec<Option<std::net::IpAddr>> = match resolved.get(host) {
+                    Some(ips) if dns::is_name(host) && !ips.is_empty() => {
+                        ips.iter().copied().map(Some).collect()
                     }
+                    _ => vec![None],
                 };
-                mine.push(endpoint);
+                // Slots of this name's endpoints that stay (kept, or built for another
+                // route already): a new address takes the lowest free one.
+                let mut taken: Vec<usize> = endpoints
+                    .iter()
+                    .chain(old.iter().filter(|e| *e.settings() == settings))
+                    .filter(|e| e.base() == base)
+                    .filter_map(|e| e.pinned())
+                    .filter(|p| ips.contains(&Some(p.ip)))
+                    .map(|p| p.slot)
+                    .collect();
+                for ip in ips {
+                    let same = |e: &&Arc<Endpoint>| {
+                        e.base() == base
+                            && *e.settings() == settings
+                            && e.pinned().map(|p| p.ip) == ip
+                    };
+                    if let Some(known) = endpoints.iter().find(same) {
+                        mine.push(known.clone());
+                        continue;
+                    }
+                    let endpoint = match old.iter().find(same) {
+                        Some(kept) => kept.clone(),
+                        None => {
+                            let pinned = ip.map(|ip| {
+                                let slot = (0..).find(|s| !taken.contains(s)).unwrap_or(0);
+                                taken.push(slot);
+                                Pinned { ip, slot }
+                            });
+                            let connector = match pinned {
+                                Some(p) => connectors.pinned(p.ip),
+                                None => connectors.system(),
+                            };
+                            let metrics =
+                                telemetry.upstream_endpoint(&endpoint::label(&base, pinned));
+                            Arc::new(Endpoint::new(
+                                &uri,
+                                pinned,
+                                connector,
+                                settings.clone(),
+                                metrics,
+                            )?)
+                        }
+                    };
+                    endpoints.push(endpoint.clone());
+                    mine.push(endpoint);
+                }
             }
             for model in &rc.models {
                 if model == ANY_MODEL {
@@ -209,13 +287,16 @@ impl Routes {
             }
             let name: Box<str> = rc.models[0].as_str().into();
             let live = telemetry.route_live(&name);
-            live.set(mine.len() as f64);
+            let now = Instant::now();
+            live.set(mine.iter().filter(|e| e.health().is_live(now)).count() as f64);
             routes.push(Route {
                 name,
                 endpoints: mine,
                 policy: Policy::new(rc.balance),
                 rng: Rng::new(rand::random::<u64>() ^ i as u64),
                 live,
+                header_timeout: secs(up.response_header_timeout_secs),
+                idle_timeout: secs(up.idle_timeout_secs),
             });
         }
         Ok(Routes {
@@ -224,7 +305,43 @@ impl Routes {
             fallback,
             catch_all,
             endpoints,
+            resolved,
+            connectors: base_connectors,
         })
+    }
+
+    /// The addresses of the DNS names the endpoints stand for.
+    pub fn resolved(&self) -> &Resolved {
+        &self.resolved
+    }
+
+    /// What the endpoints' connectors were made with.
+    pub fn connectors(&self) -> &Connectors {
+        &self.connectors
+    }
+
+    /// After `self` replaced `previous`: zeroes the gauges of the routes and endpoints that are
+    /// gone, so a scrape does not show them live or ejected (their label values stay exported,
+    /// bounded by the configurations loaded since start).
+    pub fn retire(&self, previous: &Routes) {
+        for old in &previous.routes {
+            if !self.routes.iter().any(|r| r.name == old.name) {
+                old.live.set(0.0);
+            }
+        }
+        for old in &previous.endpoints {
+            if !self.endpoints.iter().any(|e| Arc::ptr_eq(e, old)) {
+                old.retire();
+            }
+        }
+    }
+
+    /// How many of the endpoints are `previous`'s (kept across a reload with their state).
+    pub fn kept_from(&self, previous: &Routes) -> usize {
+        self.endpoints
+            .iter()
+            .filter(|e| previous.endpoints.iter().any(|p| Arc::ptr_eq(e, p)))
+            .count()
     }
 
     /// Whether requests are routed by model at all (some route names a model): only then need
@@ -285,5 +402,104 @@ fn base(uri: &Uri) -> String {
     match (uri.scheme(), uri.authority()) {
         (Some(s), Some(a)) => format!("{s}://{a}"),
         _ => uri.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::Routes;
+    use crate::config::Config;
+    use crate::telemetry::Telemetry;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text).unwrap()
+    }
+
+    fn find(routes: &Routes, address: &str) -> Arc<super::Endpoint> {
+        routes
+            .endpoints()
+            .iter()
+            .find(|e| e.address() == address)
+            .unwrap()
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_endpoints_whose_address_and_settings_are_unchanged() {
+        let first = config(
+            "[[routes]]\nmodels = [\"a\"]\nupstreams = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\n\
+             [[routes]]\nmodels = [\"*\"]\nupstreams = [\"http://127.0.0.1:2\"]\n",
+        );
+        let telemetry = Telemetry::new(&first);
+        let connector =
+            crate::net::Connectors::new(std::time::Duration::from_secs(1), None).unwrap();
+        let none = super::Resolved::default;
+        let old = Routes::new(&first, &connector, &telemetry, None, none()).unwrap();
+        // The state a reload must not lose: an outstanding request, an ejection.
+        let one = find(&old, "http://127.0.0.1:1");
+        one.load().start();
+        let now = tokio::time::Instant::now();
+        for _ in 0..10 {
+            one.health().on_connect_error(now);
+        }
+        assert!(!one.health().is_live(now));
+
+        let second = config(
+            "[[routes]]\nmodels = [\"*\"]\nupstreams = [\"http://127.0.0.1:3\", \"http://127.0.0.1:1\"]\n",
+        );
+        let new = Routes::new(&second, &connector, &telemetry, Some(&old), none()).unwrap();
+        assert!(Arc::ptr_eq(&find(&new, "http://127.0.0.1:1"), &one));
+        assert!(!find(&new, "http://127.0.0.1:1").health().is_live(now));
+        assert_eq!(new.kept_from(&old), 1);
+        assert_eq!(new.endpoints().len(), 2);
+        assert_eq!(new.routes().len(), 1);
+
+        // Other pool settings: a new endpoint at the same address, with a fresh state.
+        let third = config(
+            "[upstream]\npool_max_idle = 3\n[[routes]]\nmodels = [\"*\"]\nupstreams = [\"http://127.0.0.1:1\"]\n",
+        );
+        let newer = Routes::new(&third, &connector, &telemetry, Some(&new), none()).unwrap();
+        let fresh = find(&newer, "http://127.0.0.1:1");
+        assert!(!Arc::ptr_eq(&fresh, &one));
+        assert!(fresh.health().is_live(now));
+        assert_eq!(newer.kept_from(&new), 0);
+        one.load().end();
+    }
+
+    #[tokio::test]
+    async fn a_route_overrides_the_upstream_settings_for_itself_only() {
+        let c = config(
+            "[upstream]
+idle_timeout_secs = 50
+             [[routes]]
+models = [\"a\"]
+upstreams = [\"http://127.0.0.1:1\"]
+             response_header_timeout_secs = 2
+idle_timeout_secs = 3
+pool_max_idle = 0
+             [[routes]]
+models = [\"*\"]
+upstreams = [\"http://127.0.0.1:1\"]
+",
+        );
+        let telemetry = Telemetry::new(&c);
+        let connector =
+            crate::net::Connectors::new(std::time::Duration::from_secs(1), None).unwrap();
+        let routes =
+            Routes::new(&c, &connector, &telemetry, None, super::Resolved::default()).unwrap();
+        let (a, any) = (
+            routes.route(Some("a")).unwrap(),
+            routes.route(None).unwrap(),
+        );
+        assert_eq!(a.header_timeout(), std::time::Duration::from_secs(2));
+        assert_eq!(a.idle_timeout(), std::time::Duration::from_secs(3));
+        assert_eq!(any.header_timeout(), std::time::Duration::from_secs(600));
+        assert_eq!(any.idle_timeout(), std::time::Duration::from_secs(50));
+        // Other pool settings: the same address is an endpoint of each route's own.
+        assert_eq!(routes.endpoints().len(), 2);
+        assert_eq!(a.endpoints()[0].settings().max_idle, 0);
+        assert_eq!(any.endpoints()[0].settings().max_idle, 1024);
     }
 }
