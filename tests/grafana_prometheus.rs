@@ -16,8 +16,14 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 /// The only variables a dashboard query may use, so that queries can be extracted and run by a
-/// script (substitute `.*` for the first three and a duration for the last).
-const ALLOWED_VARIABLES: [&str; 4] = ["$model", "$endpoint", "$tenant", "$__rate_interval"];
+/// script (substitute `.*` for the first four and a duration for the last).
+const ALLOWED_VARIABLES: [&str; 5] = [
+    "$model",
+    "$endpoint",
+    "$tenant",
+    "$upstream",
+    "$__rate_interval",
+];
 
 /// The datasource every panel, query and query variable must reference.
 const DATASOURCE_VARIABLE: &str = "${datasource}";
@@ -399,6 +405,7 @@ fn dashboard_problems(dashboard: &Value, allowed: &BTreeSet<String>) -> Vec<Stri
     let mut boxes: Vec<(String, i64, i64, i64, i64)> = Vec::new();
     let mut uses_endpoint = false;
     let mut uses_tenant = false;
+    let mut uses_upstream = false;
     for panel in &panels {
         let name = title(panel);
         let is_row = panel["type"] == "row";
@@ -457,6 +464,7 @@ fn dashboard_problems(dashboard: &Value, allowed: &BTreeSet<String>) -> Vec<Stri
                 }
                 uses_endpoint |= var == "$endpoint";
                 uses_tenant |= var == "$tenant";
+                uses_upstream |= var == "$upstream";
             }
             for metric in metric_names(expr) {
                 if !allowed.contains(&metric) && !metric.starts_with("vllm:") {
@@ -476,6 +484,11 @@ fn dashboard_problems(dashboard: &Value, allowed: &BTreeSet<String>) -> Vec<Stri
     if uses_tenant && !label_values("tenant") {
         problems
             .push("queries use $tenant but there is no `tenant` label_values variable".to_owned());
+    }
+    if uses_upstream && !label_values("upstream") {
+        problems.push(
+            "queries use $upstream but there is no `upstream` label_values variable".to_owned(),
+        );
     }
     for (i, a) in boxes.iter().enumerate() {
         for b in &boxes[i + 1..] {
@@ -596,8 +609,42 @@ fn latency_dashboard_covers_the_promised_panels() {
         "tokentap_request_cached_prompt_tokens_sum",
         "vllm:time_to_first_token_seconds_bucket",
         "tokentap:slo_goodput_objective",
+        // The Replicas row.
+        "tokentap_upstream_requests_total",
+        "tokentap_upstream_requests_in_flight",
+        "tokentap_upstream_time_to_first_token_seconds_bucket",
+        "tokentap_upstream_e2e_request_latency_seconds_bucket",
+        "tokentap_upstream_time_per_output_token_seconds_bucket",
+        "tokentap_upstream_ejected",
+        "tokentap_upstream_ejections_total",
+        "tokentap_upstream_connect_errors_total",
+        "tokentap_upstream_retries_total",
+        "tokentap_route_live_upstreams",
     ] {
         assert!(uses(metric), "no panel queries {metric}");
+    }
+    // Per-replica panels filter on an `upstream` variable, under a row of their own.
+    let upstream_var = dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == "upstream")
+        .expect("an `upstream` variable");
+    assert_eq!(
+        upstream_var["query"],
+        "label_values(tokentap_upstream_requests_total, upstream)"
+    );
+    assert!(
+        all_panels(panel_list(&dashboard))
+            .iter()
+            .any(|p| p["type"] == "row" && title(p).starts_with("Replicas")),
+        "a Replicas row"
+    );
+    for e in exprs
+        .iter()
+        .filter(|e| e.contains("tokentap_upstream_time_"))
+    {
+        assert!(e.contains("$upstream"), "not filtered by $upstream: {e}");
     }
     // Quantiles add replicas up before taking the quantile.
     for e in exprs.iter().filter(|e| e.contains("histogram_quantile(")) {
@@ -775,6 +822,7 @@ fn dashboard_queries_are_valid_promql() {
                     .replace("$model", ".*")
                     .replace("$endpoint", ".*")
                     .replace("$tenant", ".*")
+                    .replace("$upstream", ".*")
                     .replace("$__rate_interval", "1m");
                 count += 1;
                 let quoted = serde_json::to_string(&concrete).unwrap();

@@ -850,7 +850,8 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
     let proxy = tokentap::start(config).await.unwrap();
     let admin = proxy.admin_addr().unwrap();
     let base = format!("http://{}", proxy.addr());
-    let sim_target = sim.base_url().trim_start_matches("http://").to_owned();
+    let sim_url = sim.base_url();
+    let sim_target = sim_url.trim_start_matches("http://").to_owned();
     let sim_exports_itl = scrape_sim(&sim).await.contains(VLLM_ITL);
 
     let prom = start_prometheus(&admin.to_string(), &sim_target).await;
@@ -939,6 +940,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
             "model" => &[MODEL],
             "endpoint" => &["chat", "completions", "embeddings", "models", "other"],
             "tenant" => &[PLAIN_TENANT, "none"],
+            "upstream" => &[sim_url.as_str()],
             other => panic!("unexpected variable label {other}"),
         };
         for w in want {
@@ -953,13 +955,15 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
     // panel draws it (step 1 s; $__rate_interval = max(4 x scrape interval, step + scrape
     // interval) = 4 s).
     let model_regex = grafana_regex_escape(MODEL);
-    let variable_sets: [(&str, [(&str, &str); 4]); 4] = [
+    let upstream_regex = grafana_regex_escape(&sim_url);
+    let variable_sets: [(&str, [(&str, &str); 5]); 5] = [
         (
             "All",
             [
                 ("model", ".*"),
                 ("endpoint", ".*"),
                 ("tenant", ".*"),
+                ("upstream", ".*"),
                 ("__rate_interval", window.as_str()),
             ],
         ),
@@ -969,6 +973,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
                 ("model", &model_regex),
                 ("endpoint", "chat"),
                 ("tenant", ".*"),
+                ("upstream", ".*"),
                 ("__rate_interval", window.as_str()),
             ],
         ),
@@ -978,6 +983,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
                 ("model", &model_regex),
                 ("endpoint", "completions"),
                 ("tenant", ".*"),
+                ("upstream", ".*"),
                 ("__rate_interval", window.as_str()),
             ],
         ),
@@ -987,6 +993,17 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
                 ("model", ".*"),
                 ("endpoint", ".*"),
                 ("tenant", PLAIN_TENANT),
+                ("upstream", ".*"),
+                ("__rate_interval", window.as_str()),
+            ],
+        ),
+        (
+            "one upstream",
+            [
+                ("model", ".*"),
+                ("endpoint", ".*"),
+                ("tenant", ".*"),
+                ("upstream", &upstream_regex),
                 ("__rate_interval", window.as_str()),
             ],
         ),
@@ -1028,6 +1045,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
                 ("model", ".*"),
                 ("endpoint", ".*"),
                 ("tenant", ".*"),
+                ("upstream", ".*"),
                 ("__rate_interval", "4s"),
             ],
         );
@@ -1090,6 +1108,8 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
         ("TTFT: time to first token (p50 / p90 / p99)", "A"),
         ("TTFT: tokentap vs vLLM server-side", "A"),
         ("TTFT: tokentap vs vLLM server-side", "C"),
+        // One upstream: its TTFT is the proxy's.
+        ("TTFT per upstream (p50 / p99)", "A"),
     ] {
         let q = find(&panels, panel, ref_id);
         let expr = substitute(
@@ -1097,6 +1117,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
             &[
                 ("model", ".*"),
                 ("endpoint", ".*"),
+                ("upstream", ".*"),
                 ("__rate_interval", &clean_window),
             ],
         );
@@ -1279,7 +1300,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
         goodput_burn > 1.5 && goodput_burn < 6.0 / 1.5,
         "{goodput_burn}"
     );
-    let expected_alerts: [(&str, bool, &str); 13] = [
+    let expected_alerts: [(&str, bool, &str); 15] = [
         (
             "TokentapAvailabilityBudgetBurnFast",
             true,
@@ -1324,6 +1345,16 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
             "TokentapOtelSpansDropped",
             true,
             "the span collector is down",
+        ),
+        (
+            "TokentapRouteNoLiveUpstream",
+            false,
+            "the simulator's route had a live endpoint at some scrape of every minute",
+        ),
+        (
+            "TokentapUpstreamEjected",
+            false,
+            "a burst of 503s ejects the simulator for a second or two at most",
         ),
     ];
     let mut recorded = 0usize;

@@ -4,7 +4,8 @@
 //  2. against this repository's rules: unique dashboard uids, unique panel ids, no hard-coded
 //     datasource uid (only the ${datasource} variable), a description on every panel, and queries
 //     that use only known metrics (grafana/metrics.txt, vllm:*, up, recording rules from
-//     config/prometheus/rules/*.yml) and only the variables $model, $endpoint, $tenant, $__rate_interval.
+//     config/prometheus/rules/*.yml) and only the variables $model, $endpoint, $tenant, $upstream,
+//     $__rate_interval.
 //
 // Usage: npm ci --prefix .ci/dashboards && node .ci/dashboards/validate.mjs [dashboard.json ...]
 // Exit code 0 when everything is valid, 1 otherwise (each problem printed on its own line).
@@ -53,7 +54,7 @@ for (const f of readdirSync(rulesDir).filter((f) => f.endsWith(".yml") || f.ends
     allowedMetrics.add(m[1]);
   }
 }
-const allowedVars = new Set(["$model", "$endpoint", "$tenant", "$__rate_interval"]);
+const allowedVars = new Set(["$model", "$endpoint", "$tenant", "$upstream", "$__rate_interval"]);
 const keywords = new Set(["by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset", "inf", "nan"]);
 
 /** Metric names a PromQL expression selects (strings, label matchers, ranges and grouping lists removed). */
@@ -130,6 +131,10 @@ export function checkDashboard(d) {
   const usesTenant = panels.some((p) => (p.targets ?? []).some((t) => String(t.expr).includes("$tenant")));
   if (usesTenant && !String(vars.get("tenant")?.query ?? "").startsWith("label_values(")) {
     problems.push(`queries use $tenant but there is no label_values variable named "tenant"`);
+  }
+  const usesUpstream = panels.some((p) => (p.targets ?? []).some((t) => String(t.expr).includes("$upstream")));
+  if (usesUpstream && !String(vars.get("upstream")?.query ?? "").startsWith("label_values(")) {
+    problems.push(`queries use $upstream but there is no label_values variable named "upstream"`);
   }
   return problems;
 }

@@ -12,7 +12,7 @@ use crate::route::Endpoint;
 use crate::sse::{self, Dialect, EventKind, SseParser};
 use crate::telemetry::otel::RequestSpan;
 use crate::telemetry::stats::ItlBatch;
-use crate::telemetry::{Finished, Outcome, RouteMetrics, Telemetry};
+use crate::telemetry::{Finished, Outcome, RouteMetrics, Telemetry, UpstreamLatency};
 
 /// Largest non-streaming body kept (by reference, not copied) to read `usage` from at the end.
 const MAX_JSON_USAGE_BODY: usize = 4 * 1024 * 1024;
@@ -85,6 +85,8 @@ pub struct Recorder {
     request_id: Box<str>,
     /// The upstream's load balancer, when it wants the request's latency.
     feedback: Option<Arc<dyn Feedback>>,
+    /// The latency histograms of the upstream endpoint that answered.
+    upstream: Option<Arc<UpstreamLatency>>,
 }
 
 impl Recorder {
@@ -109,6 +111,7 @@ impl Recorder {
             span: span.map(Box::new),
             itl: ItlBatch::default(),
             feedback: None,
+            upstream: None,
         }
     }
 
@@ -116,6 +119,13 @@ impl Recorder {
     /// serves the request is known).
     pub fn set_feedback(&mut self, feedback: Arc<dyn Feedback>) {
         self.feedback = Some(feedback);
+    }
+
+    /// Records the request's TTFT, TPOT and E2EL in `upstream`'s histograms too (set once the
+    /// endpoint that answered is known, before its response head is read): the same figures
+    /// as the main histograms, at the same moments.
+    pub fn set_upstream(&mut self, upstream: Arc<UpstreamLatency>) {
+        self.upstream = Some(upstream);
     }
 
     /// Called when the upstream's response head arrives: records the header time and decides
@@ -165,6 +175,7 @@ impl Recorder {
         let itl = &mut self.itl;
         let meta_seen = &mut self.meta_seen;
         let feedback = &self.feedback;
+        let upstream = self.upstream.as_deref();
         match &mut self.mode {
             Mode::Opaque => {}
             Mode::Json { frames, len } => {
@@ -178,7 +189,9 @@ impl Recorder {
             }
             Mode::Sse { parser } => {
                 parser.feed(data, |event| {
-                    latency.on_event(event, now, |o| observe(route, span, itl, feedback, o, now));
+                    latency.on_event(event, now, |o| {
+                        observe(route, span, itl, feedback, upstream, o, now)
+                    });
                     if !*meta_seen
                         && let (Some(span), Some(id), Some(model)) =
                             (span.as_mut(), event.id, event.model)
@@ -262,6 +275,9 @@ impl Recorder {
         {
             feedback.finished(figures.ttft, figures.itl_mean, figures.e2el, now);
         }
+        if let Some(upstream) = &self.upstream {
+            upstream.finished(outcome, &figures, trace);
+        }
         if let Some(span) = self.span {
             (*span).finish(outcome, self.status, &figures);
         }
@@ -287,14 +303,17 @@ fn observe(
     span: &mut Option<Box<RequestSpan>>,
     itl: &mut ItlBatch,
     feedback: &Option<Arc<dyn Feedback>>,
+    upstream: Option<&UpstreamLatency>,
     o: Observation,
     now: Instant,
 ) {
     match o {
         Observation::FirstToken(d) => {
-            route
-                .ttft
-                .record_traced(d.as_secs_f64(), span.as_ref().and_then(|s| s.trace()));
+            let trace = span.as_ref().and_then(|s| s.trace());
+            route.ttft.record_traced(d.as_secs_f64(), trace);
+            if let Some(upstream) = upstream {
+                upstream.first_token(d.as_secs_f64(), trace);
+            }
             if let Some(feedback) = feedback {
                 feedback.first_token(d, now);
             }

@@ -389,6 +389,7 @@ impl Proxy {
         if strip {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
+        recorder.set_upstream(upstream.latency().clone());
         recorder.on_head(parts.status.as_u16(), sse, json, self.max_sse_event, now);
         if route.estimates_latency() {
             recorder.set_feedback(upstream);

@@ -39,7 +39,7 @@ pub use labels::{
 pub use prometheus::{E2EL_BUCKETS, ITL_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS, names};
 use prometheus::{METADATA, describe};
 use stats::{RouteStats, Stats};
-pub use upstreams::{DnsMetrics, EndpointMetrics, ReloadMetrics, upstream_names};
+pub use upstreams::{DnsMetrics, EndpointMetrics, ReloadMetrics, UpstreamLatency, upstream_names};
 
 /// How a request ended (`docs/METRICS.md` §3), the `outcome` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -363,10 +363,13 @@ impl Telemetry {
                 | names::REASONING
                 | names::QUEUE_TIME
                 | names::PREFILL_TIME
-                | names::OUTSIDE_ENGINE => &ttft,
+                | names::OUTSIDE_ENGINE
+                | upstream_names::TTFT => &ttft,
                 names::ITL | names::MAX_ITL => &itl,
-                names::TPOT => &tpot,
-                names::E2EL | names::HEADER_TIME | names::DECODE_TIME => &e2el,
+                names::TPOT | upstream_names::TPOT => &tpot,
+                names::E2EL | names::HEADER_TIME | names::DECODE_TIME | upstream_names::E2EL => {
+                    &e2el
+                }
                 _ => &tokens,
             }
         };

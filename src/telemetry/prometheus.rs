@@ -4,6 +4,7 @@ use metrics::{KeyName, Level, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::PrometheusRecorder;
 
 use super::histogram::Histograms;
+use super::upstreams::upstream_names;
 
 /// Where the exporter's counters and gauges say they come from.
 pub(super) const METADATA: Metadata<'static> =
@@ -196,6 +197,24 @@ pub(super) fn describe<'a>(
         names::E2EL,
         s,
         "Time from request arrival to the last output event (last body byte for non-streaming) of requests that ended ok (vllm bench serve E2EL).",
+        'h',
+    );
+    d(
+        upstream_names::TTFT,
+        s,
+        "TTFT (as tokentap_time_to_first_token_seconds) of the requests each upstream endpoint answered.",
+        'h',
+    );
+    d(
+        upstream_names::TPOT,
+        s,
+        "TPOT (as tokentap_time_per_output_token_seconds) of the requests each upstream endpoint answered that ended ok.",
+        'h',
+    );
+    d(
+        upstream_names::E2EL,
+        s,
+        "E2EL (as tokentap_e2e_request_latency_seconds) of the requests each upstream endpoint answered that ended ok.",
         'h',
     );
     d(

@@ -1,11 +1,23 @@
 //! Metrics of each upstream endpoint and route: requests sent, in flight, connect errors,
-//! retries and ejections. The `upstream` label is an endpoint's address as the configuration
-//! gives it and `route` a route's first model name, so both are bounded by the configuration.
+//! retries and ejections, and the TTFT, TPOT and E2EL of the requests each endpoint answered.
+//! The `upstream` label is an endpoint's address as the configuration gives it and `route` a
+//! route's first model name, so both are bounded by the configuration.
+//!
+//! The latency histograms per endpoint are families of their own, labelled with `upstream`
+//! only, rather than an `upstream` label on the main histograms: those are already one series
+//! per model × endpoint kind (× tenant), and multiplying them by the replicas would make every
+//! dashboard query and every scrape pay for a breakdown that only the replicas row needs. They
+//! are fed the same figures as the main histograms at the same moments, so per endpoint they
+//! add up to the main ones (`docs/METRICS.md` §8).
+
+use std::sync::Arc;
 
 use metrics::{Counter, Gauge, Key, KeyName, Label, Recorder, SharedString, Unit};
 
-use super::Telemetry;
+use super::histogram::{Series, TraceIds};
 use super::prometheus::METADATA;
+use super::{Outcome, Telemetry};
+use crate::latency::Figures;
 
 /// Metric names of endpoints and routes.
 pub mod upstream_names {
@@ -36,6 +48,12 @@ pub mod upstream_names {
     pub const LAST_RELOAD_OK: &str = "tokentap_config_last_reload_successful";
     /// Gauge: Unix time of the last successful reload (or of the start).
     pub const LAST_RELOAD_TIME: &str = "tokentap_config_last_reload_success_timestamp_seconds";
+    /// Histogram: TTFT of the requests an endpoint answered, seconds.
+    pub const TTFT: &str = "tokentap_upstream_time_to_first_token_seconds";
+    /// Histogram: TPOT of the requests an endpoint answered that ended ok, seconds.
+    pub const TPOT: &str = "tokentap_upstream_time_per_output_token_seconds";
+    /// Histogram: E2EL of the requests an endpoint answered that ended ok, seconds.
+    pub const E2EL: &str = "tokentap_upstream_e2e_request_latency_seconds";
 }
 
 use upstream_names as n;
@@ -55,6 +73,43 @@ pub struct EndpointMetrics {
     pub ejections: Counter,
     /// 1 while ejected.
     pub ejected: Gauge,
+    /// The latency of the requests it answered.
+    pub latency: Arc<UpstreamLatency>,
+}
+
+/// The latency histograms of one endpoint, handed to each request it answers (one reference
+/// count per request, nothing per chunk): the first token's TTFT is recorded when the main
+/// TTFT is, and TPOT and E2EL at the request's one report, under the main histograms' rules.
+/// A retried request is the endpoint's that answered it.
+#[derive(Debug)]
+pub struct UpstreamLatency {
+    /// TTFT (exemplars: the traces of sampled requests).
+    ttft: Series,
+    /// TPOT.
+    tpot: Series,
+    /// E2EL (exemplars: the traces of sampled requests).
+    e2el: Series,
+}
+
+impl UpstreamLatency {
+    /// A request this endpoint answered handed its first token to the client `ttft` after it
+    /// arrived.
+    pub fn first_token(&self, ttft: f64, trace: Option<TraceIds>) {
+        self.ttft.record_traced(ttft, trace);
+    }
+
+    /// A request this endpoint answered ended with `outcome`: its E2EL and TPOT count when it
+    /// ended ok, as in `tokentap_e2e_request_latency_seconds` and
+    /// `tokentap_time_per_output_token_seconds`.
+    pub fn finished(&self, outcome: Outcome, figures: &Figures, trace: Option<TraceIds>) {
+        if outcome != Outcome::Ok {
+            return;
+        }
+        self.e2el.record_traced(figures.e2el.as_secs_f64(), trace);
+        if let Some(tpot) = figures.tpot {
+            self.tpot.record(tpot.as_secs_f64());
+        }
+    }
 }
 
 /// The handles of one upstream DNS name's metrics.
@@ -126,7 +181,13 @@ impl Telemetry {
         let key = |name: &'static str| {
             Key::from_parts(name, vec![Label::new("upstream", upstream.to_owned())])
         };
+        let series = |name: &'static str| self.histograms.series(name, &[("upstream", upstream)]);
         EndpointMetrics {
+            latency: Arc::new(UpstreamLatency {
+                ttft: series(n::TTFT),
+                tpot: series(n::TPOT),
+                e2el: series(n::E2EL),
+            }),
             requests: r.register_counter(&key(n::REQUESTS), &METADATA),
             in_flight: r.register_gauge(&key(n::IN_FLIGHT), &METADATA),
             connect_errors: r.register_counter(&key(n::CONNECT_ERRORS), &METADATA),

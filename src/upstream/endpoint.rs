@@ -18,7 +18,7 @@ use super::health::{Change, Health};
 use super::pool::{Pool, Refused};
 use crate::http1::client::{RequestBody, SendError, UpstreamResponse as Wire};
 use crate::net::{BoxError, Connector};
-use crate::telemetry::EndpointMetrics;
+use crate::telemetry::{EndpointMetrics, UpstreamLatency};
 
 /// How an endpoint connects and keeps idle connections. A reload keeps an endpoint (its pool,
 /// load, latency estimate and health) when its address and these are unchanged.
@@ -135,6 +135,11 @@ impl Endpoint {
     /// Its passive health.
     pub fn health(&self) -> &Health {
         &self.health
+    }
+
+    /// The latency histograms of the requests it answers.
+    pub fn latency(&self) -> &Arc<UpstreamLatency> {
+        &self.metrics.latency
     }
 
     /// Sends `req` here (setting `Host`), counted outstanding until the response body ends;
