@@ -7,11 +7,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::BufRead as _;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::otlp::{Oteltap, case_env, child_test, dead_endpoint};
 use common::*;
 use fake_opentelemetry_collector::{ExportedMetric, FakeCollectorServer};
 use tokentap::config::{Config, OtlpMetricsConfig, Protocol, Temporality};
@@ -612,62 +612,15 @@ async fn off_builds_nothing_and_bad_settings_are_refused() {
 // ---------------------------------------------------------------------------------------------
 // OTLP/HTTP protobuf, to oteltap.
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn http_protobuf_to_oteltap() {
-    let installed = std::process::Command::new("python3")
-        .args(["-c", "import oteltap"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !installed {
-        assert!(
-            !require_external(),
-            "oteltap is required (python3 -m pip install oteltap)"
-        );
-        println!("skipped: needs the oteltap OTLP/HTTP receiver (python3 -m pip install oteltap)");
+    let Some(mut oteltap) = Oteltap::start("http_protobuf_to_oteltap").await else {
         return;
-    }
-    let port = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        l.local_addr().unwrap().port()
     };
-    let mut child = std::process::Command::new("python3")
-        .args(["-u", "-m", "oteltap", "--port", &port.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("oteltap starts");
-    let out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let _child = Child(child);
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in out.lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let first = tokio::time::timeout(Duration::from_secs(20), lines.recv())
-        .await
-        .expect("oteltap says it listens")
-        .unwrap_or_default();
-    assert!(first.contains("Listening"), "oteltap said {first:?}");
-
     let sim = sim(exact_sim(5.0, 1.0)).await;
     let proxy = tokentap::start(config(
         &sim.base_url(),
-        metrics_config(Protocol::HttpProtobuf, format!("http://127.0.0.1:{port}")),
+        metrics_config(Protocol::HttpProtobuf, oteltap.endpoint()),
     ))
     .await
     .unwrap();
@@ -703,7 +656,7 @@ async fn http_protobuf_to_oteltap() {
     };
     while !done(&seen) {
         let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(Some(line)) = tokio::time::timeout(left, lines.recv()).await else {
+        let Ok(Some(line)) = tokio::time::timeout(left, oteltap.lines.recv()).await else {
             panic!("oteltap did not get all three requests: {seen:#?}");
         };
         let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
@@ -788,14 +741,7 @@ struct Case {
 // Two workers: the collector answers while this thread waits for a child.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environment_configures_and_config_file_wins() {
-    let dead = format!(
-        "http://{}",
-        tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    );
+    let dead = dead_endpoint().await;
     let case = |env, config_endpoint, temporality| Case {
         env,
         config_endpoint,
@@ -865,15 +811,20 @@ async fn environment_configures_and_config_file_wins() {
     for (n, case) in cases.iter().enumerate() {
         let mut collector = FakeCollectorServer::start().await.unwrap();
         let endpoint = collector.endpoint();
-        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-        cmd.args([
-            "--exact",
+        let mut cmd = child_test(
             "child_sends_one_request",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(CHILD, "1")
-        .env(
+            CHILD,
+            &[
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+                "OTEL_METRIC_EXPORT_INTERVAL",
+                "OTEL_SDK_DISABLED",
+            ],
+        );
+        cmd.env(
             "CHILD_ENDPOINT",
             if case.config_endpoint { &endpoint } else { "" },
         )
@@ -888,23 +839,7 @@ async fn environment_configures_and_config_file_wins() {
         .env("CHILD_REFUSED", case.refused.unwrap_or(""))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-        for key in [
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_PROTOCOL",
-            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
-            "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
-            "OTEL_METRIC_EXPORT_INTERVAL",
-            "OTEL_SDK_DISABLED",
-        ] {
-            cmd.env_remove(key);
-        }
-        for (k, v) in &case.env {
-            cmd.env(
-                k,
-                v.replace("{collector}", &endpoint).replace("{dead}", &dead),
-            );
-        }
+        case_env(&mut cmd, case.env.iter().copied(), &endpoint, &dead);
         let child = cmd.spawn().expect("the test binary runs");
         // With the interval from the environment, the export comes while the child lingers.
         let within = if case.interval_from_env {
