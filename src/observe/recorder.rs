@@ -388,5 +388,11 @@ mod tests {
         let end = std::mem::offset_of!(Recorder, latency) + Latency::TOKEN_FIELDS;
         assert!(end <= 6 * 64, "{end} bytes");
         assert!(std::mem::offset_of!(Recorder, telemetry) >= end);
+        // Whether OTLP keeps ITL samples is read with the per-chunk fields; the samples
+        // themselves, read only when it does, are kept past them.
+        assert!(
+            std::mem::offset_of!(Recorder, otlp_chunks) < std::mem::offset_of!(Recorder, latency)
+        );
+        assert!(std::mem::offset_of!(Recorder, chunk_times) >= end);
     }
 }
