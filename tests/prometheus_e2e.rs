@@ -1279,7 +1279,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
         goodput_burn > 1.5 && goodput_burn < 6.0 / 1.5,
         "{goodput_burn}"
     );
-    let expected_alerts: [(&str, bool, &str); 13] = [
+    let expected_alerts: [(&str, bool, &str); 14] = [
         (
             "TokentapAvailabilityBudgetBurnFast",
             true,
@@ -1324,6 +1324,11 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
             "TokentapOtelSpansDropped",
             true,
             "the span collector is down",
+        ),
+        (
+            "TokentapOtelMetricExportsFailing",
+            false,
+            "OTLP metrics are off: no export fails",
         ),
     ];
     let mut recorded = 0usize;
