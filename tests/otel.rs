@@ -7,18 +7,17 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::otlp::{Oteltap, dead_endpoint};
 use common::*;
 use fake_opentelemetry_collector::{ExportedSpan, FakeCollectorServer};
 use http::{HeaderMap, Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use std::io::BufRead as _;
 use tokentap::config::Config;
 use tokentap::config::{Protocol, TracingConfig};
 use tokio::time::Instant;
@@ -218,21 +217,7 @@ fn from_otlp_json(v: &serde_json::Value) -> Got {
 
 enum Receiver {
     Grpc(FakeCollectorServer),
-    Http {
-        child: Child,
-        lines: tokio::sync::mpsc::UnboundedReceiver<String>,
-        port: u16,
-    },
-}
-
-/// A receiver process, killed when dropped (also when a test fails).
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    Http(Oteltap),
 }
 
 impl Receiver {
@@ -243,54 +228,13 @@ impl Receiver {
     /// oteltap on a free loopback port, or `None` (after printing why) when it is not installed
     /// and `TOKENTAP_REQUIRE_EXTERNAL` is not `1`.
     async fn http(test: &str) -> Option<Receiver> {
-        let installed = std::process::Command::new("python3")
-            .args(["-c", "import oteltap"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !installed {
-            assert!(
-                !require_external(),
-                "{test}: oteltap is required (python3 -m pip install oteltap)"
-            );
-            println!(
-                "skipped: {test} needs the oteltap OTLP/HTTP receiver (python3 -m pip install oteltap)"
-            );
-            return None;
-        }
-        let port = free_port().await;
-        let mut child = std::process::Command::new("python3")
-            .args(["-u", "-m", "oteltap", "--port", &port.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("oteltap starts");
-        let out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let child = Child(child);
-        let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in out.lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = tokio::time::timeout(Duration::from_secs(20), lines.recv())
-            .await
-            .expect("oteltap says it listens")
-            .unwrap_or_default();
-        assert!(first.contains("Listening"), "oteltap said {first:?}");
-        Some(Receiver::Http { child, lines, port })
+        Oteltap::start(test).await.map(Receiver::Http)
     }
 
     fn tracing(&self) -> TracingConfig {
         let (protocol, endpoint) = match self {
             Receiver::Grpc(server) => (Protocol::Grpc, server.endpoint()),
-            Receiver::Http { port, .. } => {
-                (Protocol::HttpProtobuf, format!("http://127.0.0.1:{port}"))
-            }
+            Receiver::Http(oteltap) => (Protocol::HttpProtobuf, oteltap.endpoint()),
         };
         TracingConfig {
             enabled: true,
@@ -316,8 +260,8 @@ impl Receiver {
                         .into_iter()
                         .map(from_fake),
                 ),
-                Receiver::Http { lines, .. } => {
-                    while let Ok(line) = lines.try_recv() {
+                Receiver::Http(oteltap) => {
+                    while let Ok(line) = oteltap.lines.try_recv() {
                         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                             && v.get("traceId").is_some()
                         {
@@ -349,14 +293,9 @@ impl Receiver {
     async fn stop(self) {
         match self {
             Receiver::Grpc(server) => server.abort(),
-            Receiver::Http { child, .. } => drop(child),
+            Receiver::Http(oteltap) => drop(oteltap),
         }
     }
-}
-
-async fn free_port() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
 }
 
 fn traceparent(trace: &str, span: &str, flags: &str) -> String {
@@ -619,7 +558,7 @@ async fn check_outcomes(rx: &mut Receiver) {
     expected.push((trace, "client_disconnect", 200));
 
     // An upstream nobody listens on.
-    let dead = format!("http://127.0.0.1:{}", free_port().await);
+    let dead = dead_endpoint().await;
     let refused = tokentap::start(traced(&dead, tracing)).await.unwrap();
     let trace = trace_id(11);
     let r = chat(

@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::otlp::{case_env, child_test, dead_endpoint};
 use common::*;
 use fake_opentelemetry_collector::FakeCollectorServer;
 use http::Method;
@@ -26,41 +27,35 @@ struct Case {
 
 fn run_child(n: u32, case: &Case, collector: &str, dead: &str) {
     let trace = format!("{:032x}", 0xe0_u128 + u128::from(n));
-    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
+    let mut cmd = child_test(
         "child_sends_one_request",
-        "--ignored",
-        "--nocapture",
-    ])
-    .env(CHILD, "1")
-    .env("CHILD_TRACE", &trace)
-    .env(
-        "CHILD_ENDPOINT",
-        if case.config_endpoint { collector } else { "" },
-    )
-    .env(
-        "CHILD_RATIO",
-        case.sample_ratio.map(|r| r.to_string()).unwrap_or_default(),
+        CHILD,
+        &[
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_TRACES_SAMPLER",
+            "OTEL_TRACES_SAMPLER_ARG",
+            "OTEL_SDK_DISABLED",
+            "OTEL_SERVICE_NAME",
+        ],
     );
-    for key in [
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-        "OTEL_TRACES_SAMPLER",
-        "OTEL_TRACES_SAMPLER_ARG",
-        "OTEL_SDK_DISABLED",
-        "OTEL_SERVICE_NAME",
-    ] {
-        cmd.env_remove(key);
-    }
-    for (k, v) in &case.env {
-        cmd.env(
-            k,
-            v.replace("{collector}", collector).replace("{dead}", dead),
+    cmd.env("CHILD_TRACE", &trace)
+        .env(
+            "CHILD_ENDPOINT",
+            if case.config_endpoint { collector } else { "" },
+        )
+        .env(
+            "CHILD_RATIO",
+            case.sample_ratio.map(|r| r.to_string()).unwrap_or_default(),
         );
-    }
+    case_env(
+        &mut cmd,
+        case.env.iter().map(|(k, v)| (*k, v.as_str())),
+        collector,
+        dead,
+    );
     let out = cmd.output().expect("the test binary runs");
     assert!(
         out.status.success(),
@@ -75,14 +70,7 @@ fn run_child(n: u32, case: &Case, collector: &str, dead: &str) {
 async fn environment_configures_and_config_file_wins() {
     let mut collector = FakeCollectorServer::start().await.unwrap();
     let endpoint = collector.endpoint();
-    let dead = format!(
-        "http://{}",
-        tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    );
+    let dead = dead_endpoint().await;
     let cases = [
         // Endpoint and protocol from the environment alone.
         Case {

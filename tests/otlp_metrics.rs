@@ -7,16 +7,16 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::BufRead as _;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::otlp::{Oteltap, case_env, child_test, dead_endpoint};
 use common::*;
 use fake_opentelemetry_collector::{ExportedMetric, FakeCollectorServer};
 use tokentap::config::{Config, OtlpMetricsConfig, Protocol, Temporality};
 use tokentap::telemetry::otlp_metrics::{
-    DURATION_ADVICE, TOKEN_ADVICE, TPOT_ADVICE, TTFT_ADVICE, names,
+    CHUNK_BATCH, DURATION_ADVICE, TOKEN_ADVICE, TPOT_ADVICE, TTFT_ADVICE, names,
 };
 use tokio::time::Instant;
 
@@ -201,6 +201,7 @@ async fn grpc_genai_metrics_carry_the_prometheus_figures() {
         (names::TPOT, "s", TPOT_ADVICE),
         (names::REQUEST_DURATION, "s", DURATION_ADVICE),
         (names::TIME_TO_FIRST_CHUNK, "s", DURATION_ADVICE),
+        (names::TIME_PER_OUTPUT_CHUNK, "s", DURATION_ADVICE),
         (names::TOKEN_USAGE, "{token}", TOKEN_ADVICE),
     ] {
         let points = latest(&got, name, &[]);
@@ -275,6 +276,18 @@ async fn grpc_genai_metrics_carry_the_prometheus_figures() {
         total(&latest(&got, names::TIME_TO_FIRST_CHUNK, &completion_ok)).0,
         0
     );
+    // Every ITL sample of the three streams (7 + 15 + 3), the same as Prometheus's.
+    let (n, sum) = total(&latest(&got, names::TIME_PER_OUTPUT_CHUNK, &chat_ok));
+    assert_eq!(n, 7 + 15 + 3);
+    assert_eq!(
+        n as f64,
+        value(&prom, "tokentap_inter_token_latency_seconds_count", &model)
+    );
+    assert!(close(
+        sum,
+        value(&prom, "tokentap_inter_token_latency_seconds_sum", &model)
+    ));
+    assert!(latest(&got, names::TIME_PER_OUTPUT_CHUNK, &completion_ok).is_empty());
     // Tokens: exactly what was asked for, and the same as the Prometheus counters.
     let output = latest(&got, names::TOKEN_USAGE, &[("gen_ai.token.type", "output")]);
     let (n, sum) = total(&output);
@@ -309,6 +322,89 @@ async fn grpc_genai_metrics_carry_the_prometheus_figures() {
         );
         p.shutdown().await;
     }
+    sim.shutdown().await;
+}
+
+/// The time per output chunk gets exactly the ITL samples of every stream, on tokio's paused
+/// clock: a short stream, one longer than two batches (recorded mid-stream as well as at the
+/// end), and one that breaks off after a batch was recorded (its samples count, with no
+/// `error.type`). A JSON answer has none.
+#[tokio::test(start_paused = true)]
+async fn time_per_output_chunk_gets_every_itl_sample() {
+    const ITL: f64 = 0.005;
+    let mut collector = FakeCollectorServer::start().await.expect("fake collector");
+    let sim = sim(exact_sim(50.0, ITL * 1000.0)).await;
+    let proxy = tokentap::start(config(
+        &sim.base_url(),
+        metrics_config(Protocol::Grpc, collector.endpoint()),
+    ))
+    .await
+    .unwrap();
+    let c = client();
+    let chat = format!("http://{}/v1/chat/completions", proxy.addr());
+    let long = 2 * CHUNK_BATCH as u32 + 88;
+    for n in [10, long] {
+        let r = post(&c, &chat, &chat_body(n, true, "")).await;
+        assert_eq!(r.status, 200);
+    }
+    let completions = format!("http://{}/v1/completions", proxy.addr());
+    let r = post(&c, &completions, &completions_body(20, false, "")).await;
+    assert_eq!(r.status, 200);
+    let broken = CHUNK_BATCH as u32 + 30;
+    let req = http::Request::post(&chat)
+        .header("content-type", "application/json")
+        .header("x-tokentap-sim-fault", format!("disconnect_after={broken}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(chat_body(
+            broken + 50,
+            true,
+            "",
+        ))))
+        .unwrap();
+    let body = c.request(req).await.unwrap().into_body();
+    assert!(
+        http_body_util::BodyExt::collect(body).await.is_err(),
+        "the stream breaks off"
+    );
+
+    let prom = scrape(proxy.admin_addr().unwrap()).await;
+    let model = [("model", MODEL)];
+    let itl_count = value(&prom, "tokentap_inter_token_latency_seconds_count", &model);
+    let want = (10 - 1) + (long - 1) + (broken - 1);
+    assert_eq!(itl_count, f64::from(want), "the proxy's own ITL samples");
+    let got = collect(&mut collector, Duration::from_secs(60), |got| {
+        total(&latest(got, names::TIME_PER_OUTPUT_CHUNK, &[])).0 >= u64::from(want)
+    })
+    .await;
+    let points = latest(&got, names::TIME_PER_OUTPUT_CHUNK, &[]);
+    // One attribute set: the breaking stream's samples join the others', no `error.type`.
+    assert_eq!(points.len(), 1, "{points:#?}");
+    let p = points[0];
+    assert_eq!(p.unit, "s");
+    assert_eq!(p.bounds, DURATION_ADVICE);
+    assert_eq!(p.attrs["gen_ai.operation.name"], "chat");
+    assert_eq!(p.attrs["gen_ai.request.model"], MODEL);
+    assert_eq!(p.attrs["gen_ai.provider.name"], "vllm");
+    assert!(!p.attrs.contains_key("error.type"), "{p:?}");
+    // Exactly the samples: every gap is the simulator's 5 ms on the paused clock.
+    assert_eq!(p.count, u64::from(want));
+    assert!(
+        close(p.sum, f64::from(want) * ITL),
+        "{} != {}",
+        p.sum,
+        f64::from(want) * ITL
+    );
+    assert!(close(
+        p.sum,
+        value(&prom, "tokentap_inter_token_latency_seconds_sum", &model)
+    ));
+    // The stream that broke off ended `upstream_disconnect`: its duration says so.
+    let failed = latest(
+        &got,
+        names::REQUEST_DURATION,
+        &[("error.type", "upstream_disconnect")],
+    );
+    assert_eq!(total(&failed).0, 1, "{got:#?}");
+    proxy.shutdown().await;
     sim.shutdown().await;
 }
 
@@ -516,62 +612,15 @@ async fn off_builds_nothing_and_bad_settings_are_refused() {
 // ---------------------------------------------------------------------------------------------
 // OTLP/HTTP protobuf, to oteltap.
 
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn http_protobuf_to_oteltap() {
-    let installed = std::process::Command::new("python3")
-        .args(["-c", "import oteltap"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !installed {
-        assert!(
-            !require_external(),
-            "oteltap is required (python3 -m pip install oteltap)"
-        );
-        println!("skipped: needs the oteltap OTLP/HTTP receiver (python3 -m pip install oteltap)");
+    let Some(mut oteltap) = Oteltap::start("http_protobuf_to_oteltap").await else {
         return;
-    }
-    let port = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        l.local_addr().unwrap().port()
     };
-    let mut child = std::process::Command::new("python3")
-        .args(["-u", "-m", "oteltap", "--port", &port.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("oteltap starts");
-    let out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let _child = Child(child);
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in out.lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let first = tokio::time::timeout(Duration::from_secs(20), lines.recv())
-        .await
-        .expect("oteltap says it listens")
-        .unwrap_or_default();
-    assert!(first.contains("Listening"), "oteltap said {first:?}");
-
     let sim = sim(exact_sim(5.0, 1.0)).await;
     let proxy = tokentap::start(config(
         &sim.base_url(),
-        metrics_config(Protocol::HttpProtobuf, format!("http://127.0.0.1:{port}")),
+        metrics_config(Protocol::HttpProtobuf, oteltap.endpoint()),
     ))
     .await
     .unwrap();
@@ -601,10 +650,13 @@ async fn http_protobuf_to_oteltap() {
         seen.get(names::REQUEST_DURATION)
             .is_some_and(|m| count(m) == 3)
             && seen.get(names::TOKEN_USAGE).is_some_and(|m| count(m) == 6)
+            && seen
+                .get(names::TIME_PER_OUTPUT_CHUNK)
+                .is_some_and(|m| count(m) == 3 * 5)
     };
     while !done(&seen) {
         let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(Some(line)) = tokio::time::timeout(left, lines.recv()).await else {
+        let Ok(Some(line)) = tokio::time::timeout(left, oteltap.lines.recv()).await else {
             panic!("oteltap did not get all three requests: {seen:#?}");
         };
         let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
@@ -631,6 +683,7 @@ async fn http_protobuf_to_oteltap() {
     ] {
         assert!(attrs.contains(want), "{want} not in {attrs}");
     }
+    assert_eq!(seen[names::TIME_PER_OUTPUT_CHUNK]["unit"], "s");
     let tokens = &seen[names::TOKEN_USAGE];
     assert_eq!(tokens["unit"], "{token}");
     let output: u64 = tokens["histogram"]["dataPoints"]
@@ -688,14 +741,7 @@ struct Case {
 // Two workers: the collector answers while this thread waits for a child.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environment_configures_and_config_file_wins() {
-    let dead = format!(
-        "http://{}",
-        tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    );
+    let dead = dead_endpoint().await;
     let case = |env, config_endpoint, temporality| Case {
         env,
         config_endpoint,
@@ -765,15 +811,20 @@ async fn environment_configures_and_config_file_wins() {
     for (n, case) in cases.iter().enumerate() {
         let mut collector = FakeCollectorServer::start().await.unwrap();
         let endpoint = collector.endpoint();
-        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-        cmd.args([
-            "--exact",
+        let mut cmd = child_test(
             "child_sends_one_request",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(CHILD, "1")
-        .env(
+            CHILD,
+            &[
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+                "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+                "OTEL_METRIC_EXPORT_INTERVAL",
+                "OTEL_SDK_DISABLED",
+            ],
+        );
+        cmd.env(
             "CHILD_ENDPOINT",
             if case.config_endpoint { &endpoint } else { "" },
         )
@@ -788,23 +839,7 @@ async fn environment_configures_and_config_file_wins() {
         .env("CHILD_REFUSED", case.refused.unwrap_or(""))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-        for key in [
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_PROTOCOL",
-            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
-            "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
-            "OTEL_METRIC_EXPORT_INTERVAL",
-            "OTEL_SDK_DISABLED",
-        ] {
-            cmd.env_remove(key);
-        }
-        for (k, v) in &case.env {
-            cmd.env(
-                k,
-                v.replace("{collector}", &endpoint).replace("{dead}", &dead),
-            );
-        }
+        case_env(&mut cmd, case.env.iter().copied(), &endpoint, &dead);
         let child = cmd.spawn().expect("the test binary runs");
         // With the interval from the environment, the export comes while the child lingers.
         let within = if case.interval_from_env {

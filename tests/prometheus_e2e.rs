@@ -1300,7 +1300,7 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
         goodput_burn > 1.5 && goodput_burn < 6.0 / 1.5,
         "{goodput_burn}"
     );
-    let expected_alerts: [(&str, bool, &str); 15] = [
+    let expected_alerts: [(&str, bool, &str); 16] = [
         (
             "TokentapAvailabilityBudgetBurnFast",
             true,
@@ -1355,6 +1355,11 @@ async fn dashboards_and_rules_return_sane_data_from_a_real_prometheus() {
             "TokentapUpstreamEjected",
             false,
             "a burst of 503s ejects the simulator for a second or two at most",
+        ),
+        (
+            "TokentapOtelMetricExportsFailing",
+            false,
+            "OTLP metrics are off: no export fails",
         ),
     ];
     let mut recorded = 0usize;

@@ -11,6 +11,7 @@ use crate::latency::{Latency, Observation};
 use crate::route::Endpoint;
 use crate::sse::{self, Dialect, EventKind, SseParser};
 use crate::telemetry::otel::RequestSpan;
+use crate::telemetry::otlp_metrics::ChunkTimes;
 use crate::telemetry::stats::ItlBatch;
 use crate::telemetry::{Finished, Outcome, RouteMetrics, Telemetry, UpstreamLatency};
 
@@ -27,6 +28,9 @@ enum Mode {
     /// Anything else: only the time of the last byte matters.
     Opaque,
 }
+
+/// A stream's OTLP buffer of ITL samples and where to record it when it is full.
+type OtlpChunks<'a> = Option<(&'a mut ChunkTimes, &'a Arc<Telemetry>)>;
 
 /// How a body ended, before it is turned into an [`Outcome`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,8 +83,15 @@ pub struct Recorder {
     span: Option<Box<RequestSpan>>,
     /// The response's id and model have been handed to the span.
     meta_seen: bool,
+    /// The stream's ITL samples go to OTLP metrics too (`chunk_times`): set at the response head
+    /// of an event stream of a GenAI operation while OTLP metrics are on. It sits in what was
+    /// padding among the per-chunk fields, so that a chunk of any other request reads nothing
+    /// more than before.
+    otlp_chunks: bool,
     status: u16,
     latency: Latency,
+    /// The ITL samples OTLP metrics have not recorded yet (empty unless `otlp_chunks`).
+    chunk_times: ChunkTimes,
     telemetry: Arc<Telemetry>,
     request_id: Box<str>,
     /// The upstream's load balancer, when it wants the request's latency.
@@ -110,6 +121,8 @@ impl Recorder {
             meta_seen: span.is_none(),
             span: span.map(Box::new),
             itl: ItlBatch::default(),
+            otlp_chunks: false,
+            chunk_times: ChunkTimes::default(),
             feedback: None,
             upstream: None,
         }
@@ -145,6 +158,10 @@ impl Recorder {
             .record((now - self.latency.t0()).as_secs_f64());
         let ok = (200..300).contains(&status);
         self.mode = if ok && sse {
+            self.otlp_chunks = self
+                .telemetry
+                .otlp_metrics()
+                .is_some_and(|otlp| otlp.records_chunks(self.route.endpoint));
             Mode::Sse {
                 parser: SseParser::with_max_event(max_event)
                     .with_dialect(dialect(self.route.endpoint)),
@@ -176,6 +193,10 @@ impl Recorder {
         let meta_seen = &mut self.meta_seen;
         let feedback = &self.feedback;
         let upstream = self.upstream.as_deref();
+        // The telemetry is read only when a batch of OTLP samples is full.
+        let telemetry = &self.telemetry;
+        let chunk_times = &mut self.chunk_times;
+        let mut otlp: OtlpChunks<'_> = self.otlp_chunks.then_some((chunk_times, telemetry));
         match &mut self.mode {
             Mode::Opaque => {}
             Mode::Json { frames, len } => {
@@ -190,7 +211,7 @@ impl Recorder {
             Mode::Sse { parser } => {
                 parser.feed(data, |event| {
                     latency.on_event(event, now, |o| {
-                        observe(route, span, itl, feedback, upstream, o, now)
+                        observe(route, span, itl, &mut otlp, feedback, upstream, o, now)
                     });
                     if !*meta_seen
                         && let (Some(span), Some(id), Some(model)) =
@@ -290,6 +311,7 @@ impl Recorder {
                 figures: &figures,
                 stream: figures.chunks + figures.empty_choice_events > 0,
                 trace,
+                chunk_times: self.chunk_times.seconds(),
             },
             self.latency.t0(),
             now,
@@ -297,11 +319,13 @@ impl Recorder {
     }
 }
 
-/// Records a figure the moment it is known (an ITL sample in `/stats` a batch at a time).
+/// Records a figure the moment it is known (an ITL sample in `/stats` and OTLP a batch at a
+/// time).
 fn observe(
     route: &RouteMetrics,
     span: &mut Option<Box<RequestSpan>>,
     itl: &mut ItlBatch,
+    otlp: &mut OtlpChunks<'_>,
     feedback: &Option<Arc<dyn Feedback>>,
     upstream: Option<&UpstreamLatency>,
     o: Observation,
@@ -332,6 +356,12 @@ fn observe(
             route.itl.record(d.as_secs_f64());
             if let Some(stats) = &route.stats {
                 stats.record_itl(itl, d, now);
+            }
+            if let Some((times, telemetry)) = otlp
+                && times.push(d)
+                && let Some(otlp) = telemetry.otlp_metrics()
+            {
+                otlp.record_chunks(route, times);
             }
         }
         Observation::TokensPerChunk(n) => route.tokens_per_chunk.record(n as f64),
@@ -383,5 +413,11 @@ mod tests {
         let end = std::mem::offset_of!(Recorder, latency) + Latency::TOKEN_FIELDS;
         assert!(end <= 6 * 64, "{end} bytes");
         assert!(std::mem::offset_of!(Recorder, telemetry) >= end);
+        // Whether OTLP keeps ITL samples is read with the per-chunk fields; the samples
+        // themselves, read only when it does, are kept past them.
+        assert!(
+            std::mem::offset_of!(Recorder, otlp_chunks) < std::mem::offset_of!(Recorder, latency)
+        );
+        assert!(std::mem::offset_of!(Recorder, chunk_times) >= end);
     }
 }

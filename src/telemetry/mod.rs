@@ -310,6 +310,9 @@ pub struct Finished<'a> {
     pub stream: bool,
     /// The request's trace, when its span was sampled: the exemplar of its E2EL and ITL.
     pub trace: Option<TraceIds>,
+    /// The stream's ITL samples, in seconds, that OTLP metrics have not recorded yet (empty
+    /// when OTLP metrics are off, and for anything but a stream of a GenAI operation).
+    pub chunk_times: &'a [f64],
 }
 
 /// (model label, endpoint, tenant label): what a set of route metrics is resolved for.

@@ -2,7 +2,9 @@
 //!
 //! The figures are the ones Prometheus gets: [`OtlpMetrics::record`] is called from
 //! [`Telemetry::record`](super::Telemetry::record) with the same [`Finished`] report, once per
-//! request when it ends, never per chunk. The SDK aggregates them in memory; a periodic reader
+//! request when it ends, never per chunk. A stream's ITL samples (the conventions' time per
+//! output chunk) wait in the request's [`ChunkTimes`] and are recorded with that report, or a
+//! batch at a time when a long stream fills it. The SDK aggregates them in memory; a periodic reader
 //! on a tokio task collects and exports every `interval_secs`, off the request path. An export
 //! that fails or outlasts `timeout_secs` loses that interval's data (with delta temporality;
 //! cumulative points carry it into the next export) and is counted in
@@ -31,8 +33,9 @@ use super::otel::{
     ExportClient, build_resource, env, env_parse, header_map, http_endpoint, operation, protocol,
     sdk_disabled, server, timeout,
 };
-use super::{Finished, MODEL_NONE, Outcome, Telemetry};
+use super::{Finished, MODEL_NONE, Outcome, RouteMetrics, Telemetry};
 use crate::config::{self, Config, Protocol};
+use crate::route::Endpoint;
 
 /// `gen_ai.server.time_to_first_token` bucket advice.
 pub const TTFT_ADVICE: &[f64] = &[
@@ -64,6 +67,8 @@ pub mod names {
     pub const TOKEN_USAGE: &str = "gen_ai.client.token.usage";
     /// Time to the first chunk of a stream, seconds.
     pub const TIME_TO_FIRST_CHUNK: &str = "gen_ai.client.operation.time_to_first_chunk";
+    /// Time between a stream's output chunks (tokentap's ITL samples), seconds.
+    pub const TIME_PER_OUTPUT_CHUNK: &str = "gen_ai.client.operation.time_per_output_chunk";
     /// The Prometheus counter of exports that failed or timed out.
     pub const EXPORTS_FAILED: &str = "tokentap_otel_metric_exports_failed_total";
 }
@@ -72,6 +77,35 @@ pub mod names {
 #[derive(Debug, thiserror::Error)]
 #[error("otlp_metrics: {0}")]
 pub struct OtlpMetricsError(String);
+
+/// Most ITL samples a stream keeps for OTLP before they are recorded (2 KiB of `f64`s): a longer
+/// stream records a full batch mid-stream and starts again.
+pub const CHUNK_BATCH: usize = 256;
+
+/// A stream's ITL samples not yet recorded as `gen_ai.client.operation.time_per_output_chunk`.
+///
+/// Filled only for streams of a GenAI operation while OTLP metrics are on
+/// ([`OtlpMetrics::records_chunks`]), and allocates nothing until then; it grows with the stream
+/// up to [`CHUNK_BATCH`] samples, so a request holds at most that many whatever its length. Its samples are recorded with the
+/// request's report, or as a batch the moment it is full (see [`OtlpMetrics::record_chunks`]).
+#[derive(Debug, Default)]
+pub struct ChunkTimes {
+    seconds: Vec<f64>,
+}
+
+impl ChunkTimes {
+    /// Keeps one ITL sample; `true` when the batch is full and must be recorded now.
+    #[inline]
+    pub fn push(&mut self, itl: Duration) -> bool {
+        self.seconds.push(itl.as_secs_f64());
+        self.seconds.len() >= CHUNK_BATCH
+    }
+
+    /// The samples waiting, oldest first.
+    pub fn seconds(&self) -> &[f64] {
+        &self.seconds
+    }
+}
 
 /// The configuration with the environment and defaults applied, checked.
 #[derive(Debug, Clone, Copy)]
@@ -128,6 +162,7 @@ pub struct OtlpMetrics {
     duration: Histogram<f64>,
     tokens: Histogram<u64>,
     first_chunk: Histogram<f64>,
+    per_chunk: Histogram<f64>,
     provider_name: StringValue,
     server_address: Option<StringValue>,
     server_port: Option<i64>,
@@ -203,6 +238,11 @@ impl OtlpMetrics {
             "Time to receive the first chunk, measured from when the client issues the generation request to when the first chunk is received in the response stream.",
             DURATION_ADVICE,
         );
+        let per_chunk = seconds(
+            names::TIME_PER_OUTPUT_CHUNK,
+            "Time per output chunk, recorded for each chunk received after the first one, measured as the time elapsed from the end of the previous chunk to the end of the current chunk.",
+            DURATION_ADVICE,
+        );
         let tokens = meter
             .u64_histogram(names::TOKEN_USAGE)
             .with_unit("{token}")
@@ -223,6 +263,7 @@ impl OtlpMetrics {
             duration,
             tokens,
             first_chunk,
+            per_chunk,
             provider_name: StringValue::from(
                 config
                     .tracing
@@ -245,13 +286,71 @@ impl OtlpMetrics {
     /// - the request duration (E2EL) for every request, with `error.type` set to the outcome
     ///   when it is not `ok`;
     /// - the time to the first chunk for every stream that got one;
+    /// - the time per output chunk: the stream's ITL samples not recorded yet
+    ///   ([`Finished::chunk_times`]), whatever the outcome, like the Prometheus ITL histogram;
     /// - prompt (`input`) and generated (`output`) tokens whenever they are known.
     pub fn record(&self, done: &Finished<'_>) {
-        let route = done.route;
-        let Some(op) = operation(route.endpoint) else {
+        let Some(mut attrs) = self.attributes(done.route) else {
             return;
         };
         let f = done.figures;
+        let ok = done.outcome == Outcome::Ok;
+        if ok {
+            if let Some(ttft) = f.ttft {
+                self.ttft.record(ttft.as_secs_f64(), &attrs);
+            }
+            if let Some(tpot) = f.tpot {
+                self.tpot.record(tpot.as_secs_f64(), &attrs);
+            }
+        }
+        if done.stream
+            && let Some(ttft) = f.ttft
+        {
+            self.first_chunk.record(ttft.as_secs_f64(), &attrs);
+        }
+        for &itl in done.chunk_times {
+            self.per_chunk.record(itl, &attrs);
+        }
+        let base = attrs.len();
+        for (kind, n) in [("input", f.prompt_tokens), ("output", f.output_tokens)] {
+            if let Some(n) = n {
+                attrs.push(KeyValue::new("gen_ai.token.type", kind));
+                self.tokens.record(n, &attrs);
+                attrs.truncate(base);
+            }
+        }
+        if !ok {
+            attrs.push(KeyValue::new("error.type", done.outcome.as_str()));
+        }
+        self.duration.record(f.e2el.as_secs_f64(), &attrs);
+    }
+
+    /// Whether the ITL samples of a stream to `endpoint` are recorded (kept in its
+    /// [`ChunkTimes`]): only for a GenAI operation. Asked once per request, when its response
+    /// head says it streams.
+    pub fn records_chunks(&self, endpoint: Endpoint) -> bool {
+        operation(endpoint).is_some()
+    }
+
+    /// Records a stream's full batch of ITL samples mid-stream and empties it; called when
+    /// [`ChunkTimes::push`] says it is full, once every [`CHUNK_BATCH`] chunks of a long stream.
+    /// The attributes are those of the request's other client metrics, which do not depend on
+    /// how it ends (the time per output chunk has no `error.type`): a batch recorded now is
+    /// recorded exactly as it would have been at the end.
+    pub fn record_chunks(&self, route: &RouteMetrics, times: &mut ChunkTimes) {
+        if let Some(attrs) = self.attributes(route) {
+            for &itl in &times.seconds {
+                self.per_chunk.record(itl, &attrs);
+            }
+        }
+        // The allocation is kept for the next batch.
+        times.seconds.clear();
+    }
+
+    /// The attributes every instrument of a request to `route` carries, or `None` when it is
+    /// no GenAI operation.
+    fn attributes(&self, route: &RouteMetrics) -> Option<Vec<KeyValue>> {
+        let op = operation(route.endpoint)?;
         let mut attrs = Vec::with_capacity(7);
         attrs.push(KeyValue::new("gen_ai.operation.name", op));
         attrs.push(KeyValue::new(
@@ -272,32 +371,7 @@ impl OtlpMetrics {
         if let Some(port) = self.server_port {
             attrs.push(KeyValue::new("server.port", port));
         }
-        let ok = done.outcome == Outcome::Ok;
-        if ok {
-            if let Some(ttft) = f.ttft {
-                self.ttft.record(ttft.as_secs_f64(), &attrs);
-            }
-            if let Some(tpot) = f.tpot {
-                self.tpot.record(tpot.as_secs_f64(), &attrs);
-            }
-        }
-        if done.stream
-            && let Some(ttft) = f.ttft
-        {
-            self.first_chunk.record(ttft.as_secs_f64(), &attrs);
-        }
-        let base = attrs.len();
-        for (kind, n) in [("input", f.prompt_tokens), ("output", f.output_tokens)] {
-            if let Some(n) = n {
-                attrs.push(KeyValue::new("gen_ai.token.type", kind));
-                self.tokens.record(n, &attrs);
-                attrs.truncate(base);
-            }
-        }
-        if !ok {
-            attrs.push(KeyValue::new("error.type", done.outcome.as_str()));
-        }
-        self.duration.record(f.e2el.as_secs_f64(), &attrs);
+        Some(attrs)
     }
 
     /// Exports what was recorded since the last export, then stops the reader; called once on
@@ -405,5 +479,27 @@ impl<E: PushMetricExporter> PushMetricExporter for Counted<E> {
 
     fn temporality(&self) -> Temporality {
         self.inner.temporality()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A buffer says it is full at exactly `CHUNK_BATCH` samples, keeps them in order, and is
+    /// bounded: the caller records and empties it then.
+    #[test]
+    fn chunk_times_fill_at_the_batch_size() {
+        let mut times = ChunkTimes::default();
+        for i in 1..CHUNK_BATCH {
+            assert!(!times.push(Duration::from_millis(i as u64)), "full at {i}");
+        }
+        assert!(times.push(Duration::from_millis(CHUNK_BATCH as u64)));
+        assert_eq!(times.seconds().len(), CHUNK_BATCH);
+        assert_eq!(times.seconds()[0], 0.001);
+        assert_eq!(
+            times.seconds()[CHUNK_BATCH - 1],
+            CHUNK_BATCH as f64 / 1000.0
+        );
     }
 }

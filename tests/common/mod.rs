@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: an in-process simulator and proxy on
-//! `127.0.0.1:0`, a plain HTTP client, and a small Prometheus text parser.
+//! `127.0.0.1:0`, a plain HTTP client, and a small Prometheus text parser; `otlp` has what the
+//! OpenTelemetry tests share.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -12,6 +13,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokentap::config::Config;
 use tokentap::simulate::{SimConfig, Simulator};
+
+pub mod otlp;
 
 pub const MODEL: &str = "Qwen/Qwen2.5-7B-Instruct";
 
