@@ -32,6 +32,16 @@ enum Mode {
 /// A stream's OTLP buffer of ITL samples and where to record it when it is full.
 type OtlpChunks<'a> = Option<(&'a mut ChunkTimes, &'a Arc<Telemetry>)>;
 
+/// The shared metrics a request's figures go to as they become known.
+#[derive(Clone, Copy)]
+struct Destinations<'a> {
+    route: &'a RouteMetrics,
+    /// The balancer's estimate of the upstream that serves the request.
+    feedback: &'a Option<Arc<dyn Feedback>>,
+    /// The histograms of the upstream that answered.
+    upstream: &'a Option<Arc<UpstreamLatency>>,
+}
+
 /// How a body ended, before it is turned into an [`Outcome`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {
@@ -191,8 +201,13 @@ impl Recorder {
         let span = &mut self.span;
         let itl = &mut self.itl;
         let meta_seen = &mut self.meta_seen;
-        let feedback = &self.feedback;
-        let upstream = self.upstream.as_deref();
+        // References only: the feedback and the upstream's histograms are read when a figure
+        // for them comes, not on every chunk.
+        let to = Destinations {
+            route,
+            feedback: &self.feedback,
+            upstream: &self.upstream,
+        };
         // The telemetry is read only when a batch of OTLP samples is full.
         let telemetry = &self.telemetry;
         let chunk_times = &mut self.chunk_times;
@@ -210,9 +225,7 @@ impl Recorder {
             }
             Mode::Sse { parser } => {
                 parser.feed(data, |event| {
-                    latency.on_event(event, now, |o| {
-                        observe(route, span, itl, &mut otlp, feedback, upstream, o, now)
-                    });
+                    latency.on_event(event, now, |o| observe(&to, span, itl, &mut otlp, o, now));
                     if !*meta_seen
                         && let (Some(span), Some(id), Some(model)) =
                             (span.as_mut(), event.id, event.model)
@@ -322,15 +335,18 @@ impl Recorder {
 /// Records a figure the moment it is known (an ITL sample in `/stats` and OTLP a batch at a
 /// time).
 fn observe(
-    route: &RouteMetrics,
+    to: &Destinations<'_>,
     span: &mut Option<Box<RequestSpan>>,
     itl: &mut ItlBatch,
     otlp: &mut OtlpChunks<'_>,
-    feedback: &Option<Arc<dyn Feedback>>,
-    upstream: Option<&UpstreamLatency>,
     o: Observation,
     now: Instant,
 ) {
+    let Destinations {
+        route,
+        feedback,
+        upstream,
+    } = *to;
     match o {
         Observation::FirstToken(d) => {
             let trace = span.as_ref().and_then(|s| s.trace());
