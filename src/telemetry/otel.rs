@@ -101,6 +101,10 @@ pub struct RequestSpan {
     /// timestamp is `wall + (instant - start)`, so the span's times are consistent.
     wall: SystemTime,
     start: Instant,
+    /// The wall-clock time the request arrived (the span's start): the first-token and
+    /// first-answer events are this plus TTFT and TTFA, the instants those figures were taken
+    /// at, whenever the span gets to hear of them.
+    arrived: SystemTime,
     propagate: bool,
     stream: bool,
     status: u16,
@@ -198,6 +202,7 @@ impl Tracer {
     pub fn start(&self, req: &RequestStart<'_>) -> RequestSpan {
         let wall = SystemTime::now();
         let start = Instant::now();
+        let arrived = wall - start.saturating_duration_since(req.arrived);
         let parent = if req.headers.contains_key(TRACEPARENT) {
             self.propagator
                 .extract_with_context(&Context::new(), &HeaderExtractor(req.headers))
@@ -252,12 +257,13 @@ impl Tracer {
             .tracer
             .span_builder(name)
             .with_kind(SpanKind::Server)
-            .with_start_time(wall - start.saturating_duration_since(req.arrived))
+            .with_start_time(arrived)
             .with_attributes(attributes);
         RequestSpan {
             span: self.tracer.build_with_context(builder, &parent),
             wall,
             start,
+            arrived,
             propagate: self.propagate,
             stream: req.info.stream,
             status: 0,
@@ -334,7 +340,7 @@ impl RequestSpan {
     /// `gen_ai.first_token` event at this instant.
     pub fn on_first_token(&mut self, ttft: Duration) {
         if self.span.is_recording() {
-            let at = self.now();
+            let at = self.arrived + ttft;
             self.span.add_event_with_timestamp(
                 "gen_ai.first_token",
                 at,
@@ -348,7 +354,7 @@ impl RequestSpan {
     /// reasoning model, the moment a person starts reading).
     pub fn on_first_answer(&mut self, ttfa: Duration) {
         if self.span.is_recording() {
-            let at = self.now();
+            let at = self.arrived + ttfa;
             self.span.add_event_with_timestamp(
                 "gen_ai.first_answer",
                 at,
