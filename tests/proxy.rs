@@ -878,30 +878,16 @@ async fn shutdown_lets_in_flight_streams_finish() {
 
 #[test]
 fn sigterm_drains_and_exits_zero() {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "http://127.0.0.1:9",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    use std::io::BufRead;
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("tokentap serving"), "{line}");
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = child.wait().unwrap();
+    let mut serving = Serving::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "http://127.0.0.1:9",
+    ]);
+    serving.signal("-TERM");
+    let status = serving.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
 

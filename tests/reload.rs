@@ -356,19 +356,19 @@ async fn sighup_rereads_the_file_the_binary_started_with() {
     let a = replica(1.0, 4).await;
     let b = replica(1.0, 4).await;
     let file = File::new("sighup", &routes(&["*"], &[&a], "round_robin"));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen"])
-        .arg("127.0.0.1:0")
-        .arg("--config")
-        .arg(&file.0)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("tokentap serving"), "{line}");
-    let (listen, admin) = (addr_after(&line, "listen="), addr_after(&line, "admin="));
+    let path = file.0.to_str().unwrap();
+    let mut serving = Serving::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--config",
+        path,
+    ]);
+    let (listen, admin) = (
+        addr_after(&serving.line, "listen="),
+        addr_after(&serving.line, "admin="),
+    );
     let client = client();
     let url = format!("http://{listen}/v1/chat/completions");
     assert_eq!(
@@ -382,19 +382,13 @@ async fn sighup_rereads_the_file_the_binary_started_with() {
         &routes(&["*"], &[&b], "round_robin")
             .replace("[proxy]\n", "[proxy]\nmax_request_body_bytes = 2048\n"),
     );
-    let kill = |signal: &str| {
-        let status = std::process::Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    kill("-HUP");
+    serving.signal("-HUP");
     // The reload's log says what needs a restart, and that the new routes are in force.
+    let mut line = String::new();
     let mut warned = false;
     for _ in 0..100 {
         line.clear();
-        stderr.read_line(&mut line).unwrap();
+        serving.stderr.read_line(&mut line).unwrap();
         warned |= line.contains("WARN") && line.contains("proxy") && line.contains("restart");
         if line.contains("configuration reload") || line.is_empty() {
             break;
@@ -411,6 +405,6 @@ async fn sighup_rereads_the_file_the_binary_started_with() {
     );
     assert_eq!((requests(&a), requests(&b)), (1, 1));
 
-    kill("-TERM");
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    serving.signal("-TERM");
+    assert_eq!(serving.child.wait().unwrap().code(), Some(0));
 }

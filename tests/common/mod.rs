@@ -241,3 +241,41 @@ pub fn access_log() -> AccessLog {
         })
         .clone()
 }
+
+/// A `tokentap serve` child process, started with `args`, once it has logged that it serves:
+/// its first stderr line is `line`, the rest can be read from `stderr`.
+pub struct Serving {
+    pub child: std::process::Child,
+    pub stderr: std::io::BufReader<std::process::ChildStderr>,
+    pub line: String,
+}
+
+impl Serving {
+    pub fn start(args: &[&str]) -> Serving {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokentap"))
+            .arg("serve")
+            .args(args)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert!(line.contains("tokentap serving"), "{line}");
+        Serving {
+            child,
+            stderr,
+            line,
+        }
+    }
+
+    /// Sends `signal` (as `kill` spells it, e.g. `-HUP`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
