@@ -58,19 +58,10 @@ fn build_tracer(
     config: &Config,
     telemetry: &Telemetry,
 ) -> Result<Option<Arc<otel::Tracer>>, StartError> {
-    // Spans name one upstream as the server: `upstream.url`, or the first route's first.
-    let url = config
-        .routes
-        .first()
-        .and_then(|r| r.upstreams.first())
-        .unwrap_or(&config.upstream.url);
-    let upstream: http::Uri = url
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| proxy::BuildError::Url(e.to_string()))?;
-    if let Some(otlp) = otlp_metrics::OtlpMetrics::new(config, telemetry, &upstream)? {
+    if let Some(otlp) = otlp_metrics::OtlpMetrics::new(config, telemetry)? {
         telemetry.set_otlp_metrics(otlp);
     }
-    Ok(otel::Tracer::new(&config.tracing, telemetry, &upstream)?.map(Arc::new))
+    Ok(otel::Tracer::new(&config.tracing, telemetry)?.map(Arc::new))
 }
 
 impl Running {

@@ -585,6 +585,14 @@ async fn check_outcomes(rx: &mut Receiver) {
             "{outcome}"
         );
         assert!(span.start <= span.end);
+        // The server is the endpoint the request went to, even when it refused the connection.
+        let url = if *outcome == "connect_error" {
+            dead.clone()
+        } else {
+            sim.base_url()
+        };
+        let port: i64 = url.rsplit(':').next().unwrap().parse().unwrap();
+        assert_eq!(span.int("server.port"), port, "{outcome}");
         if [
             "inband_error",
             "upstream_disconnect",
@@ -606,6 +614,56 @@ async fn check_outcomes(rx: &mut Receiver) {
     refused.shutdown().await;
     proxy.shutdown().await;
     sim.shutdown().await;
+}
+
+/// With routes, a span names the replica that served its request (not the first one
+/// configured), and a request no route serves names none.
+#[tokio::test]
+async fn spans_name_the_upstream_that_served() {
+    let mut rx = Receiver::grpc().await;
+    let (a, _) = recording_upstream().await;
+    let (b, _) = recording_upstream().await;
+    let mut config = Config::parse(&format!(
+        "[[routes]]\nmodels = [\"{MODEL}\"]\nupstreams = [\"http://{a}\"]\n\
+         [[routes]]\nmodels = [\"small\"]\nupstreams = [\"http://localhost:{}\"]\n",
+        b.port()
+    ))
+    .unwrap();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.telemetry.discover_models = false;
+    config.tracing = rx.tracing();
+    let proxy = tokentap::start(config).await.unwrap();
+    let url = format!("http://{}/v1/chat/completions", proxy.addr());
+    let cases = [(MODEL, 200), ("small", 200), ("nobody", 404)];
+    for (n, (model, status)) in cases.iter().enumerate() {
+        let body = chat_body(3, true, "").replace(MODEL, model);
+        let parent = traceparent(&trace_id(700 + n as u32), CLIENT_SPAN, "01");
+        let r = send(
+            &client(),
+            Method::POST,
+            &url,
+            &body,
+            &[("traceparent", &parent)],
+        )
+        .await;
+        assert_eq!(r.status, *status, "{model}");
+    }
+    let mut spans = Vec::new();
+    let first = rx.span_of(&mut spans, &trace_id(700)).await;
+    assert_eq!(first.str("server.address"), "127.0.0.1");
+    assert_eq!(first.int("server.port"), i64::from(a.port()));
+    assert!(!first.attrs.contains_key("network.peer.address"));
+    // A name stays the name; the address it was resolved to is the peer.
+    let second = rx.span_of(&mut spans, &trace_id(701)).await;
+    assert_eq!(second.str("server.address"), "localhost");
+    assert_eq!(second.int("server.port"), i64::from(b.port()));
+    assert_eq!(second.str("network.peer.address"), "127.0.0.1");
+    let refused = rx.span_of(&mut spans, &trace_id(702)).await;
+    assert_eq!(refused.str("error.type"), "rejected");
+    assert!(!refused.attrs.contains_key("server.address"), "{refused:?}");
+    assert!(!refused.attrs.contains_key("server.port"), "{refused:?}");
+    proxy.shutdown().await;
+    rx.stop().await;
 }
 
 /// A collector that refuses connections, or accepts them and never answers: requests are as
@@ -879,10 +937,9 @@ fn tracing_section_parses() {
 async fn tracing_off_builds_nothing_and_bad_settings_are_refused() {
     let c = Config::default();
     let telemetry = tokentap::telemetry::Telemetry::new(&c);
-    let uri: http::Uri = "http://127.0.0.1:8000".parse().unwrap();
     let off = TracingConfig::default();
     assert!(
-        tokentap::telemetry::otel::Tracer::new(&off, &telemetry, &uri)
+        tokentap::telemetry::otel::Tracer::new(&off, &telemetry)
             .unwrap()
             .is_none()
     );
@@ -904,7 +961,7 @@ async fn tracing_off_builds_nothing_and_bad_settings_are_refused() {
         },
     ] {
         assert!(
-            tokentap::telemetry::otel::Tracer::new(&bad, &telemetry, &uri).is_err(),
+            tokentap::telemetry::otel::Tracer::new(&bad, &telemetry).is_err(),
             "{bad:?}"
         );
     }

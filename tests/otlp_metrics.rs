@@ -609,6 +609,73 @@ async fn off_builds_nothing_and_bad_settings_are_refused() {
     sim.shutdown().await;
 }
 
+/// With routes, each request's metrics name the replica it went to: one `server.address` and
+/// `server.port` per configured upstream (a DNS name stays one server), none for a request that
+/// reached no upstream.
+#[tokio::test]
+async fn metrics_name_the_upstream_that_served() {
+    let mut collector = FakeCollectorServer::start().await.expect("fake collector");
+    let mut big = exact_sim(5.0, 1.0);
+    big.models = vec![MODEL.to_owned()];
+    let big = sim(big).await;
+    let mut small = exact_sim(5.0, 1.0);
+    small.models = vec!["small".to_owned()];
+    let small = sim(small).await;
+    let port =
+        |s: &tokentap::simulate::Simulator| s.base_url().rsplit(':').next().unwrap().to_owned();
+    let (big_port, small_port) = (port(&big), port(&small));
+    let mut c = Config::parse(&format!(
+        "[[routes]]\nmodels = [\"{MODEL}\"]\nupstreams = [\"{}\"]\n\
+         [[routes]]\nmodels = [\"small\"]\nupstreams = [\"http://localhost:{small_port}\"]\n",
+        big.base_url()
+    ))
+    .unwrap();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.otlp_metrics = metrics_config(Protocol::Grpc, collector.endpoint());
+    let proxy = tokentap::start(c).await.unwrap();
+    let url = format!("http://{}/v1/chat/completions", proxy.addr());
+    let client = client();
+    for (model, status) in [(MODEL, 200), (MODEL, 200), ("small", 200), ("nobody", 404)] {
+        let body = chat_body(4, true, "").replace(MODEL, model);
+        assert_eq!(post(&client, &url, &body).await.status, status, "{model}");
+    }
+    let got = collect(&mut collector, Duration::from_secs(20), |got| {
+        total(&latest(got, names::REQUEST_DURATION, &[])).0 >= 4
+    })
+    .await;
+    let on = |address: &str, port: &str| {
+        total(&latest(
+            &got,
+            names::REQUEST_DURATION,
+            &[("server.address", address), ("server.port", port)],
+        ))
+        .0
+    };
+    assert_eq!(on("127.0.0.1", &big_port), 2, "{got:#?}");
+    assert_eq!(on("localhost", &small_port), 1, "{got:#?}");
+    let durations = latest(&got, names::REQUEST_DURATION, &[]);
+    let unserved: Vec<_> = durations
+        .iter()
+        .filter(|p| !p.attrs.contains_key("server.address"))
+        .collect();
+    assert_eq!(unserved.len(), 1, "{durations:#?}");
+    assert_eq!(unserved[0].attrs["error.type"], "rejected");
+    assert!(!unserved[0].attrs.contains_key("server.port"));
+    // Time per output chunk, recorded as the stream goes, names the server too.
+    assert_eq!(
+        total(&latest(
+            &got,
+            names::TIME_PER_OUTPUT_CHUNK,
+            &[("server.port", &small_port)]
+        ))
+        .0,
+        3
+    );
+    proxy.shutdown().await;
+    big.shutdown().await;
+    small.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // OTLP/HTTP protobuf, to oteltap.
 

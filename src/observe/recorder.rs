@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::latency::{Latency, Observation};
 use crate::route::Endpoint;
 use crate::sse::{self, Dialect, EventKind, SseParser};
-use crate::telemetry::otel::RequestSpan;
+use crate::telemetry::otel::{RequestSpan, Server};
 use crate::telemetry::otlp_metrics::ChunkTimes;
 use crate::telemetry::stats::ItlBatch;
 use crate::telemetry::{Finished, Outcome, RouteMetrics, Telemetry, UpstreamLatency};
@@ -29,8 +29,13 @@ enum Mode {
     Opaque,
 }
 
-/// A stream's OTLP buffer of ITL samples and where to record it when it is full.
-type OtlpChunks<'a> = Option<(&'a mut ChunkTimes, &'a Arc<Telemetry>)>;
+/// A stream's OTLP buffer of ITL samples, where to record it when it is full, and the
+/// upstream it came from.
+type OtlpChunks<'a> = Option<(
+    &'a mut ChunkTimes,
+    &'a Arc<Telemetry>,
+    &'a Option<Arc<Server>>,
+)>;
 
 /// The shared metrics a request's figures go to as they become known.
 #[derive(Clone, Copy)]
@@ -108,6 +113,8 @@ pub struct Recorder {
     feedback: Option<Arc<dyn Feedback>>,
     /// The latency histograms of the upstream endpoint that answered.
     upstream: Option<Arc<UpstreamLatency>>,
+    /// The upstream endpoint the request was sent to, as OpenTelemetry names it.
+    server: Option<Arc<Server>>,
 }
 
 impl Recorder {
@@ -135,6 +142,7 @@ impl Recorder {
             chunk_times: ChunkTimes::default(),
             feedback: None,
             upstream: None,
+            server: None,
         }
     }
 
@@ -149,6 +157,15 @@ impl Recorder {
     /// as the main histograms, at the same moments.
     pub fn set_upstream(&mut self, upstream: Arc<UpstreamLatency>) {
         self.upstream = Some(upstream);
+    }
+
+    /// The request was sent to `server` (the endpoint that answered it, or whose connection
+    /// failed): the span and the OTLP metrics name it. Set once the endpoint is known.
+    pub fn set_server(&mut self, server: Arc<Server>) {
+        if let Some(span) = &mut self.span {
+            span.on_upstream(&server);
+        }
+        self.server = Some(server);
     }
 
     /// Called when the upstream's response head arrives: records the header time and decides
@@ -211,7 +228,9 @@ impl Recorder {
         // The telemetry is read only when a batch of OTLP samples is full.
         let telemetry = &self.telemetry;
         let chunk_times = &mut self.chunk_times;
-        let mut otlp: OtlpChunks<'_> = self.otlp_chunks.then_some((chunk_times, telemetry));
+        // A reference: the server is read only when a batch is recorded.
+        let server = &self.server;
+        let mut otlp: OtlpChunks<'_> = self.otlp_chunks.then_some((chunk_times, telemetry, server));
         match &mut self.mode {
             Mode::Opaque => {}
             Mode::Json { frames, len } => {
@@ -319,6 +338,7 @@ impl Recorder {
             &Finished {
                 request_id: &self.request_id,
                 route: &self.route,
+                server: self.server.as_deref(),
                 status: self.status,
                 outcome,
                 figures: &figures,
@@ -373,11 +393,11 @@ fn observe(
             if let Some(stats) = &route.stats {
                 stats.record_itl(itl, d, now);
             }
-            if let Some((times, telemetry)) = otlp
+            if let Some((times, telemetry, server)) = otlp
                 && times.push(d)
                 && let Some(otlp) = telemetry.otlp_metrics()
             {
-                otlp.record_chunks(route, times);
+                otlp.record_chunks(route, server.as_deref(), times);
             }
         }
         Observation::TokensPerChunk(n) => route.tokens_per_chunk.record(n as f64),

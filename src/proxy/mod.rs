@@ -366,6 +366,10 @@ impl Proxy {
                         failure
                     }
                 };
+                let mut recorder = recorder;
+                if let Some(recorder) = &mut recorder {
+                    recorder.set_server(endpoint.server().clone());
+                }
                 return refuse(recorder, refusal);
             }
             Err(_elapsed) => return refuse(recorder, Refusal::head_timeout(header_timeout)),
@@ -390,6 +394,7 @@ impl Proxy {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
         recorder.set_upstream(upstream.latency().clone());
+        recorder.set_server(upstream.server().clone());
         recorder.on_head(parts.status.as_u16(), sse, json, self.max_sse_event, now);
         if route.estimates_latency() {
             recorder.set_feedback(upstream);

@@ -300,6 +300,8 @@ pub struct Finished<'a> {
     pub request_id: &'a str,
     /// The (model, endpoint) metrics.
     pub route: &'a RouteMetrics,
+    /// The upstream endpoint it was sent to, when it reached one.
+    pub server: Option<&'a otel::Server>,
     /// Status sent to the client.
     pub status: u16,
     /// How it ended.

@@ -58,8 +58,6 @@ pub struct Tracer {
     propagator: TraceContextPropagator,
     propagate: bool,
     provider_name: StringValue,
-    server_address: Option<StringValue>,
-    server_port: Option<i64>,
     control: mpsc::Sender<oneshot::Sender<()>>,
     shutdown_timeout: Duration,
 }
@@ -68,8 +66,6 @@ impl fmt::Debug for Tracer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tracer")
             .field("propagate", &self.propagate)
-            .field("server_address", &self.server_address)
-            .field("server_port", &self.server_port)
             .finish_non_exhaustive()
     }
 }
@@ -126,7 +122,6 @@ impl Tracer {
     pub fn new(
         config: &TracingConfig,
         telemetry: &Telemetry,
-        upstream: &http::Uri,
     ) -> Result<Option<Tracer>, TracingError> {
         if !config.enabled || sdk_disabled() {
             return Ok(None);
@@ -171,7 +166,6 @@ impl Tracer {
         let provider = builder.build();
         let tracer = provider.tracer("tokentap");
 
-        let (server_address, server_port) = server(upstream);
         tracing::info!(
             protocol = settings.protocol.as_str(),
             endpoint = settings.endpoint_for_log.as_deref().unwrap_or("(from env or default)"),
@@ -190,8 +184,6 @@ impl Tracer {
                     .clone()
                     .unwrap_or_else(|| "vllm".to_owned()),
             ),
-            server_address,
-            server_port,
             control: control_tx,
             shutdown_timeout: settings.shutdown_timeout,
         }))
@@ -238,12 +230,6 @@ impl Tracer {
                     i64::from(req.info.n),
                 ));
             }
-        }
-        if let Some(address) = &self.server_address {
-            attributes.push(KeyValue::new("server.address", address.clone()));
-        }
-        if let Some(port) = self.server_port {
-            attributes.push(KeyValue::new("server.port", port));
         }
         attributes.push(KeyValue::new(
             "http.request.method",
@@ -329,6 +315,25 @@ impl RequestSpan {
             trace_id: u128::from_be_bytes(cx.trace_id().to_bytes()),
             span_id: u64::from_be_bytes(cx.span_id().to_bytes()),
         })
+    }
+
+    /// The request was sent to the upstream endpoint `server` (the one that answered, after a
+    /// retry; or the one whose connection failed): its `server.address` and `server.port`,
+    /// and `network.peer.address` when a DNS name was resolved to connect.
+    pub fn on_upstream(&mut self, server: &Server) {
+        if self.span.is_recording() {
+            if let Some(address) = &server.address {
+                self.span
+                    .set_attribute(KeyValue::new("server.address", address.clone()));
+            }
+            if let Some(port) = server.port {
+                self.span.set_attribute(KeyValue::new("server.port", port));
+            }
+            if let Some(peer) = &server.peer {
+                self.span
+                    .set_attribute(KeyValue::new("network.peer.address", peer.clone()));
+            }
+        }
     }
 
     /// The upstream's response head arrived with `status`.
@@ -479,21 +484,39 @@ fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// The upstream's `server.address` and `server.port` attributes (the port from the scheme
-/// when the URL names none).
-pub(super) fn server(upstream: &http::Uri) -> (Option<StringValue>, Option<i64>) {
-    let address = upstream
-        .host()
-        .map(|h| StringValue::from(h.trim_start_matches('[').trim_end_matches(']').to_owned()));
-    let port = upstream
-        .port_u16()
-        .or_else(|| match upstream.scheme_str() {
-            Some("https") => Some(443),
-            Some("http") => Some(80),
-            _ => None,
-        })
-        .map(i64::from);
-    (address, port)
+/// What the OpenTelemetry conventions call the server of a request: one upstream endpoint,
+/// built once with it, handed to each request it serves (a reference count, no allocation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    /// `server.address`: the host as configured (a DNS name stays a name).
+    pub address: Option<StringValue>,
+    /// `server.port`: the URL's port, or the scheme's.
+    pub port: Option<i64>,
+    /// `network.peer.address`: the address a DNS name was resolved to, when it was.
+    pub peer: Option<StringValue>,
+}
+
+impl Server {
+    /// The server at `base` (the endpoint's URL), connected at `peer` when its name was
+    /// resolved to pick one address.
+    pub fn new(base: &http::Uri, peer: Option<std::net::IpAddr>) -> Server {
+        let address = base
+            .host()
+            .map(|h| StringValue::from(h.trim_start_matches('[').trim_end_matches(']').to_owned()));
+        let port = base
+            .port_u16()
+            .or_else(|| match base.scheme_str() {
+                Some("https") => Some(443),
+                Some("http") => Some(80),
+                _ => None,
+            })
+            .map(i64::from);
+        Server {
+            address,
+            port,
+            peer: peer.map(|ip| StringValue::from(ip.to_string())),
+        }
+    }
 }
 
 /// The `gen_ai.operation.name` of an endpoint; `None` for those that are no GenAI operation.

@@ -30,8 +30,8 @@ use opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicRead
 use opentelemetry_sdk::metrics::{SdkMeterProvider, Temporality};
 
 use super::otel::{
-    ExportClient, build_resource, env, env_parse, header_map, http_endpoint, operation, protocol,
-    sdk_disabled, server, timeout,
+    ExportClient, Server, build_resource, env, env_parse, header_map, http_endpoint, operation,
+    protocol, sdk_disabled, timeout,
 };
 use super::{Finished, MODEL_NONE, Outcome, RouteMetrics, Telemetry};
 use crate::config::{self, Config, Protocol};
@@ -164,8 +164,6 @@ pub struct OtlpMetrics {
     first_chunk: Histogram<f64>,
     per_chunk: Histogram<f64>,
     provider_name: StringValue,
-    server_address: Option<StringValue>,
-    server_port: Option<i64>,
     shutdown_timeout: Duration,
 }
 
@@ -182,7 +180,6 @@ impl OtlpMetrics {
     pub fn new(
         config: &Config,
         telemetry: &Telemetry,
-        upstream: &http::Uri,
     ) -> Result<Option<OtlpMetrics>, OtlpMetricsError> {
         let c = &config.otlp_metrics;
         if !c.enabled || sdk_disabled() {
@@ -249,7 +246,6 @@ impl OtlpMetrics {
             .with_description("Number of input and output tokens used.")
             .with_boundaries(TOKEN_ADVICE.to_vec())
             .build();
-        let (server_address, server_port) = server(upstream);
         tracing::info!(
             protocol = settings.protocol.as_str(),
             interval = ?settings.interval,
@@ -271,8 +267,6 @@ impl OtlpMetrics {
                     .clone()
                     .unwrap_or_else(|| "vllm".to_owned()),
             ),
-            server_address,
-            server_port,
             shutdown_timeout: settings.timeout + Duration::from_secs(2),
         }))
     }
@@ -290,7 +284,7 @@ impl OtlpMetrics {
     ///   ([`Finished::chunk_times`]), whatever the outcome, like the Prometheus ITL histogram;
     /// - prompt (`input`) and generated (`output`) tokens whenever they are known.
     pub fn record(&self, done: &Finished<'_>) {
-        let Some(mut attrs) = self.attributes(done.route) else {
+        let Some(mut attrs) = self.attributes(done.route, done.server) else {
             return;
         };
         let f = done.figures;
@@ -337,8 +331,13 @@ impl OtlpMetrics {
     /// The attributes are those of the request's other client metrics, which do not depend on
     /// how it ends (the time per output chunk has no `error.type`): a batch recorded now is
     /// recorded exactly as it would have been at the end.
-    pub fn record_chunks(&self, route: &RouteMetrics, times: &mut ChunkTimes) {
-        if let Some(attrs) = self.attributes(route) {
+    pub fn record_chunks(
+        &self,
+        route: &RouteMetrics,
+        server: Option<&Server>,
+        times: &mut ChunkTimes,
+    ) {
+        if let Some(attrs) = self.attributes(route, server) {
             for &itl in &times.seconds {
                 self.per_chunk.record(itl, &attrs);
             }
@@ -348,8 +347,11 @@ impl OtlpMetrics {
     }
 
     /// The attributes every instrument of a request to `route` carries, or `None` when it is
-    /// no GenAI operation.
-    fn attributes(&self, route: &RouteMetrics) -> Option<Vec<KeyValue>> {
+    /// no GenAI operation. `server` is the upstream endpoint it was sent to; a request that
+    /// reached none (refused by the proxy, or no answer before the header timeout) has no
+    /// `server.address`. A name resolved to several addresses is one server: the metrics do
+    /// not grow with a Service's pods.
+    fn attributes(&self, route: &RouteMetrics, server: Option<&Server>) -> Option<Vec<KeyValue>> {
         let op = operation(route.endpoint)?;
         let mut attrs = Vec::with_capacity(7);
         attrs.push(KeyValue::new("gen_ai.operation.name", op));
@@ -365,11 +367,13 @@ impl OtlpMetrics {
                 Value::String(StringValue::from(route.model.clone())),
             ));
         }
-        if let Some(address) = &self.server_address {
-            attrs.push(KeyValue::new("server.address", address.clone()));
-        }
-        if let Some(port) = self.server_port {
-            attrs.push(KeyValue::new("server.port", port));
+        if let Some(server) = server {
+            if let Some(address) = &server.address {
+                attrs.push(KeyValue::new("server.address", address.clone()));
+            }
+            if let Some(port) = server.port {
+                attrs.push(KeyValue::new("server.port", port));
+            }
         }
         Some(attrs)
     }

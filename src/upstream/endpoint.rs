@@ -18,6 +18,7 @@ use super::health::{Change, Health};
 use super::pool::{Pool, Refused};
 use crate::http1::client::{RequestBody, SendError, UpstreamResponse as Wire};
 use crate::net::{BoxError, Connector};
+use crate::telemetry::otel::Server;
 use crate::telemetry::{EndpointMetrics, UpstreamLatency};
 
 /// How an endpoint connects and keeps idle connections. A reload keeps an endpoint (its pool,
@@ -63,6 +64,8 @@ pub struct Endpoint {
     health: Health,
     metrics: EndpointMetrics,
     settings: Settings,
+    /// What spans and OTLP metrics name as the server of the requests it serves.
+    server: Arc<Server>,
 }
 
 impl Endpoint {
@@ -90,6 +93,7 @@ impl Endpoint {
             .map_err(|e| format!("{uri}: {e}"))?;
         let plain: Arc<str> = base.to_string().trim_end_matches('/').into();
         Ok(Endpoint {
+            server: Arc::new(Server::new(&base, pinned.map(|p| p.ip))),
             address: label(&plain, pinned).into(),
             base: plain,
             pinned,
@@ -110,6 +114,11 @@ impl Endpoint {
     /// `scheme://authority` as configured (without the slot).
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// What spans and OTLP metrics name as its requests' server.
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
     }
 
     /// The address of a DNS name it is pinned to.
