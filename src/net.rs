@@ -59,6 +59,9 @@ impl tower_service::Service<Name> for Resolver {
 #[derive(Clone, Debug)]
 pub struct Connectors {
     tls: Arc<rustls::ClientConfig>,
+    /// A digest of the extra CA certificates (0 without any): what the file held when it was
+    /// read, so that a reload can tell a rotated certificate from an unchanged one.
+    ca_digest: u64,
     connect_timeout: Duration,
 }
 
@@ -66,8 +69,10 @@ impl Connectors {
     /// TCP with `TCP_NODELAY` and a connect limit of `connect_timeout` (TLS handshake
     /// included), then rustls with the system roots plus the PEM certificates of `ca_file`.
     pub fn new(connect_timeout: Duration, ca_file: Option<&Path>) -> Result<Connectors, TlsError> {
+        let (tls, ca_digest) = tls_config(ca_file)?;
         Ok(Connectors {
-            tls: Arc::new(tls_config(ca_file)?),
+            tls: Arc::new(tls),
+            ca_digest,
             connect_timeout,
         })
     }
@@ -76,8 +81,15 @@ impl Connectors {
     pub fn with_timeout(&self, connect_timeout: Duration) -> Connectors {
         Connectors {
             tls: self.tls.clone(),
+            ca_digest: self.ca_digest,
             connect_timeout,
         }
+    }
+
+    /// A digest of the extra CA certificates it trusts (0 without any): equal for the same
+    /// certificates, whatever file they were read from.
+    pub fn ca_digest(&self) -> u64 {
+        self.ca_digest
     }
 
     /// The connect limit.
@@ -127,8 +139,11 @@ pub fn connector(connect_timeout: Duration, ca_file: Option<&Path>) -> Result<Co
     Ok(Connectors::new(connect_timeout, ca_file)?.system())
 }
 
-/// rustls with the system roots plus the PEM certificates of `ca_file`.
-fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+/// rustls with the system roots plus the PEM certificates of `ca_file`, and a digest of those
+/// certificates.
+fn tls_config(ca_file: Option<&Path>) -> Result<(rustls::ClientConfig, u64), TlsError> {
+    use std::hash::{Hash, Hasher};
+    let mut digest = 0;
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(native.certs);
@@ -145,9 +160,12 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> 
         if certs.is_empty() {
             return Err(ca_err("no certificate in the file".to_owned()));
         }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
         for cert in certs {
+            cert.as_ref().hash(&mut hasher);
             roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
         }
+        digest = hasher.finish() | 1;
     }
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -157,7 +175,7 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> 
     .with_root_certificates(roots)
     .with_no_client_auth();
     // No ALPN, as hyper-rustls leaves it for an HTTP/1.1-only connector: HTTP/1.1 is spoken.
-    Ok(tls)
+    Ok((tls, digest))
 }
 
 /// Whether an I/O error of kind `TimedOut` is somewhere in `error`'s source chain (how the

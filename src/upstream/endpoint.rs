@@ -29,6 +29,9 @@ pub struct Settings {
     pub connect_timeout: std::time::Duration,
     /// Extra CA certificates (the connector's).
     pub ca_file: Option<std::path::PathBuf>,
+    /// What that file held when the connector was built ([`crate::net::Connectors::ca_digest`]):
+    /// a certificate rotated in place is a change.
+    pub ca_digest: u64,
     /// Idle connections kept.
     pub max_idle: usize,
     /// Idle connections are closed after this long.

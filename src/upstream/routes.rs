@@ -217,6 +217,7 @@ impl Routes {
             let settings = Settings {
                 connect_timeout: connectors.connect_timeout(),
                 ca_file: up.ca_file.clone(),
+                ca_digest: connectors.ca_digest(),
                 max_idle: up.pool_max_idle,
                 idle_timeout: secs(up.pool_idle_timeout_secs),
             };
@@ -466,6 +467,56 @@ mod tests {
         assert!(fresh.health().is_live(now));
         assert_eq!(newer.kept_from(&new), 0);
         one.load().end();
+    }
+
+    /// A CA certificate rotated in place (same `ca_file` path, other certificates) is a change:
+    /// the reload builds the endpoints afresh, so new connections trust the new CA. The same
+    /// certificates written again are no change.
+    #[tokio::test]
+    async fn a_reload_rebuilds_the_endpoints_whose_ca_certificates_changed() {
+        let ca = || {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .self_signed(&rcgen::KeyPair::generate().unwrap())
+                .unwrap()
+                .pem()
+        };
+        let dir = std::env::temp_dir().join(format!("tokentap-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ca.pem");
+        let text = format!(
+            "[upstream]\nca_file = {:?}\n[[routes]]\nmodels = [\"*\"]\nupstreams = [\"https://127.0.0.1:1\"]\n",
+            file.display().to_string()
+        );
+        let (first, second) = (ca(), ca());
+        std::fs::write(&file, &first).unwrap();
+        let c = config(&text);
+        let telemetry = Telemetry::new(&c);
+        let timeout = std::time::Duration::from_secs(1);
+        let build = |previous: Option<&Routes>| {
+            let connectors = crate::net::Connectors::new(timeout, Some(&file)).unwrap();
+            Routes::new(
+                &c,
+                &connectors,
+                &telemetry,
+                previous,
+                super::Resolved::default(),
+            )
+            .unwrap()
+        };
+        let old = build(None);
+        std::fs::write(&file, &first).unwrap();
+        let same = build(Some(&old));
+        assert_eq!(same.kept_from(&old), 1, "the same certificates: kept");
+        std::fs::write(&file, &second).unwrap();
+        let rotated = build(Some(&same));
+        assert_eq!(
+            rotated.kept_from(&same),
+            0,
+            "a rotated certificate: rebuilt"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
