@@ -318,7 +318,7 @@ impl Proxy {
             RequestBody::Stream(UnsyncBoxBody::new(body))
         };
 
-        let recorder = observe(&info, &parts, request_id);
+        let mut recorder = observe(&info, &parts, request_id);
         let Some(route) = routes.route(info.model.as_deref()) else {
             let model = info.model.as_deref().unwrap_or_default();
             return refuse(recorder, Refusal::model_not_found(model));
@@ -366,7 +366,6 @@ impl Proxy {
                         failure
                     }
                 };
-                let mut recorder = recorder;
                 if let Some(recorder) = &mut recorder {
                     recorder.set_server(endpoint.server().clone());
                 }

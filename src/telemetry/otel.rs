@@ -322,13 +322,7 @@ impl RequestSpan {
     /// and `network.peer.address` when a DNS name was resolved to connect.
     pub fn on_upstream(&mut self, server: &Server) {
         if self.span.is_recording() {
-            if let Some(address) = &server.address {
-                self.span
-                    .set_attribute(KeyValue::new("server.address", address.clone()));
-            }
-            if let Some(port) = server.port {
-                self.span.set_attribute(KeyValue::new("server.port", port));
-            }
+            self.span.set_attributes(server.attributes());
             if let Some(peer) = &server.peer {
                 self.span
                     .set_attribute(KeyValue::new("network.peer.address", peer.clone()));
@@ -486,7 +480,7 @@ fn clamp(n: u64) -> i64 {
 
 /// What the OpenTelemetry conventions call the server of a request: one upstream endpoint,
 /// built once with it, handed to each request it serves (a reference count, no allocation).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Server {
     /// `server.address`: the host as configured (a DNS name stays a name).
     pub address: Option<StringValue>,
@@ -516,6 +510,17 @@ impl Server {
             port,
             peer: peer.map(|ip| StringValue::from(ip.to_string())),
         }
+    }
+
+    /// `server.address` and `server.port`, those of them that are known: what the span and
+    /// every OTLP metric of the request carry (the peer address is the span's alone).
+    pub fn attributes(&self) -> impl Iterator<Item = KeyValue> + '_ {
+        let address = self
+            .address
+            .as_ref()
+            .map(|a| KeyValue::new("server.address", a.clone()));
+        let port = self.port.map(|p| KeyValue::new("server.port", p));
+        address.into_iter().chain(port)
     }
 }
 

@@ -368,12 +368,7 @@ impl OtlpMetrics {
             ));
         }
         if let Some(server) = server {
-            if let Some(address) = &server.address {
-                attrs.push(KeyValue::new("server.address", address.clone()));
-            }
-            if let Some(port) = server.port {
-                attrs.push(KeyValue::new("server.port", port));
-            }
+            attrs.extend(server.attributes());
         }
         Some(attrs)
     }

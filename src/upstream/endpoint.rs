@@ -27,10 +27,9 @@ use crate::telemetry::{EndpointMetrics, UpstreamLatency};
 pub struct Settings {
     /// Limit on opening a connection (the connector's).
     pub connect_timeout: std::time::Duration,
-    /// Extra CA certificates (the connector's).
-    pub ca_file: Option<std::path::PathBuf>,
-    /// What that file held when the connector was built ([`crate::net::Connectors::ca_digest`]):
-    /// a certificate rotated in place is a change.
+    /// The extra CA certificates the connector trusts, as a digest
+    /// ([`crate::net::Connectors::ca_digest`]): a certificate rotated in place is a change, the
+    /// same certificates read again are not.
     pub ca_digest: u64,
     /// Idle connections kept.
     pub max_idle: usize,

@@ -216,7 +216,6 @@ impl Routes {
             };
             let settings = Settings {
                 connect_timeout: connectors.connect_timeout(),
-                ca_file: up.ca_file.clone(),
                 ca_digest: connectors.ca_digest(),
                 max_idle: up.pool_max_idle,
                 idle_timeout: secs(up.pool_idle_timeout_secs),
