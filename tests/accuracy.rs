@@ -104,8 +104,8 @@ fn proxy_and_client_agree_per_request_and_in_the_table() {
     // 1 ms. A shared CI machine can stall a thread for milliseconds at any moment, which the
     // client, reading at that moment, counts and the proxy may not. One stall catches every
     // request whose event falls in it, up to the 100 in flight (a 15 ms stall caught 13 on this
-    // machine), so 10 % of requests may be caught, while a proxy stamping at the wrong event
-    // would move them all, and the median with them.
+    // machine, a 27 ms one 61), so a quarter of the requests (one stall's worth) may be caught,
+    // while a proxy stamping at the wrong event would move them all, and the median with them.
     let (mut ttft_ok, mut e2el_ok, mut itl_ok) = (0, 0, 0);
     let mut gaps = [Vec::new(), Vec::new()];
     for r in result.completed() {
@@ -147,11 +147,11 @@ fn proxy_and_client_agree_per_request_and_in_the_table() {
         );
     }
     assert!(
-        ttft_ok >= 360,
+        ttft_ok >= 300,
         "TTFT agreed within 1 ms for only {ttft_ok}/400"
     );
     assert!(
-        e2el_ok >= 360,
+        e2el_ok >= 300,
         "E2EL agreed within 1 ms for only {e2el_ok}/400"
     );
     assert!(
